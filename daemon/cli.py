@@ -1,0 +1,219 @@
+"""The `exod` command."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from exod.models import ModelError
+from exod.proto import exod_pb2 as pb
+
+EXIT_BAD_INPUT = 2
+EXIT_NO_FIT = 1
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def to_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# ------------------------------------------------------------------ models / inspect
+
+
+def cmd_models(args) -> int:
+    from exod.models import catalog
+
+    cards = catalog.cards()
+    if args.json:
+        print(json.dumps([
+            {"id": c["id"], "name": c.get("display_name", c["id"]), "checkpoint": c.get("checkpoint"),
+             "model_type": c["config"]["model_type"], "published_weight_bytes": c.get("published_weight_bytes")}
+            for c in cards.values()
+        ], indent=2))
+        return 0
+    print(f"{'ID':28} {'MODEL TYPE':14} {'SIZE':>9}  CHECKPOINT")
+    for c in cards.values():
+        size = c.get("published_weight_bytes") or 0
+        print(f"{c['id']:28} {c['config']['model_type']:14} {size / 1e9:7.1f}GB  {c.get('checkpoint', '')}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from exod.models import catalog
+    from exod.placement.profile import CLASS_LABEL, CLASSES
+
+    spec = catalog.resolve(args.model)
+    params = dict.fromkeys(CLASSES, 0)
+    sizes = dict.fromkeys(CLASSES, 0)
+    for t in spec.tensors:
+        params[t.tensor_class] += t.parameters
+        sizes[t.tensor_class] += t.bytes
+    if args.json:
+        summary = {k: v for k, v in to_json(spec).items() if k not in ("tensors", "kv_cache")}
+        summary["by_class"] = {
+            CLASS_LABEL[c]: {"parameters": params[c], "bytes": sizes[c]} for c in CLASSES if sizes[c]
+        }
+        summary["kv_cache_bytes_per_token"] = sum(k.bytes_per_token for k in spec.kv_cache if not k.window_tokens)
+        if args.tensors:
+            summary["tensors"] = [to_json(t) for t in spec.tensors]
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{spec.model_id}  ({spec.model_type}, {spec.dtype}, from {spec.source})")
+    print(f"layers {spec.num_layers}  hidden {spec.hidden_size}  vocab {spec.vocab_size}  max context {spec.max_context}")
+    if spec.num_experts:
+        print(f"experts {spec.num_experts}, {spec.experts_per_token} per token")
+    print(f"\n{'CLASS':16} {'PARAMETERS':>16} {'BYTES':>12}")
+    for c in CLASSES:
+        if sizes[c]:
+            print(f"{CLASS_LABEL[c]:16} {params[c]:16,} {sizes[c] / 1e9:10.2f}GB")
+    print(f"{'total':16} {spec.total_parameters:16,} {spec.total_bytes / 1e9:10.2f}GB")
+    if spec.num_experts:
+        print(f"{'active / token':16} {spec.active_parameters_per_token:16,}")
+    full = sum(k.bytes_per_token for k in spec.kv_cache if not k.window_tokens)
+    windowed = sum(k.bytes_per_token * k.window_tokens for k in spec.kv_cache if k.window_tokens)
+    print(f"\nKV cache: {full / 1024:.1f} KiB per context token + {windowed / 1e6:.1f} MB of windows, per sequence")
+    print(f"proven strategies: {', '.join(spec.proven_strategies)}")
+    for note in spec.notes:
+        print(f"note: {note}")
+    if args.tensors:
+        for t in spec.tensors:
+            q = f" {t.quantization.mode}{t.quantization.bits}/{t.quantization.group_size}" if t.quantization.bits else ""
+            print(f"{t.name:64} {str(list(t.shape)):24} {t.dtype:9}{q:14} {t.bytes:>14,} {CLASS_LABEL.get(t.tensor_class, '?')}")
+    return 0
+
+
+# ------------------------------------------------------------------ plan
+
+
+def cmd_plan(args) -> int:
+    from exod.models import catalog
+    from exod.placement import STRATEGY_BY_NAME, parse_cluster, plan, synthetic
+    from exod.placement.units import parse_bytes
+
+    if args.cluster and args.nodes is not None:
+        raise UsageError("give either --cluster or --nodes, not both")
+    if args.cluster:
+        try:
+            text = Path(args.cluster).read_text()
+        except OSError as e:
+            raise UsageError(f"cannot read {args.cluster}: {e.strerror}") from None
+        cluster = parse_cluster(text)
+    else:
+        memory = parse_bytes(args.memory)
+        bandwidth = parse_bytes(args.bandwidth) if args.bandwidth else None
+        cluster = synthetic(args.nodes if args.nodes is not None else 2, memory,
+                            *([bandwidth] if bandwidth else []))
+    for value, flag in ((args.context, "--context"), (args.concurrency, "--concurrency")):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    request = pb.PlacementRequest(
+        model=args.model, context_length=args.context or 0, concurrency=args.concurrency or 0,
+        strategy=STRATEGY_BY_NAME[args.strategy] if args.strategy else 0,
+        nodes=args.only or [],
+    )
+    if args.headroom is not None:
+        request.headroom_fraction = args.headroom
+    spec = catalog.resolve(args.model)
+    result = plan(spec, cluster, request)
+    if args.json:
+        print(json.dumps(to_json(result), indent=2))
+    else:
+        print_plan(spec, result)
+    return 0 if result.HasField("chosen") else EXIT_NO_FIT
+
+
+def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
+    from exod.placement import BACKEND_NAMES, STRATEGY_NAMES
+
+    def describe(c: pb.Placement) -> str:
+        return f"{STRATEGY_NAMES[c.strategy]} over {len(c.ranks)} node(s), {BACKEND_NAMES[c.backend]}"
+
+    first = result.candidates[0] if result.candidates else None
+    if first:
+        print(f"{spec.model_id}: {spec.total_bytes / 1e9:.1f} GB of weights, context {first.context_length}, "
+              f"concurrency {first.concurrency}")
+    print(f"\n{'STRATEGY':11} {'BACKEND':7} {'NODES':>5} {'TOK/S':>8} {'MAX RANK':>10}  FITS")
+    for c in result.candidates:
+        peak = max((r.memory.total_bytes for r in c.ranks), default=0)
+        print(f"{STRATEGY_NAMES[c.strategy]:11} {BACKEND_NAMES[c.backend]:7} {len(c.ranks):5} "
+              f"{c.predicted_decode_tokens_per_s:8.1f} {peak / 1e9:8.1f}GB  "
+              f"{'yes' if c.fits else 'no: ' + (c.reasons[0] if c.reasons else '')}")
+    if not result.HasField("chosen"):
+        print(f"\n{result.reasons[0] if result.reasons else 'nothing fits'}")
+        return
+    chosen = result.chosen
+    print(f"\nchosen: {describe(chosen)}, {chosen.predicted_decode_tokens_per_s:.1f} tok/s predicted "
+          f"(compute {chosen.predicted_compute_s * 1e3:.2f} ms + communication "
+          f"{chosen.predicted_communication_s * 1e3:.2f} ms per token)")
+    print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
+          f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}")
+    for r in chosen.ranks:
+        m = r.memory
+        print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {m.weights_bytes / 1e9:8.1f}G "
+              f"{(m.routed_experts_bytes + m.shared_experts_bytes) / 1e9:8.1f}G {m.attention_bytes / 1e9:7.1f}G "
+              f"{m.kv_cache_bytes / 1e9:7.1f}G {m.overhead_bytes / 1e9:8.1f}G {m.total_bytes / 1e9:8.1f}G "
+              f"{r.usable_bytes / 1e9:8.1f}G")
+    for reason in chosen.reasons:
+        print(reason)
+
+
+# ------------------------------------------------------------------ entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="exod", description="One machine for a large LLM, made of several.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the built-in model catalog")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("inspect", help="tensor inventory of a model")
+    p.add_argument("model", help="catalog id or model directory")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="plan a placement offline")
+    p.add_argument("model", help="catalog id or model directory")
+    p.add_argument("--cluster", help="cluster JSON (see examples/cluster.json)")
+    p.add_argument("--nodes", type=int, help="that many identical nodes (default 2)")
+    p.add_argument("--memory", default="128GB", help="usable memory per node with --nodes")
+    p.add_argument("--bandwidth", help="memory bandwidth per node with --nodes, bytes/s (default 400GB)")
+    p.add_argument("--context", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
+    p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv=None) -> int:
+    from exod.placement import PlanError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ModelError, PlanError) as e:
+        print(f"exod: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""What every architecture module provides, and the rules most of them share.
+
+An architecture module holds all of exod's knowledge about one model family:
+which tensors are attention, experts or router; how each strategy cuts them;
+its KV-cache formula; and which strategies the runner has proven for it. The
+planner and the runner both read it from here and nowhere else.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from exod.proto import exod_pb2 as pb
+
+LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+# Suffixes of the stored tensors of one module (quantized modules add scales and biases).
+PARAM_SUFFIX = re.compile(r"\.(weight|scales|biases|bias|global_scale)$")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A strategy cuts a module's matrices along `side` ("rows": the output
+    axis, "cols": the input axis) into `units` pieces named `unit`."""
+
+    side: str
+    units: int
+    unit: str
+
+
+@dataclass(frozen=True)
+class KvPart:
+    layer: int
+    bytes_per_token: float
+    window_tokens: int = 0
+    split_units: int = 0
+    kind: str = "kv"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    proven_strategies: frozenset[str]
+    classify: Callable[[str], int]
+    kv_cache: Callable[[dict, int], list[KvPart]]  # (config, bytes per element)
+    tensor_split: Callable[[str, dict], Optional[Split]]  # module path -> split
+    moe_tensor_split: Callable[[str, dict], Optional[Split]]
+    experts: Callable[[dict], tuple[int, int]]  # (routed experts, experts per token)
+    notes: tuple[str, ...] = field(default=())
+
+
+def layer_of(name: str) -> int:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def module_of(name: str) -> tuple[str, str]:
+    m = PARAM_SUFFIX.search(name)
+    if not m:
+        return name, ""
+    return name[: m.start()], m.group(1)
+
+
+# Ordered: the first matching rule names the class.
+GENERIC_CLASSES: list[tuple[re.Pattern, int]] = [
+    (re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|embed)\."), pb.EMBEDDING),
+    (re.compile(r"(^|\.)(lm_head|output|head)\."), pb.LM_HEAD),
+    (re.compile(r"norm[^.]*\.(weight|bias)$|layernorm[^.]*\.(weight|bias)$"), pb.NORM),
+    (re.compile(r"shared_experts?_gate\."), pb.ROUTER),
+    (re.compile(r"shared_experts?\."), pb.SHARED_EXPERTS),
+    (re.compile(r"(switch_mlp|experts)\."), pb.ROUTED_EXPERTS),
+    (re.compile(r"(mlp|ffn|feed_forward)\.(gate|router)\."), pb.ROUTER),
+    (re.compile(r"(self_attn|attn|attention)\."), pb.ATTENTION),
+    (re.compile(r"(mlp|ffn|feed_forward)\."), pb.DENSE_MLP),
+]
+
+
+def classify_generic(name: str) -> int:
+    for pattern, cls in GENERIC_CLASSES:
+        if pattern.search(name):
+            return cls
+    return pb.OTHER_TENSOR
+
+
+def get(cfg: dict, *keys, default=None):
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def attention_dims(cfg: dict) -> tuple[int, int, int]:
+    heads = int(get(cfg, "num_attention_heads", "n_heads"))
+    kv_heads = int(get(cfg, "num_key_value_heads", "n_kv_heads", default=heads))
+    head_dim = int(get(cfg, "head_dim", default=cfg["hidden_size"] // heads))
+    return heads, kv_heads, head_dim
+
+
+def gqa_kv_cache(cfg: dict, element_bytes: int) -> list[KvPart]:
+    """K and V for every kv head; sliding-window layers capped at the window."""
+    _, kv_heads, head_dim = attention_dims(cfg)
+    per_token = 2 * kv_heads * head_dim * element_bytes
+    layers = int(cfg["num_hidden_layers"])
+    layer_types = cfg.get("layer_types")
+    window = int(cfg.get("sliding_window") or 0)
+    parts = []
+    for i in range(layers):
+        sliding = bool(layer_types) and layer_types[i] == "sliding_attention"
+        if not layer_types and cfg.get("use_sliding_window") and window:
+            sliding = i >= int(cfg.get("max_window_layers", 0))
+        parts.append(
+            KvPart(i, per_token, window if sliding else 0, kv_heads, "window" if sliding else "kv")
+        )
+    return parts
+
+
+def quant_group_units(units: int, cols: int, cfg: dict, path: str) -> int:
+    """Units a cut along the input axis may use: each rank must get whole units
+    and, when quantized, whole quantization groups."""
+    group = quant_group_size(cfg, path)
+    if group:
+        return math.gcd(units, cols // group)
+    return units
+
+
+def quant_group_size(cfg: dict, path: str) -> int:
+    quant = cfg.get("quantization")
+    if not quant:
+        return 0
+    override = quant.get(path)
+    if override is False:
+        return 0
+    if isinstance(override, dict):
+        return int(override.get("group_size", quant.get("group_size", 64)))
+    return int(quant.get("group_size", 64))
+
+
+ROW_PROJ = re.compile(r"(gate_proj|up_proj|w1|w3|gate_up_proj)$")
+COL_PROJ = re.compile(r"(down_proj|w2)$")
+
+
+def expert_split(path: str, cfg: dict, intermediate: int) -> Optional[Split]:
+    """moe_tensor cuts every expert's projections on the intermediate axis."""
+    leaf = path.rsplit(".", 1)[-1]
+    if ROW_PROJ.search(leaf):
+        return Split("rows", intermediate, "intermediate rows")
+    if COL_PROJ.search(leaf):
+        units = quant_group_units(intermediate, intermediate, cfg, path)
+        return Split("cols", units, "intermediate columns (whole quantization groups)")
+    return None
+
+
+def moe_tensor_split_generic(routed_size_key: str, shared_size: Callable[[dict], int]):
+    def split(path: str, cfg: dict) -> Optional[Split]:
+        if re.search(r"shared_experts?\.", path + "."):
+            return expert_split(path, cfg, shared_size(cfg))
+        if re.search(r"(switch_mlp|experts)\.", path + "."):
+            return expert_split(path, cfg, int(cfg[routed_size_key]))
+        return None
+
+    return split
+
+
+def gqa_tensor_split(path: str, cfg: dict) -> Optional[Split]:
+    """mlx-lm's shard() for GQA attention with dense or switch MLPs."""
+    heads, kv_heads, head_dim = attention_dims(cfg)
+    leaf = path.rsplit(".", 1)[-1]
+    if ".self_attn." in path + ".":
+        if leaf == "q_proj":
+            return Split("rows", heads, "attention heads")
+        if leaf in ("k_proj", "v_proj"):
+            return Split("rows", kv_heads, "kv heads")
+        if leaf == "o_proj":
+            return Split("cols", quant_group_units(heads, heads * head_dim, cfg, path), "attention heads")
+        return None
+    if re.search(r"shared_experts?\.", path + "."):
+        size = int(get(cfg, "shared_expert_intermediate_size", "moe_intermediate_size"))
+        return expert_split(path, cfg, size)
+    if re.search(r"(switch_mlp|experts)\.", path + "."):
+        return expert_split(path, cfg, int(get(cfg, "moe_intermediate_size", "intermediate_size")))
+    if ".mlp." in path + "." and not re.search(r"\.mlp\.(gate|router)$", path):
+        return expert_split(path, cfg, int(cfg["intermediate_size"]))
+    return None
+
+
+def no_experts(cfg: dict) -> tuple[int, int]:
+    return 0, 0

@@ -1,0 +1,80 @@
+"""DeepSeek-V4 family (deepseek_v41 in mlx-lm, and V4 checkpoints described by
+catalog cards): hyper-connections, a grouped low-rank output projection, and
+attention over a raw sliding window plus time-compressed history."""
+
+from typing import Optional
+
+from .base import (
+    Architecture,
+    KvPart,
+    Split,
+    classify_generic,
+    expert_split,
+    moe_tensor_split_generic,
+    quant_group_units,
+)
+
+
+def _kv_cache(cfg: dict, element_bytes: int) -> list[KvPart]:
+    """Every layer keeps the last `sliding_window` latents of head_dim. Layers
+    with compress ratio r > 1 add one latent per r tokens (only kv-source layers
+    store them when the config names sources; others read a source's), and
+    indexer layers add one index key of index_head_dim per r tokens."""
+    layers = int(cfg["num_hidden_layers"])
+    head_dim = int(cfg["head_dim"])
+    window = int(cfg.get("sliding_window") or 128)
+    ratios = list(cfg.get("compress_ratios") or [])
+    ratios += [0] * (layers - len(ratios))
+    kv_sources = set(cfg.get("kv_source_layer_ids") or [i for i, r in enumerate(ratios) if r > 1])
+    named_index = set(cfg.get("index_source_layer_ids") or [])
+    index_sources = (named_index & kv_sources) if named_index else {
+        i for i, r in enumerate(ratios) if r == 4
+    }
+    index_dim = int(cfg.get("index_head_dim") or 128)
+    parts = []
+    for i in range(layers):
+        parts.append(KvPart(i, head_dim * element_bytes, window, kind="window"))
+        r = ratios[i]
+        if r > 1 and i in kv_sources:
+            parts.append(KvPart(i, head_dim * element_bytes / r, kind="compressed"))
+        if r > 1 and i in index_sources:
+            parts.append(KvPart(i, index_dim * element_bytes / r, kind="index keys"))
+    return parts
+
+
+def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
+    """Mirrors mlx-lm's deepseek_v41 Model.shard(): whole heads and whole output
+    groups per rank (slicing heads across an output group is the bug this
+    project exists to catch)."""
+    heads = int(cfg["num_attention_heads"])
+    groups = int(cfg["o_groups"])
+    leaf = path.rsplit(".", 1)[-1]
+    if path.endswith("self_attn.q_b_proj"):
+        return Split("rows", heads, "attention heads")
+    if path.endswith("self_attn.sinks"):
+        return Split("axis0", heads, "attention heads")
+    if path.endswith("self_attn.o_a_proj"):
+        return Split("axis0", groups, "output groups")
+    if path.endswith("self_attn.o_b_proj"):
+        cols = groups * int(cfg["o_lora_rank"])
+        return Split("cols", quant_group_units(groups, cols, cfg, path), "output groups")
+    if ".shared_experts." in path + ".":
+        return expert_split(path, cfg, int(cfg["moe_intermediate_size"]))
+    if ".switch_mlp." in path + "." or ".experts." in path + ".":
+        return expert_split(path, cfg, int(cfg["moe_intermediate_size"]))
+    del leaf
+    return None
+
+
+ARCHITECTURE = Architecture(
+    name="deepseek_v4",
+    model_types=("deepseek_v41", "deepseek_v4"),
+    # Tensor parallelism stays off until the runner's equivalence tests pass
+    # for it: head-parallel V4 attention is the bug that started exod.
+    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
+    classify=classify_generic,
+    kv_cache=_kv_cache,
+    tensor_split=_tensor_split,
+    moe_tensor_split=moe_tensor_split_generic("moe_intermediate_size", lambda cfg: int(cfg["moe_intermediate_size"]) * int(cfg.get("n_shared_experts") or 1)),
+    experts=lambda cfg: (int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])),
+)

@@ -1,0 +1,14 @@
+"""Dense GQA transformers: llama, mistral, qwen2, qwen3."""
+
+from .base import Architecture, classify_generic, gqa_kv_cache, gqa_tensor_split, no_experts
+
+ARCHITECTURE = Architecture(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    proven_strategies=frozenset({"pipeline", "tensor"}),
+    classify=classify_generic,
+    kv_cache=gqa_kv_cache,
+    tensor_split=gqa_tensor_split,
+    moe_tensor_split=lambda path, cfg: None,
+    experts=no_experts,
+)

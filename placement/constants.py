@@ -1,0 +1,43 @@
+"""Constants of the memory and cost models, each with where it comes from.
+
+Measured ones are re-derived by `python -m bench overhead`, which prints the
+figures these were taken from (see docs/cost-model.md).
+"""
+
+# Resident memory of a runner process before any weight is loaded: Python,
+# mlx, mlx-lm, gRPC. Measured: bench overhead, "process_base_bytes".
+PROCESS_BASE_BYTES = 420_000_000
+
+# mlx-lm prefills in chunks of this many tokens (generate.py prefill_step_size).
+PREFILL_CHUNK_TOKENS = 2048
+
+# Peak transient bytes per prefill-chunk token, per element of
+# (hidden_size + widest sharded intermediate), in fp32 units. Measured: bench
+# overhead, "activation_bytes_per_token_element" (max over the probe models,
+# rounded up).
+ACTIVATION_BYTES_PER_TOKEN_ELEMENT = 24.0
+
+# Share of a node's usable memory the planner leaves free by default.
+DEFAULT_HEADROOM = 0.05
+
+# Fixed cost of one decode step on a rank (sampling, Python, graph build),
+# and per layer held (kernel dispatch). Defaults until a node reports its own
+# calibrated decode_step_overhead_s.
+DEFAULT_STEP_OVERHEAD_S = 0.002
+LAYER_DISPATCH_S = 40e-6
+
+# Links the daemon has not measured yet (and `exod plan --nodes N`): a 10 GbE
+# switch. rtt from a ping-pong over a 10 GbE switch; bandwidth ~ line rate.
+ASSUMED_LINK_RTT_S = 200e-6
+ASSUMED_LINK_BANDWIDTH = 1.1e9
+
+# jaccl over RDMA when a link has no measured RDMA rtt: Thunderbolt 5 RDMA
+# round trips are reported around 10 us by MLX; kept as an assumption.
+ASSUMED_RDMA_RTT_S = 10e-6
+
+# Within this fraction of the fastest prediction, fewer nodes win.
+FEWER_NODES_MARGIN = 0.05
+
+# Default context and concurrency of a request.
+DEFAULT_CONTEXT = 4096
+DEFAULT_CONCURRENCY = 1

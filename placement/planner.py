@@ -1,0 +1,327 @@
+"""The placement planner: every candidate, its per-rank memory, its predicted
+speed, and the choice. Pure: no I/O, no clocks."""
+
+import math
+from dataclasses import dataclass
+
+from exod.proto import exod_pb2 as pb
+
+from . import constants, cost
+from .errors import PlanError
+from .profile import CLASS_FIELD, CLASS_LABEL, CLASSES, ModelProfile, Part, profile
+from .units import gb
+
+STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor"}
+STRATEGY_BY_NAME = {v: k for k, v in STRATEGY_NAMES.items()}
+BACKEND_NAMES = {pb.RING: "ring", pb.JACCL: "jaccl"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    context: int
+    concurrency: int
+    headroom: float
+
+
+def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
+         model: ModelProfile | None = None) -> pb.Plan:
+    model = model or profile(spec)
+    settings = _settings(model, request)
+    nodes = _select_nodes(cluster, request)
+    links = {(link.from_node, link.to_node): link for link in cluster.links}
+    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR]
+
+    candidates, impossible = [], []
+    for order in candidate_orders(nodes, links):
+        for strategy in strategies:
+            name = STRATEGY_NAMES[strategy]
+            if len(order) == 1 and strategy != pb.PIPELINE:
+                continue  # one rank of a tensor strategy is the single-node pipeline
+            structural = structural_reasons(model, name, len(order))
+            for backend in _backends(order, links, request.backend):
+                candidates.append(
+                    evaluate(model, name, backend, order, links, settings, structural)
+                )
+                impossible.append(bool(structural))
+    if request.strategy and all(impossible):
+        why = candidates[-1].reasons[0] if candidates else "no candidate"
+        raise PlanError(f"impossible strategy: {why}")
+    result = pb.Plan(candidates=candidates)
+    chosen = choose(candidates)
+    if chosen is not None:
+        result.chosen.CopyFrom(chosen)
+    else:
+        result.reasons.append(_no_fit_summary(model, candidates))
+    return result
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
+    context = request.context_length or constants.DEFAULT_CONTEXT
+    if model.max_context and context > model.max_context:
+        raise PlanError(f"context {context} is longer than {model.model_id} allows ({model.max_context})")
+    headroom = request.headroom_fraction if request.HasField("headroom_fraction") else constants.DEFAULT_HEADROOM
+    if not 0 <= headroom < 1:
+        raise PlanError(f"headroom must be in [0, 1), got {headroom}")
+    return Settings(context, request.concurrency or constants.DEFAULT_CONCURRENCY, headroom)
+
+
+def _select_nodes(cluster: pb.Cluster, request: pb.PlacementRequest) -> list[pb.NodeProfile]:
+    nodes = list(cluster.nodes)
+    if not nodes:
+        raise PlanError("the cluster has no nodes")
+    seen_names, seen_ids = set(), set()
+    for node in nodes:
+        if node.name in seen_names or node.node_id in seen_ids:
+            raise PlanError(f"duplicate node {node.name or node.node_id!r} in the cluster")
+        seen_names.add(node.name)
+        seen_ids.add(node.node_id)
+        if node.memory_usable_bytes <= 0:
+            raise PlanError(f"node {node.name!r} has no usable memory")
+        if node.memory_bandwidth_bytes_per_s <= 0:
+            raise PlanError(f"node {node.name!r} has no memory bandwidth")
+    if request.nodes:
+        wanted = list(request.nodes)
+        unknown = [w for w in wanted if w not in seen_names and w not in seen_ids]
+        if unknown:
+            raise PlanError(f"unknown node(s): {', '.join(unknown)}")
+        nodes = [n for n in nodes if n.name in wanted or n.node_id in wanted]
+    return nodes
+
+
+def _backends(order: list[pb.NodeProfile], links: dict, forced: int) -> list[int]:
+    ids = [n.node_id for n in order]
+    rdma_everywhere = len(order) > 1 and all("jaccl" in n.backends for n in order) and all(
+        (links.get((a, b)) or links.get((b, a)) or pb.Link()).rdma
+        for i, a in enumerate(ids) for b in ids[i + 1:]
+    )
+    found = [pb.RING] + ([pb.JACCL] if rdma_everywhere else [])
+    if forced:
+        if forced not in found:
+            raise PlanError("jaccl needs RDMA between every pair of chosen nodes")
+        return [forced]
+    return found
+
+
+def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.NodeProfile]]:
+    """Node subsets worth trying, each in one rank order: for every size, the
+    fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
+    by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
+    by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
+    orders, seen = [], set()
+    for k in range(1, len(nodes) + 1):
+        for ranking in (by_speed, by_room):
+            subset = ranking[:k]
+            key = frozenset(n.node_id for n in subset)
+            if key in seen:
+                continue
+            seen.add(key)
+            orders.append(_ring_order(subset, links))
+    return orders
+
+
+def _ring_order(subset: list[pb.NodeProfile], links: dict) -> list[pb.NodeProfile]:
+    order, rest = [subset[0]], list(subset[1:])
+    while rest:
+        last = order[-1].node_id
+        nearest = min(rest, key=lambda n: cost.hop(links, last, n.node_id, pb.RING).latency_s)
+        rest.remove(nearest)
+        order.append(nearest)
+    return order
+
+
+# ------------------------------------------------------------------ feasibility
+
+
+def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
+    """Why a strategy cannot run on n ranks at all, whatever the memory."""
+    reasons = []
+    if strategy == "moe_tensor" and not model.is_moe:
+        return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
+    if strategy != "pipeline" and strategy not in model.proven:
+        return [f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
+    if strategy == "pipeline" and n > model.num_layers:
+        return [f"pipeline needs at least one layer per rank: {n} ranks, {model.num_layers} layers"]
+    if strategy in ("tensor", "moe_tensor"):
+        for units, unit, tensor in model.divisibility[strategy]:
+            if units % n:
+                reasons.append(f"{strategy} over {n} ranks: {tensor} has {units} {unit}, not divisible by {n}")
+                break
+    return reasons
+
+
+# ------------------------------------------------------------------ one candidate
+
+
+def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.NodeProfile],
+             links: dict, settings: Settings, structural: list[str]) -> pb.Placement:
+    n = len(order)
+    usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
+    if strategy == "pipeline":
+        bounds = pipeline_split(model, order, usable, settings) if not structural else None
+        bounds = bounds or [(0, 0)] * n
+    else:
+        bounds = [(0, model.num_layers)] * n
+    placement = pb.Placement(
+        model_id=model.model_id,
+        strategy=STRATEGY_BY_NAME[strategy],
+        backend=backend,
+        context_length=settings.context,
+        concurrency=settings.concurrency,
+        reasons=structural,
+    )
+    compute = []
+    for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
+        memory, read = rank_memory(model, strategy, n, rank, start, end, settings)
+        fits = memory.total_bytes <= usable[rank]
+        seconds = cost.rank_compute_s(read, end - start, node)
+        compute.append(seconds)
+        placement.ranks.append(
+            pb.RankPlacement(
+                rank=rank, node_id=node.node_id, node_name=node.name,
+                layer_start=start, layer_end=end,
+                shard_index=rank if strategy != "pipeline" else 0,
+                shard_count=n if strategy != "pipeline" else 1,
+                memory=memory, usable_bytes=usable[rank], fits=fits,
+                predicted_compute_s=seconds,
+            )
+        )
+        if not fits and not structural:
+            placement.reasons.append(shortfall(rank, node.name, memory, usable[rank]))
+    ids = [node.node_id for node in order]
+    comm = cost.communication_s(strategy, ids, links, backend, model.hidden_size,
+                                model.activation_bytes, model.num_layers, model.moe_layers)
+    total_compute = sum(compute) if strategy == "pipeline" else max(compute)
+    placement.predicted_compute_s = total_compute
+    placement.predicted_communication_s = comm
+    placement.predicted_decode_tokens_per_s = 1.0 / (total_compute + comm)
+    placement.fits = not placement.reasons
+    unmeasured = [f"{order[i].name}-{order[(i + 1) % n].name}" for i in range(n)
+                  if n > 1 and (i < n - 1 or n > 2)
+                  and not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING).measured]
+    if unmeasured:
+        placement.reasons.append(f"note: assumed 10 GbE for unmeasured links {', '.join(unmeasured)}")
+    return placement
+
+
+def rank_memory(model: ModelProfile, strategy: str, n: int, rank: int, start: int, end: int,
+                settings: Settings) -> tuple[pb.MemoryBreakdown, float]:
+    """Per-rank breakdown and the bytes one decode step reads there."""
+    by_class = dict.fromkeys(CLASSES, 0)
+    kv = 0.0
+    read = 0.0
+    parts: list[Part] = model.layers[start:end]
+    if strategy != "pipeline" or rank == 0:
+        parts = parts + [model.outside]
+    for part in parts:
+        for cls, value in part.weights(strategy, n).items():
+            by_class[cls] += value
+        kv += part.kv_bytes(strategy, n, settings.context, settings.concurrency)
+        read += part.read(strategy, n)
+    # A decode step also reads this rank's KV cache for one sequence.
+    read += kv / settings.concurrency
+    weights = sum(by_class.values())
+    overhead = overhead_bytes(model, strategy, n)
+    memory = pb.MemoryBreakdown(
+        weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead,
+        total_bytes=weights + int(kv) + overhead,
+        **{CLASS_FIELD[c]: v for c, v in by_class.items()},
+    )
+    return memory, read
+
+
+def overhead_bytes(model: ModelProfile, strategy: str, n: int) -> int:
+    width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
+    activations = (constants.PREFILL_CHUNK_TOKENS * width
+                   * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT * model.activation_bytes / 4)
+    return int(constants.PROCESS_BASE_BYTES + activations)
+
+
+def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int],
+                   settings: Settings) -> list[tuple[int, int]] | None:
+    """Contiguous layer ranges that minimise the slowest stage's predicted
+    time, subject to each node's memory. When memory cannot be met, the
+    time-balanced split is returned so that the shortfall can be reported."""
+    n, layers = len(order), model.num_layers
+    layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, settings.context, settings.concurrency)
+                 for p in model.layers]
+    layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
+    outside_mem = sum(model.outside.full.values())
+    base = overhead_bytes(model, "pipeline", 1)
+    mem_prefix = _prefix(layer_mem)
+    read_prefix = _prefix(layer_read)
+    bw = [node.memory_bandwidth_bytes_per_s for node in order]
+    fixed_time = [cost.rank_compute_s(model.outside.read_all if r == 0 else 0.0, 0, node)
+                  for r, node in enumerate(order)]
+
+    def stage_time(r, a, b):
+        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / bw[r] + (b - a) * constants.LAYER_DISPATCH_S
+
+    def stage_mem(r, a, b):
+        return base + (outside_mem if r == 0 else 0) + mem_prefix[b] - mem_prefix[a]
+
+    def assign(limit, respect_memory):
+        bounds, start = [], 0
+        for r in range(n):
+            last = layers - (n - r - 1)
+            end = last if r == n - 1 else start + 1
+            while end < last and stage_time(r, start, end + 1) <= limit and (
+                not respect_memory or stage_mem(r, start, end + 1) <= usable[r]
+            ):
+                end += 1
+            if stage_time(r, start, end) > limit or (respect_memory and stage_mem(r, start, end) > usable[r]):
+                return None
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    high = max(stage_time(r, 0, layers) for r in range(n))
+    for respect_memory in (True, False):
+        if assign(high, respect_memory) is None:
+            continue
+        low = 0.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            if assign(mid, respect_memory) is None:
+                low = mid
+            else:
+                high = mid
+            if high - low <= high * 1e-4:
+                break
+        return assign(high, respect_memory)
+    return None
+
+
+def _prefix(values: list[float]) -> list[float]:
+    out = [0.0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+# ------------------------------------------------------------------ choice
+
+
+def choose(candidates: list[pb.Placement]) -> pb.Placement | None:
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        return None
+    best = max(c.predicted_decode_tokens_per_s for c in fitting)
+    close = [c for c in fitting if c.predicted_decode_tokens_per_s >= best * (1 - constants.FEWER_NODES_MARGIN)]
+    return min(close, key=lambda c: (len(c.ranks), -c.predicted_decode_tokens_per_s))
+
+
+def shortfall(rank: int, node: str, memory: pb.MemoryBreakdown, usable: int) -> str:
+    parts = [(getattr(memory, CLASS_FIELD[c]), CLASS_LABEL[c]) for c in CLASSES]
+    parts += [(memory.kv_cache_bytes, "KV"), (memory.overhead_bytes, "overhead")]
+    shown = ", ".join(f"{label} {v / 1e9:.1f}" for v, label in sorted(parts, reverse=True) if v >= 0.05e9)
+    return f"rank {rank} on {node} needs {gb(memory.total_bytes)} ({shown}) but {gb(usable)} is usable"
+
+
+def _no_fit_summary(model: ModelProfile, candidates: list[pb.Placement]) -> str:
+    if not candidates:
+        return f"no candidate for {model.model_id}"
+    best = min(candidates, key=lambda c: sum(max(0, r.memory.total_bytes - r.usable_bytes) for r in c.ranks))
+    return f"nothing fits {model.model_id}; closest: {STRATEGY_NAMES[best.strategy]} on {len(best.ranks)} node(s): {best.reasons[0] if best.reasons else ''}"

@@ -1,0 +1,128 @@
+"""A model reduced to what the planner needs, computed once per model.
+
+Per layer (and for the tensors outside any layer): bytes by tensor class,
+the part of those bytes each strategy divides, the bytes one decode step
+reads, and the KV-cache parts. Plus the divisibility each strategy needs.
+"""
+
+from dataclasses import dataclass, field
+
+from exod.proto import exod_pb2 as pb
+
+CLASSES = (
+    pb.EMBEDDING, pb.LM_HEAD, pb.ATTENTION, pb.DENSE_MLP, pb.ROUTER,
+    pb.ROUTED_EXPERTS, pb.SHARED_EXPERTS, pb.NORM, pb.OTHER_TENSOR,
+)
+CLASS_FIELD = {
+    pb.EMBEDDING: "embedding_bytes", pb.LM_HEAD: "lm_head_bytes", pb.ATTENTION: "attention_bytes",
+    pb.DENSE_MLP: "dense_mlp_bytes", pb.ROUTER: "router_bytes", pb.ROUTED_EXPERTS: "routed_experts_bytes",
+    pb.SHARED_EXPERTS: "shared_experts_bytes", pb.NORM: "norm_bytes", pb.OTHER_TENSOR: "other_bytes",
+}
+CLASS_LABEL = {
+    pb.EMBEDDING: "embedding", pb.LM_HEAD: "lm_head", pb.ATTENTION: "attention", pb.DENSE_MLP: "dense MLP",
+    pb.ROUTER: "router", pb.ROUTED_EXPERTS: "experts", pb.SHARED_EXPERTS: "shared experts",
+    pb.NORM: "norms", pb.OTHER_TENSOR: "other",
+}
+SPLITTING = ("tensor", "moe_tensor")
+
+
+@dataclass
+class Part:
+    """Bytes of one layer (or of the non-layer tensors), by class."""
+
+    full: dict = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
+    split: dict = field(default_factory=lambda: {s: dict.fromkeys(CLASSES, 0) for s in SPLITTING})
+    read_all: float = 0.0  # bytes one decode step reads
+    read_split: dict = field(default_factory=lambda: dict.fromkeys(SPLITTING, 0.0))
+    kv: list = field(default_factory=list)  # (bytes_per_token, window_tokens, split_units)
+
+    def weights(self, strategy: str, n: int) -> dict:
+        """Bytes by class on one rank of n under strategy."""
+        if strategy not in SPLITTING or n == 1:
+            return dict(self.full)
+        split = self.split[strategy]
+        return {c: self.full[c] - split[c] + split[c] // n for c in CLASSES}
+
+    def read(self, strategy: str, n: int) -> float:
+        """Bytes one decode step reads on one rank of n."""
+        if strategy not in SPLITTING or n == 1:
+            return self.read_all
+        return self.read_all - self.read_split[strategy] + self.read_split[strategy] / n
+
+    def kv_bytes(self, strategy: str, n: int, context: int, concurrency: int) -> float:
+        total = 0.0
+        for per_token, window, units in self.kv:
+            tokens = min(context, window) if window else context
+            share = per_token * tokens * concurrency
+            if strategy == "tensor" and units and units % n == 0:
+                share /= n
+            total += share
+        return total
+
+
+@dataclass
+class ModelProfile:
+    model_id: str
+    num_layers: int
+    is_moe: bool
+    proven: frozenset
+    max_context: int
+    hidden_size: int
+    activation_bytes: int  # bytes per activation element (checkpoint dtype)
+    layers: list  # Part per layer
+    outside: Part  # tensors outside any layer: embedding, lm_head, final norm
+    # strategy -> list of (units, unit name, example tensor): n must divide units
+    divisibility: dict
+    moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
+    total_bytes: int
+    max_intermediate: int
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def profile(spec: pb.ModelSpec) -> ModelProfile:
+    layers = [Part() for _ in range(spec.num_layers)]
+    outside = Part()
+    divisibility = {s: {} for s in SPLITTING}
+    moe_layer_ids = set()
+    active_fraction = spec.experts_per_token / spec.num_experts if spec.num_experts else 1.0
+    max_intermediate = 0
+    for t in spec.tensors:
+        part = layers[t.layer] if 0 <= t.layer < spec.num_layers else outside
+        cls = t.tensor_class if t.tensor_class in CLASSES else pb.OTHER_TENSOR
+        part.full[cls] += t.bytes
+        if cls == pb.EMBEDDING:
+            read = t.bytes / max(spec.vocab_size, 1)  # one row per token
+        elif cls == pb.ROUTED_EXPERTS:
+            read = t.bytes * active_fraction
+            moe_layer_ids.add(t.layer)
+        else:
+            read = t.bytes
+        part.read_all += read
+        for strategy, rule in (("tensor", t.tensor_split), ("moe_tensor", t.moe_tensor_split)):
+            if not rule.units:
+                continue
+            part.split[strategy][cls] += t.bytes
+            part.read_split[strategy] += read
+            divisibility[strategy].setdefault(rule.units, (rule.unit, t.name))
+            if cls in (pb.ROUTED_EXPERTS, pb.SHARED_EXPERTS, pb.DENSE_MLP) and rule.axis == -2:
+                max_intermediate = max(max_intermediate, rule.units)
+    for kv in spec.kv_cache:
+        if kv.layer < spec.num_layers:
+            layers[kv.layer].kv.append((kv.bytes_per_token, kv.window_tokens, kv.split_units))
+    return ModelProfile(
+        model_id=spec.model_id,
+        num_layers=spec.num_layers,
+        is_moe=spec.num_experts > 0,
+        proven=frozenset(spec.proven_strategies),
+        max_context=spec.max_context,
+        hidden_size=spec.hidden_size,
+        activation_bytes=_DTYPE_BYTES.get(spec.dtype, 2),
+        layers=layers,
+        outside=outside,
+        divisibility={s: sorted((u, n, t) for u, (n, t) in d.items()) for s, d in divisibility.items()},
+        moe_layers=len(moe_layer_ids),
+        total_bytes=spec.total_bytes,
+        max_intermediate=max_intermediate,
+    )

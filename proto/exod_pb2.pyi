@@ -1,0 +1,442 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InterfaceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERFACE_KIND_UNSPECIFIED: _ClassVar[InterfaceKind]
+    ETHERNET: _ClassVar[InterfaceKind]
+    WIFI: _ClassVar[InterfaceKind]
+    THUNDERBOLT: _ClassVar[InterfaceKind]
+    LOOPBACK: _ClassVar[InterfaceKind]
+    OTHER: _ClassVar[InterfaceKind]
+
+class TensorClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_CLASS_UNSPECIFIED: _ClassVar[TensorClass]
+    EMBEDDING: _ClassVar[TensorClass]
+    LM_HEAD: _ClassVar[TensorClass]
+    ATTENTION: _ClassVar[TensorClass]
+    DENSE_MLP: _ClassVar[TensorClass]
+    ROUTER: _ClassVar[TensorClass]
+    ROUTED_EXPERTS: _ClassVar[TensorClass]
+    SHARED_EXPERTS: _ClassVar[TensorClass]
+    NORM: _ClassVar[TensorClass]
+    OTHER_TENSOR: _ClassVar[TensorClass]
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    PIPELINE: _ClassVar[Strategy]
+    MOE_TENSOR: _ClassVar[Strategy]
+    TENSOR: _ClassVar[Strategy]
+
+class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_UNSPECIFIED: _ClassVar[Backend]
+    RING: _ClassVar[Backend]
+    JACCL: _ClassVar[Backend]
+
+class RunnerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNNER_STATE_UNSPECIFIED: _ClassVar[RunnerState]
+    IDLE: _ClassVar[RunnerState]
+    CONNECTING: _ClassVar[RunnerState]
+    CONNECTED: _ClassVar[RunnerState]
+    LOADING: _ClassVar[RunnerState]
+    LOADED: _ClassVar[RunnerState]
+    WARMING_UP: _ClassVar[RunnerState]
+    READY: _ClassVar[RunnerState]
+    RUNNING: _ClassVar[RunnerState]
+    SHUTTING_DOWN: _ClassVar[RunnerState]
+    SHUTDOWN: _ClassVar[RunnerState]
+    FAILED: _ClassVar[RunnerState]
+
+class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTANCE_STATE_UNSPECIFIED: _ClassVar[InstanceState]
+    INSTANCE_PENDING: _ClassVar[InstanceState]
+    INSTANCE_STARTING: _ClassVar[InstanceState]
+    INSTANCE_READY: _ClassVar[InstanceState]
+    INSTANCE_FAILED: _ClassVar[InstanceState]
+    INSTANCE_STOPPED: _ClassVar[InstanceState]
+INTERFACE_KIND_UNSPECIFIED: InterfaceKind
+ETHERNET: InterfaceKind
+WIFI: InterfaceKind
+THUNDERBOLT: InterfaceKind
+LOOPBACK: InterfaceKind
+OTHER: InterfaceKind
+TENSOR_CLASS_UNSPECIFIED: TensorClass
+EMBEDDING: TensorClass
+LM_HEAD: TensorClass
+ATTENTION: TensorClass
+DENSE_MLP: TensorClass
+ROUTER: TensorClass
+ROUTED_EXPERTS: TensorClass
+SHARED_EXPERTS: TensorClass
+NORM: TensorClass
+OTHER_TENSOR: TensorClass
+STRATEGY_UNSPECIFIED: Strategy
+PIPELINE: Strategy
+MOE_TENSOR: Strategy
+TENSOR: Strategy
+BACKEND_UNSPECIFIED: Backend
+RING: Backend
+JACCL: Backend
+RUNNER_STATE_UNSPECIFIED: RunnerState
+IDLE: RunnerState
+CONNECTING: RunnerState
+CONNECTED: RunnerState
+LOADING: RunnerState
+LOADED: RunnerState
+WARMING_UP: RunnerState
+READY: RunnerState
+RUNNING: RunnerState
+SHUTTING_DOWN: RunnerState
+SHUTDOWN: RunnerState
+FAILED: RunnerState
+INSTANCE_STATE_UNSPECIFIED: InstanceState
+INSTANCE_PENDING: InstanceState
+INSTANCE_STARTING: InstanceState
+INSTANCE_READY: InstanceState
+INSTANCE_FAILED: InstanceState
+INSTANCE_STOPPED: InstanceState
+
+class NetworkInterface(_message.Message):
+    __slots__ = ("name", "kind", "addresses", "speed_bits_per_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_BITS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: InterfaceKind
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    speed_bits_per_s: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InterfaceKind, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., speed_bits_per_s: _Optional[int] = ...) -> None: ...
+
+class RdmaDevice(_message.Message):
+    __slots__ = ("name", "interface")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    interface: str
+    def __init__(self, name: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
+
+class NodeProfile(_message.Message):
+    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "decode_step_overhead_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHIP_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    RDMA_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    OS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    chip: str
+    cores: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    memory_usable_bytes: int
+    memory_bandwidth_bytes_per_s: float
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterface]
+    rdma_devices: _containers.RepeatedCompositeFieldContainer[RdmaDevice]
+    os: str
+    version: int
+    decode_step_overhead_s: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., decode_step_overhead_s: _Optional[float] = ...) -> None: ...
+
+class Link(_message.Message):
+    __slots__ = ("from_node", "to_node", "from_address", "to_address", "rtt_s", "bandwidth_bytes_per_s", "rdma", "rdma_rtt_s", "measured_at_unix_ms")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_FIELD_NUMBER: _ClassVar[int]
+    FROM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TO_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RDMA_FIELD_NUMBER: _ClassVar[int]
+    RDMA_RTT_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    from_node: str
+    to_node: str
+    from_address: str
+    to_address: str
+    rtt_s: float
+    bandwidth_bytes_per_s: float
+    rdma: bool
+    rdma_rtt_s: float
+    measured_at_unix_ms: int
+    def __init__(self, from_node: _Optional[str] = ..., to_node: _Optional[str] = ..., from_address: _Optional[str] = ..., to_address: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., rdma: _Optional[bool] = ..., rdma_rtt_s: _Optional[float] = ..., measured_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Cluster(_message.Message):
+    __slots__ = ("nodes", "links")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeProfile]
+    links: _containers.RepeatedCompositeFieldContainer[Link]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeProfile, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ...) -> None: ...
+
+class Quantization(_message.Message):
+    __slots__ = ("mode", "bits", "group_size")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    bits: int
+    group_size: int
+    def __init__(self, mode: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
+
+class SplitRule(_message.Message):
+    __slots__ = ("axis", "units", "unit")
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    axis: int
+    units: int
+    unit: str
+    def __init__(self, axis: _Optional[int] = ..., units: _Optional[int] = ..., unit: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "quantization", "bytes", "tensor_class", "layer", "tensor_split", "moe_tensor_split", "parameters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    MOE_TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    quantization: Quantization
+    bytes: int
+    tensor_class: TensorClass
+    layer: int
+    tensor_split: SplitRule
+    moe_tensor_split: SplitRule
+    parameters: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., bytes: _Optional[int] = ..., tensor_class: _Optional[_Union[TensorClass, str]] = ..., layer: _Optional[int] = ..., tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., moe_tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., parameters: _Optional[int] = ...) -> None: ...
+
+class LayerKvCache(_message.Message):
+    __slots__ = ("layer", "bytes_per_token", "window_tokens", "split_units", "kind")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_UNITS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    bytes_per_token: float
+    window_tokens: int
+    split_units: int
+    kind: str
+    def __init__(self, layer: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., window_tokens: _Optional[int] = ..., split_units: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("model_id", "model_type", "source", "dtype", "num_layers", "max_context", "hidden_size", "vocab_size", "num_experts", "experts_per_token", "tensors", "kv_cache", "total_bytes", "total_parameters", "active_parameters_per_token", "proven_strategies", "notes")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PARAMETERS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROVEN_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_type: str
+    source: str
+    dtype: str
+    num_layers: int
+    max_context: int
+    hidden_size: int
+    vocab_size: int
+    num_experts: int
+    experts_per_token: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    kv_cache: _containers.RepeatedCompositeFieldContainer[LayerKvCache]
+    total_bytes: int
+    total_parameters: int
+    active_parameters_per_token: int
+    proven_strategies: _containers.RepeatedScalarFieldContainer[str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MemoryBreakdown(_message.Message):
+    __slots__ = ("embedding_bytes", "lm_head_bytes", "attention_bytes", "dense_mlp_bytes", "router_bytes", "routed_experts_bytes", "shared_experts_bytes", "norm_bytes", "other_bytes", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes")
+    EMBEDDING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_MLP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_EXPERTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_EXPERTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NORM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OTHER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    embedding_bytes: int
+    lm_head_bytes: int
+    attention_bytes: int
+    dense_mlp_bytes: int
+    router_bytes: int
+    routed_experts_bytes: int
+    shared_experts_bytes: int
+    norm_bytes: int
+    other_bytes: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    def __init__(self, embedding_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., dense_mlp_bytes: _Optional[int] = ..., router_bytes: _Optional[int] = ..., routed_experts_bytes: _Optional[int] = ..., shared_experts_bytes: _Optional[int] = ..., norm_bytes: _Optional[int] = ..., other_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class RankPlacement(_message.Message):
+    __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "shard_index", "shard_count", "memory", "usable_bytes", "fits", "predicted_compute_s", "address")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    USABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    node_id: str
+    node_name: str
+    layer_start: int
+    layer_end: int
+    shard_index: int
+    shard_count: int
+    memory: MemoryBreakdown
+    usable_bytes: int
+    fits: bool
+    predicted_compute_s: float
+    address: str
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
+
+class PlacementRequest(_message.Message):
+    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    context_length: int
+    concurrency: int
+    strategy: Strategy
+    backend: Backend
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    headroom_fraction: float
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMMUNICATION_S_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    strategy: Strategy
+    backend: Backend
+    ranks: _containers.RepeatedCompositeFieldContainer[RankPlacement]
+    fits: bool
+    predicted_decode_tokens_per_s: float
+    predicted_compute_s: float
+    predicted_communication_s: float
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    context_length: int
+    concurrency: int
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("chosen", "candidates", "reasons")
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    chosen: Placement
+    candidates: _containers.RepeatedCompositeFieldContainer[Placement]
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chosen: _Optional[_Union[Placement, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunnerStatus(_message.Message):
+    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    rank: int
+    node_id: str
+    state: RunnerState
+    layers_loaded: int
+    total_layers: int
+    reason: str
+    diagnostics: str
+    estimated_bytes: int
+    peak_memory_bytes: int
+    rss_bytes: int
+    changed_at_unix_ms: int
+    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Instance(_message.Message):
+    __slots__ = ("instance_id", "placement", "state", "reason", "runners", "created_at_unix_ms")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNNERS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    placement: Placement
+    state: InstanceState
+    reason: str
+    runners: _containers.RepeatedCompositeFieldContainer[RunnerStatus]
+    created_at_unix_ms: int
+    def __init__(self, instance_id: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., reason: _Optional[str] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., created_at_unix_ms: _Optional[int] = ...) -> None: ...
