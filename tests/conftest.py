@@ -1,0 +1,26 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from exod.models import synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Model directories of each tiny architecture, fp32 and 4-bit."""
+    built = {}
+    for name, config in synthetic.TINY_CONFIGS.items():
+        for quant in (None, {"group_size": 32, "bits": 4}):
+            key = (name, "q4" if quant else "fp32")
+            out = tmp_path_factory.mktemp(f"{name}-{key[1]}")
+            synthetic.build(out, config, quantization=quant, dtype="bfloat16" if quant else "float32")
+            built[key] = out
+    return built
+
+
+def load_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
