@@ -59,7 +59,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
 
 
 def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
-    context = request.context_length or constants.DEFAULT_CONTEXT
+    context = request.context_length or min(constants.DEFAULT_CONTEXT, model.max_context or constants.DEFAULT_CONTEXT)
     if model.max_context and context > model.max_context:
         raise PlanError(f"context {context} is longer than {model.model_id} allows ({model.max_context})")
     headroom = request.headroom_fraction if request.HasField("headroom_fraction") else constants.DEFAULT_HEADROOM

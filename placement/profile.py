@@ -105,7 +105,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
                 continue
             part.split[strategy][cls] += t.bytes
             part.read_split[strategy] += read
-            divisibility[strategy].setdefault(rule.units, (rule.unit, t.name))
+            divisibility[strategy].setdefault(rule.units, (rule.unit, t.name.rsplit(".", 1)[0]))
             if cls in (pb.ROUTED_EXPERTS, pb.SHARED_EXPERTS, pb.DENSE_MLP) and rule.axis == -2:
                 max_intermediate = max(max_intermediate, rule.units)
     for kv in spec.kv_cache:

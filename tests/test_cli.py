@@ -1,0 +1,120 @@
+"""The offline CLI, run as a real process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+def exod(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_models_lists_the_catalog():
+    out = exod("models", "--json", check=True).stdout
+    ids = {m["id"] for m in json.loads(out)}
+    assert {"deepseek-v4-flash", "llama-3.3-70b-4bit"} <= ids
+
+
+def test_inspect_prints_classes_and_active_parameters():
+    out = exod("inspect", "qwen3-30b-a3b-4bit", check=True).stdout
+    assert "experts" in out and "attention" in out and "active / token" in out
+    data = json.loads(exod("inspect", "qwen3-30b-a3b-4bit", "--json", check=True).stdout)
+    assert data["by_class"]["experts"]["bytes"] > data["by_class"]["attention"]["bytes"]
+    assert int(data["active_parameters_per_token"]) < int(data["total_parameters"])
+
+
+def test_plan_json_shape(tmp_path):
+    proc = exod("plan", "deepseek-v4-flash", "--nodes", "2", "--memory", "128GB", "--json", check=True)
+    data = json.loads(proc.stdout)
+    assert data["chosen"] in data["candidates"]
+    for candidate in data["candidates"]:
+        assert {"strategy", "backend", "ranks", "predicted_decode_tokens_per_s"} <= set(candidate)
+        assert candidate["strategy"] in ("PIPELINE", "MOE_TENSOR", "TENSOR")
+        for rank in candidate["ranks"]:
+            assert int(rank["memory"]["total_bytes"]) > 0 and "node_name" in rank
+
+
+def test_plan_on_a_model_directory_and_cluster_file(tiny_dirs):
+    proc = exod("plan", str(tiny_dirs[("qwen3_moe", "q4")]), "--cluster", "examples/cluster.json", check=True)
+    assert "chosen:" in proc.stdout
+
+
+def test_nothing_fits_exits_1_with_the_shortfall():
+    proc = exod("plan", "kimi-k2-4bit", "--nodes", "2", "--memory", "64GB")
+    assert proc.returncode == 1
+    assert "nothing fits" in proc.stdout and "is usable" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plan", "no-such-model"], "unknown model"),
+        (["plan", "deepseek-v4-flash", "--memory", "0GB"], "must be positive"),
+        (["plan", "deepseek-v4-flash", "--memory=-5GB"], "cannot read"),
+        (["plan", "deepseek-v4-flash", "--memory", "lots"], "cannot read"),
+        (["plan", "deepseek-v4-flash", "--nodes", "0"], "must be positive"),
+        (["plan", "deepseek-v4-flash", "--context", "99999999"], "longer than"),
+        (["plan", "llama-3.3-70b-4bit", "--strategy", "moe_tensor"], "impossible strategy"),
+        (["plan", "deepseek-v4-flash", "--strategy", "tensor"], "not proven"),
+        (["plan", "deepseek-v4-flash", "--strategy", "banana"], "invalid choice"),
+        (["plan", "deepseek-v4-flash", "--cluster", "missing.json"], "cannot read"),
+        (["inspect"], "required"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    proc = exod(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_model_directories(tmp_path, tiny_dirs):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs[("llama", "fp32")], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "outside the file" in exod("plan", str(broken)).stderr
+
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert "corrupt safetensors header" in exod("inspect", str(broken)).stderr
+
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    proc = exod("inspect", str(broken))
+    assert proc.returncode == 2 and "lacks" in proc.stderr
+
+
+def test_bad_cluster_files(tmp_path):
+    dup = tmp_path / "dup.json"
+    dup.write_text(json.dumps({"nodes": [
+        {"name": "a", "memory_usable_bytes": "1000000000", "memory_bandwidth_bytes_per_s": 1e11},
+        {"name": "a", "memory_usable_bytes": "1000000000", "memory_bandwidth_bytes_per_s": 1e11}]}))
+    proc = exod("plan", "qwen3-30b-a3b-4bit", "--cluster", str(dup))
+    assert proc.returncode == 2 and "duplicate node" in proc.stderr
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{nodes: [")
+    proc = exod("plan", "qwen3-30b-a3b-4bit", "--cluster", str(garbage))
+    assert proc.returncode == 2 and "cluster JSON" in proc.stderr
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({"nodes": [{"name": "a", "memory_bandwidth_bytes_per_s": 1e11}]}))
+    proc = exod("plan", "qwen3-30b-a3b-4bit", "--cluster", str(zero))
+    assert proc.returncode == 2 and "no usable memory" in proc.stderr
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    path = shutil.which("exod") or str(REPO / ".venv" / "bin" / "exod")
+    proc = subprocess.run([path, "models"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "deepseek-v4-flash" in proc.stdout
