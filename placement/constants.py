@@ -5,17 +5,19 @@ figures these were taken from (see docs/cost-model.md).
 """
 
 # Resident memory of a runner process before any weight is loaded: Python,
-# mlx, mlx-lm, gRPC. Measured: bench overhead, "process_base_bytes".
-PROCESS_BASE_BYTES = 420_000_000
+# mlx, mlx-lm, gRPC. Measured 86 MB on x86_64 Linux (bench overhead,
+# "process_base_bytes"); rounded up.
+PROCESS_BASE_BYTES = 100_000_000
 
 # mlx-lm prefills in chunks of this many tokens (generate.py prefill_step_size).
 PREFILL_CHUNK_TOKENS = 2048
 
-# Peak transient bytes per prefill-chunk token, per element of
-# (hidden_size + widest sharded intermediate), in fp32 units. Measured: bench
-# overhead, "activation_bytes_per_token_element" (max over the probe models,
-# rounded up).
-ACTIVATION_BYTES_PER_TOKEN_ELEMENT = 24.0
+# Peak transient bytes of a prefill chunk, per chunk token, per element of
+# (hidden_size + widest intermediate a token passes through: the dense MLP,
+# or experts_per_token x the expert width). Measured 29.3 (dense fp32), 37.9
+# (dense bf16) and 44.9 (MoE fp32) on x86_64 Linux: bench overhead,
+# "activation_bytes_per_token_element"; the maximum, rounded up.
+ACTIVATION_BYTES_PER_TOKEN_ELEMENT = 48.0
 
 # Share of a node's usable memory the planner leaves free by default.
 DEFAULT_HEADROOM = 0.05

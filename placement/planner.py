@@ -32,6 +32,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR]
 
     candidates, impossible = [], []
+    memo: dict = {}
     for order in candidate_orders(nodes, links):
         for strategy in strategies:
             name = STRATEGY_NAMES[strategy]
@@ -40,7 +41,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
             structural = structural_reasons(model, name, len(order))
             for backend in _backends(order, links, request.backend):
                 candidates.append(
-                    evaluate(model, name, backend, order, links, settings, structural)
+                    evaluate(model, name, backend, order, links, settings, structural, memo)
                 )
                 impossible.append(bool(structural))
     if request.strategy and all(impossible):
@@ -110,6 +111,8 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.N
     fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
     by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
     by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
+    latency = {(a.node_id, b.node_id): cost.hop(links, a.node_id, b.node_id, pb.RING).latency_s
+               for a in nodes for b in nodes}
     orders, seen = [], set()
     for k in range(1, len(nodes) + 1):
         for ranking in (by_speed, by_room):
@@ -118,15 +121,15 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.N
             if key in seen:
                 continue
             seen.add(key)
-            orders.append(_ring_order(subset, links))
+            orders.append(_ring_order(subset, latency))
     return orders
 
 
-def _ring_order(subset: list[pb.NodeProfile], links: dict) -> list[pb.NodeProfile]:
+def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProfile]:
     order, rest = [subset[0]], list(subset[1:])
     while rest:
         last = order[-1].node_id
-        nearest = min(rest, key=lambda n: cost.hop(links, last, n.node_id, pb.RING).latency_s)
+        nearest = min(rest, key=lambda n: latency[last, n.node_id])
         rest.remove(nearest)
         order.append(nearest)
     return order
@@ -156,7 +159,8 @@ def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
 
 
 def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.NodeProfile],
-             links: dict, settings: Settings, structural: list[str]) -> pb.Placement:
+             links: dict, settings: Settings, structural: list[str], memo: dict | None = None) -> pb.Placement:
+    memo = {} if memo is None else memo  # rank breakdowns shared by candidates of one plan
     n = len(order)
     usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
     if strategy == "pipeline":
@@ -174,7 +178,11 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     )
     compute = []
     for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
-        memory, read = rank_memory(model, strategy, n, rank, start, end, settings)
+        holds_outside = strategy != "pipeline" or rank == 0
+        key = (strategy, n, start, end, holds_outside)
+        if key not in memo:
+            memo[key] = rank_memory(model, strategy, n, rank, start, end, settings)
+        memory, read = memo[key]
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
         compute.append(seconds)
@@ -234,8 +242,7 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, rank: int, start: in
 
 def overhead_bytes(model: ModelProfile, strategy: str, n: int) -> int:
     width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
-    activations = (constants.PREFILL_CHUNK_TOKENS * width
-                   * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT * model.activation_bytes / 4)
+    activations = constants.PREFILL_CHUNK_TOKENS * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
     return int(constants.PROCESS_BASE_BYTES + activations)
 
 

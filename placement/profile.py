@@ -75,7 +75,7 @@ class ModelProfile:
     divisibility: dict
     moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
     total_bytes: int
-    max_intermediate: int
+    max_intermediate: int  # widest intermediate one token passes through
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -106,8 +106,10 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
             part.split[strategy][cls] += t.bytes
             part.read_split[strategy] += read
             divisibility[strategy].setdefault(rule.units, (rule.unit, t.name.rsplit(".", 1)[0]))
-            if cls in (pb.ROUTED_EXPERTS, pb.SHARED_EXPERTS, pb.DENSE_MLP) and rule.axis == -2:
+            if cls in (pb.SHARED_EXPERTS, pb.DENSE_MLP) and rule.axis == -2:
                 max_intermediate = max(max_intermediate, rule.units)
+            if cls == pb.ROUTED_EXPERTS and rule.axis == -2:
+                max_intermediate = max(max_intermediate, rule.units * max(spec.experts_per_token, 1))
     for kv in spec.kv_cache:
         if kv.layer < spec.num_layers:
             layers[kv.layer].kv.append((kv.bytes_per_token, kv.window_tokens, kv.split_units))

@@ -79,7 +79,7 @@ def test_tensor_splits_heads_mlp_experts_and_kv(moe):
 
 def test_overhead_is_process_base_plus_prefill_activations(moe):
     rank = breakdown(moe, "pipeline", 1, 0, 0, 4)
-    widest = 256  # the dense layer's intermediate
+    widest = max(256, 2 * 128)  # dense intermediate; 2 experts per token x 128
     expected = constants.PROCESS_BASE_BYTES + int(
         constants.PREFILL_CHUNK_TOKENS * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
     assert rank.overhead_bytes == expected

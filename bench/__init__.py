@@ -1,0 +1,1 @@
+"""exod benchmarks. Each prints one JSON object: python -m bench NAME."""
