@@ -119,6 +119,7 @@ def cmd_plan(args) -> int:
     request = pb.PlacementRequest(
         model=args.model, context_length=args.context or 0, concurrency=args.concurrency or 0,
         strategy=STRATEGY_BY_NAME[args.strategy] if args.strategy else 0,
+        backend={"ring": pb.RING, "jaccl": pb.JACCL}[args.backend] if args.backend else 0,
         nodes=args.only or [],
     )
     if args.headroom is not None:
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int)
     p.add_argument("--concurrency", type=int)
     p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--backend", choices=["ring", "jaccl"])
     p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
     p.add_argument("--json", action="store_true")

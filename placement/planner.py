@@ -44,6 +44,8 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
                     evaluate(model, name, backend, order, links, settings, structural, memo)
                 )
                 impossible.append(bool(structural))
+    if request.backend and not candidates:
+        raise PlanError(f"no node set supports {BACKEND_NAMES[request.backend]}: jaccl needs RDMA between every pair")
     if request.strategy and all(impossible):
         why = candidates[-1].reasons[0] if candidates else "no candidate"
         raise PlanError(f"impossible strategy: {why}")
@@ -99,11 +101,7 @@ def _backends(order: list[pb.NodeProfile], links: dict, forced: int) -> list[int
         for i, a in enumerate(ids) for b in ids[i + 1:]
     )
     found = [pb.RING] + ([pb.JACCL] if rdma_everywhere else [])
-    if forced:
-        if forced not in found:
-            raise PlanError("jaccl needs RDMA between every pair of chosen nodes")
-        return [forced]
-    return found
+    return [b for b in found if b == forced] if forced else found
 
 
 def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.NodeProfile]]:

@@ -47,6 +47,16 @@ def test_plan_on_a_model_directory_and_cluster_file(tiny_dirs):
     assert "chosen:" in proc.stdout
 
 
+def test_forced_backend_and_nodes_on_a_cluster_file():
+    data = json.loads(exod("plan", "deepseek-v4-flash", "--cluster", "examples/cluster.json", "--backend", "jaccl",
+                           "--json", check=True).stdout)
+    assert {c["backend"] for c in data["candidates"]} == {"JACCL"}
+    assert {r["node_name"] for r in data["chosen"]["ranks"]} == {"studio-1", "studio-2"}
+    data = json.loads(exod("plan", "qwen3-30b-a3b-4bit", "--cluster", "examples/cluster.json", "--only", "macbook",
+                           "--json", check=True).stdout)
+    assert [r["node_name"] for r in data["chosen"]["ranks"]] == ["macbook"]
+
+
 def test_nothing_fits_exits_1_with_the_shortfall():
     proc = exod("plan", "kimi-k2-4bit", "--nodes", "2", "--memory", "64GB")
     assert proc.returncode == 1
@@ -66,6 +76,8 @@ def test_nothing_fits_exits_1_with_the_shortfall():
         (["plan", "deepseek-v4-flash", "--strategy", "tensor"], "not proven"),
         (["plan", "deepseek-v4-flash", "--strategy", "banana"], "invalid choice"),
         (["plan", "deepseek-v4-flash", "--cluster", "missing.json"], "cannot read"),
+        (["plan", "deepseek-v4-flash", "--backend", "jaccl"], "jaccl needs RDMA"),
+        (["plan", "deepseek-v4-flash", "--nodes", "2", "--only", "mac-9"], "unknown node"),
         (["inspect"], "required"),
         (["frobnicate"], "invalid choice"),
     ],

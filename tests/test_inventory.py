@@ -126,3 +126,15 @@ def test_config_missing_fields(tmp_path):
     with pytest.raises(ModelError, match="lacks"):
         inventory.from_config({"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64,
                                "vocab_size": 10}, "x")
+
+
+def test_a_671b_model_builds_lazily_without_allocating_its_weights():
+    import psutil
+
+    from exod.models import catalog
+
+    rss = psutil.Process().memory_info().rss
+    spec = inventory.from_card(catalog.cards()["deepseek-v3.1-4bit"])
+    grown = psutil.Process().memory_info().rss - rss
+    assert spec.total_parameters > 670e9
+    assert grown < 500e6, f"lazy build grew RSS by {grown / 1e6:.0f} MB"

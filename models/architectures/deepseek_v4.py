@@ -48,7 +48,6 @@ def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
     project exists to catch)."""
     heads = int(cfg["num_attention_heads"])
     groups = int(cfg["o_groups"])
-    leaf = path.rsplit(".", 1)[-1]
     if path.endswith("self_attn.q_b_proj"):
         return Split("rows", heads, "attention heads")
     if path.endswith("self_attn.sinks"):
@@ -62,7 +61,6 @@ def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
         return expert_split(path, cfg, int(cfg["moe_intermediate_size"]))
     if ".switch_mlp." in path + "." or ".experts." in path + ".":
         return expert_split(path, cfg, int(cfg["moe_intermediate_size"]))
-    del leaf
     return None
 
 
