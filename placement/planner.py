@@ -1,7 +1,6 @@
 """The placement planner: every candidate, its per-rank memory, its predicted
 speed, and the choice. Pure: no I/O, no clocks."""
 
-import math
 from dataclasses import dataclass
 
 from exod.proto import exod_pb2 as pb
