@@ -121,12 +121,11 @@ def lazy_model_entries(config: dict, rules: list):
         return None
     try:
         model = model_class(args_class.from_dict(config))
-    except TypeError as e:
-        missing = re.findall(r"'(\w+)'", str(e).partition("arguments:")[2] or str(e).partition("argument:")[2])
+    except (KeyError, TypeError, ValueError) as e:
+        # A dataclass missing constructor arguments: name the config fields.
+        missing = re.findall(r"'(\w+)'", str(e).partition("argument")[2]) if isinstance(e, TypeError) else []
         if missing:
             raise ModelError(f"config.json lacks {', '.join(missing)} (needed by {config['model_type']})") from None
-        raise ModelError(f"config does not build a {config['model_type']} model: {e}") from None
-    except (KeyError, ValueError) as e:
         raise ModelError(f"config does not build a {config['model_type']} model: {e}") from None
     model.set_dtype(getattr(mx, checkpoint_dtype(config)))
     quant = config.get("quantization")

@@ -178,7 +178,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         holds_outside = strategy != "pipeline" or rank == 0
         key = (strategy, n, start, end, holds_outside)
         if key not in memo:
-            memo[key] = rank_memory(model, strategy, n, rank, start, end, settings)
+            memo[key] = rank_memory(model, strategy, n, holds_outside, start, end, settings)
         memory, read = memo[key]
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
@@ -211,14 +211,14 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     return placement
 
 
-def rank_memory(model: ModelProfile, strategy: str, n: int, rank: int, start: int, end: int,
+def rank_memory(model: ModelProfile, strategy: str, n: int, holds_outside: bool, start: int, end: int,
                 settings: Settings) -> tuple[pb.MemoryBreakdown, float]:
     """Per-rank breakdown and the bytes one decode step reads there."""
     by_class = dict.fromkeys(CLASSES, 0)
     kv = 0.0
     read = 0.0
     parts: list[Part] = model.layers[start:end]
-    if strategy != "pipeline" or rank == 0:
+    if holds_outside:
         parts = parts + [model.outside]
     for part in parts:
         for cls, value in part.weights(strategy, n).items():

@@ -7,6 +7,7 @@ reads, and the KV-cache parts. Plus the divisibility each strategy needs.
 
 from dataclasses import dataclass, field
 
+from exod.models.quantization import DTYPE_BYTES
 from exod.proto import exod_pb2 as pb
 
 CLASSES = (
@@ -78,9 +79,6 @@ class ModelProfile:
     max_intermediate: int  # widest intermediate one token passes through
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def profile(spec: pb.ModelSpec) -> ModelProfile:
     layers = [Part() for _ in range(spec.num_layers)]
     outside = Part()
@@ -120,7 +118,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         proven=frozenset(spec.proven_strategies),
         max_context=spec.max_context,
         hidden_size=spec.hidden_size,
-        activation_bytes=_DTYPE_BYTES.get(spec.dtype, 2),
+        activation_bytes=DTYPE_BYTES.get(spec.dtype, 2),
         layers=layers,
         outside=outside,
         divisibility={s: sorted((u, n, t) for u, (n, t) in d.items()) for s, d in divisibility.items()},

@@ -36,7 +36,8 @@ def settings(concurrency=1):
 
 
 def breakdown(model, strategy, n, rank, start, end, concurrency=1):
-    memory, _ = planner.rank_memory(model, strategy, n, rank, start, end, settings(concurrency))
+    holds_outside = strategy != "pipeline" or rank == 0
+    memory, _ = planner.rank_memory(model, strategy, n, holds_outside, start, end, settings(concurrency))
     return memory
 
 

@@ -122,8 +122,8 @@ def test_moe_tensor_rank_at_least_tensor_rank(spec, n, context, concurrency):
 
     model = profile(spec)
     s = planner.Settings(context, concurrency, 0.0)
-    moe, _ = planner.rank_memory(model, "moe_tensor", n, 0, 0, model.num_layers, s)
-    tensor, _ = planner.rank_memory(model, "tensor", n, 0, 0, model.num_layers, s)
+    moe, _ = planner.rank_memory(model, "moe_tensor", n, True, 0, model.num_layers, s)
+    tensor, _ = planner.rank_memory(model, "tensor", n, True, 0, model.num_layers, s)
     assert moe.weights_bytes + moe.kv_cache_bytes >= tensor.weights_bytes + tensor.kv_cache_bytes
 
 
