@@ -30,7 +30,57 @@ TINY_CONFIGS = {
         qk_nope_head_dim=32, routed_scaling_factor=1.0, n_group=1, topk_group=1,
         max_position_embeddings=2048, rope_theta=10000.0,
     ),
+    # A dense model whose mlx-lm class can pipeline (llama's cannot in mlx-lm 0.32).
+    "qwen2": dict(
+        model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    # The DeepSeek-V4 attention: grouped low-rank output, sinks, a raw window
+    # plus compressed history and an indexer, hyper-connections.
+    "deepseek_v41": dict(
+        model_type="deepseek_v41", vocab_size=512, hidden_size=128, num_hidden_layers=4,
+        num_attention_heads=4, head_dim=64, q_lora_rank=64, qk_rope_head_dim=16, o_groups=2,
+        o_lora_rank=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+        sliding_window=16, compress_ratios=[0, 4, 8, 4], kv_source_layer_ids=[1, 2, 3],
+        index_source_layer_ids=[1, 3], index_n_heads=2, index_head_dim=32, index_topk=8,
+        candidate_topk_blocks=0, hc_mult=2, hc_sinkhorn_iters=4, max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+    ),
 }
+
+# Models with a tokenizer, built on demand by name. `demo` is the README's
+# quick-start model; `midsize-moe` (about 1.4 GB) is for memory and speed.
+NAMED = {
+    "demo": dict(
+        model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+        num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    "midsize-moe": dict(
+        model_type="qwen3_moe", hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+        num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        num_experts=16, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+}
+TOKENIZER_VOCAB = 1024
+SPECIAL_TOKENS = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_WORDS = (
+    "the a an of to and in on for with at by from model layer token rank node memory link cluster "
+    "expert router attention cache shard pipeline tensor ring group machine daemon runner ready "
+    "load plan place split send receive sum gather fast slow small large first last every each "
+    "one two three four eight sixteen bytes seconds prompt answer question hello world what how "
+    "why when where is are was were be can will should must not no yes it this that these those "
+    "we you they he she i my your our their mac linux thunderbolt ethernet wifi gpu cpu chip"
+).split()
 
 
 def build(
@@ -67,3 +117,78 @@ def build(
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
+
+
+def corpus(sentences: int = 4000, seed: int = 0) -> list[str]:
+    """Deterministic English-like text to train the tokenizer on."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ",", ":"]) + f" {rng.randint(0, 999)}")
+    return lines
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> int:
+    """Train a byte-level BPE tokenizer locally; write tokenizer.json and
+    tokenizer_config.json (with the chat template). Returns its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|end|>",
+        "bos_token": None,
+        "pad_token": "<|end|>",
+        "model_max_length": 8192,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return tokenizer.get_vocab_size()
+
+
+def build_named(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build a named model (see NAMED) with its tokenizer into out_dir."""
+    if name not in NAMED:
+        raise KeyError(f"unknown built-in model {name!r}; built-in models: {', '.join(NAMED)}")
+    out_dir = Path(out_dir)
+    vocab = build_tokenizer(out_dir)
+    config = {**NAMED[name], "vocab_size": vocab, "eos_token_id": 0}
+    return build(out_dir, config, seed=seed)
+
+
+def ensure_named(name: str, models_dir: Path) -> Path:
+    """The model directory for a built-in model, building it once. Safe when
+    several processes race: each builds privately and renames into place."""
+    import os
+    import shutil
+    import tempfile
+
+    target = Path(models_dir) / name
+    if (target / "config.json").is_file():
+        return target
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
+    try:
+        build_named(name, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

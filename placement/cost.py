@@ -8,8 +8,9 @@ another.
 communication, from the links actually used:
   tensor      2 all-sums per layer of hidden_size activations
   moe_tensor  1 all-sum per MoE layer
-  pipeline    one send of hidden_size activations per stage boundary, and the
-              last stage sends back to rank 0, which holds the lm_head
+  pipeline    one send of hidden_size activations per stage boundary, then
+              an all-gather of the last hidden state so that every rank
+              computes the logits (mlx-lm's pipeline)
 A ring all-sum of M bytes over N ranks is 2(N-1) neighbour steps of M/N
 bytes, each paying the slowest ring edge's one-way latency.
 """
@@ -69,4 +70,6 @@ def communication_s(strategy: str, order: list[str], links: dict, backend: int, 
         return 2 * num_layers * ring_all_sum_s(hops, message)
     if strategy == "moe_tensor":
         return moe_layers * ring_all_sum_s(hops, message)
-    return sum(h.latency_s + message / h.bandwidth for h in hops)
+    sends = sum(h.latency_s + message / h.bandwidth for h in hops[: len(hops) - 1])
+    gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops))
+    return sends + gather

@@ -140,7 +140,7 @@ def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
     reasons = []
     if strategy == "moe_tensor" and not model.is_moe:
         return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
-    if strategy != "pipeline" and strategy not in model.proven:
+    if strategy not in model.proven:
         return [f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
     if strategy == "pipeline" and n > model.num_layers:
         return [f"pipeline needs at least one layer per rank: {n} ranks, {model.num_layers} layers"]
@@ -161,8 +161,10 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     n = len(order)
     usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
     if strategy == "pipeline":
-        bounds = pipeline_split(model, order, usable, settings) if not structural else None
-        bounds = bounds or [(0, 0)] * n
+        # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
+        # which runs the last layers.
+        stages = pipeline_split(model, order[::-1], usable[::-1], settings) if not structural else None
+        bounds = stages[::-1] if stages else [(0, 0)] * n
     else:
         bounds = [(0, model.num_layers)] * n
     placement = pb.Placement(
@@ -175,10 +177,9 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     )
     compute = []
     for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
-        holds_outside = strategy != "pipeline" or rank == 0
-        key = (strategy, n, start, end, holds_outside)
+        key = (strategy, n, start, end)
         if key not in memo:
-            memo[key] = rank_memory(model, strategy, n, holds_outside, start, end, settings)
+            memo[key] = rank_memory(model, strategy, n, start, end, settings)
         memory, read = memo[key]
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
@@ -211,15 +212,15 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     return placement
 
 
-def rank_memory(model: ModelProfile, strategy: str, n: int, holds_outside: bool, start: int, end: int,
+def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int,
                 settings: Settings) -> tuple[pb.MemoryBreakdown, float]:
-    """Per-rank breakdown and the bytes one decode step reads there."""
+    """Per-rank breakdown and the bytes one decode step reads there. Every
+    rank holds the embedding, final norm and lm_head: pipeline stages all
+    compute the logits from the gathered last hidden state, as mlx-lm does."""
     by_class = dict.fromkeys(CLASSES, 0)
     kv = 0.0
     read = 0.0
-    parts: list[Part] = model.layers[start:end]
-    if holds_outside:
-        parts = parts + [model.outside]
+    parts: list[Part] = model.layers[start:end] + [model.outside]
     for part in parts:
         for cls, value in part.weights(strategy, n).items():
             by_class[cls] += value
@@ -257,14 +258,13 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
     mem_prefix = _prefix(layer_mem)
     read_prefix = _prefix(layer_read)
     bw = [node.memory_bandwidth_bytes_per_s for node in order]
-    fixed_time = [cost.rank_compute_s(model.outside.read_all if r == 0 else 0.0, 0, node)
-                  for r, node in enumerate(order)]
+    fixed_time = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
 
     def stage_time(r, a, b):
         return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / bw[r] + (b - a) * constants.LAYER_DISPATCH_S
 
     def stage_mem(r, a, b):
-        return base + (outside_mem if r == 0 else 0) + mem_prefix[b] - mem_prefix[a]
+        return base + outside_mem + mem_prefix[b] - mem_prefix[a]
 
     def assign(limit, respect_memory):
         bounds, start = [], 0

@@ -49,6 +49,10 @@ class Architecture:
     moe_tensor_split: Callable[[str, dict], Optional[Split]]
     experts: Callable[[dict], tuple[int, int]]  # (routed experts, experts per token)
     notes: tuple[str, ...] = field(default=())
+    # The runner's canary: which layers can be computed alone from a hidden
+    # state, and how to call one (layer module, probe input) -> output.
+    canary_layers: Callable[[dict], list[int]] = field(default=lambda cfg: list(range(int(cfg["num_hidden_layers"]))))
+    probe: Callable[[object, object, dict], object] = field(default=lambda layer, x, cfg: layer(x, None, None))
 
 
 def layer_of(name: str) -> int:

@@ -64,6 +64,34 @@ def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
     return None
 
 
+def _canary_layers(cfg: dict) -> list[int]:
+    """Layers that read compressed history only from themselves, so one can
+    be computed alone from a hidden state."""
+    from mlx_lm.models import deepseek_v41 as impl
+
+    args = impl.ModelArgs.from_dict(cfg)
+    return [i for i in range(args.num_hidden_layers)
+            if all(source == i for source in impl._shared_reads(args, i).values())]
+
+
+def _probe(layer, x, cfg: dict):
+    """One decoder layer on hidden state x: expand into the hyper-connection
+    streams as the model's first layer sees them, return the streams."""
+    import mlx.core as mx
+    from mlx_lm.models import deepseek_v41 as impl
+
+    args = impl.ModelArgs.from_dict(cfg)
+    batch, length, hidden = x.shape
+    streams = mx.broadcast_to(x[:, :, None, :], (batch, length, args.hc_mult, hidden))
+    pre_mix = mx.zeros((batch, length, args.hc_mult), dtype=mx.float32)
+    pre_mix[..., 0] = 1.0
+    window_idx = impl._window_indices(previous=0, length=length, window=args.sliding_window)
+    window_idx = mx.broadcast_to(window_idx, (batch, *window_idx.shape))
+    streams, _ = layer(streams, pre_mix, start_pos=0, window_idx=window_idx,
+                       cache=impl.LayerCache(args.sliding_window), shared={})
+    return streams
+
+
 ARCHITECTURE = Architecture(
     name="deepseek_v4",
     model_types=("deepseek_v41", "deepseek_v4"),
@@ -75,4 +103,6 @@ ARCHITECTURE = Architecture(
     tensor_split=_tensor_split,
     moe_tensor_split=moe_tensor_split_generic("moe_intermediate_size", lambda cfg: int(cfg["moe_intermediate_size"]) * int(cfg.get("n_shared_experts") or 1)),
     experts=lambda cfg: (int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])),
+    canary_layers=_canary_layers,
+    probe=_probe,
 )

@@ -1,0 +1,110 @@
+"""RunnerReady is earned. Before a rank reports Ready it shows that the model
+as cut computes what the uncut model computes:
+
+1. One whole transformer layer (attention and, where there is one, the MoE
+   block) is computed as the instance will compute it, and again from a
+   fresh, uncut copy of only that layer read from the same checkpoint.
+2. The full model's logits for a probe prompt are finite and equal on every
+   rank.
+
+Every rank shares its verdict with every other, so all fail together."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.utils import load_model
+
+from .loading import held_layer_indices
+
+PROBE_TOKENS = 8
+PROBE_SEED = 20261126
+# |sharded - uncut| allowed, relative to max(1, max |uncut|): summation order
+# is the only difference between the two when the cut is right.
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 3e-2}
+AGREEMENT_TOLERANCE = 1e-5
+
+
+class CanaryFailed(Exception):
+    pass
+
+
+@dataclass
+class Verdict:
+    layer: int
+    max_delta: float
+
+
+def activation_dtype(model) -> mx.Dtype:
+    embed = model.model.embed_tokens
+    return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+
+
+def choose_layer(model, config, arch) -> int:
+    """The first layer this rank holds that can be probed alone, preferring
+    one with experts so that the MoE cut is exercised too."""
+    held = held_layer_indices(model)
+    probeable = [i for i in held if i in set(arch.canary_layers(config))] or held
+    with_experts = [i for i in probeable if _has_experts(model.layers[held.index(i)], arch, config, i)]
+    return (with_experts or probeable)[0]
+
+
+def _has_experts(layer, arch, config, index) -> bool:
+    return any(arch.moe_tensor_split(f"model.layers.{index}.{path}", config) for path, _ in layer.named_modules())
+
+
+def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
+    """Every rank's value, on every rank."""
+    if group is None:
+        return [value]
+    local = mx.zeros((size,), dtype=mx.float32)
+    local[rank] = value
+    return mx.distributed.all_sum(local, group=group).tolist()
+
+
+def run(model, config, arch, model_dir: str, group) -> Verdict:
+    rank = group.rank() if group else 0
+    size = group.size() if group else 1
+    dtype = activation_dtype(model)
+    layer_index = choose_layer(model, config, arch)
+    held = held_layer_indices(model)
+
+    probe = mx.random.normal((1, PROBE_TOKENS, int(config["hidden_size"])), key=mx.random.key(PROBE_SEED))
+    probe = probe.astype(dtype)
+    cut = arch.probe(model.layers[held.index(layer_index)], probe, config)
+    mx.eval(cut)
+
+    reference_model, _ = load_model(Path(model_dir), lazy=True)
+    uncut = arch.probe(reference_model.layers[layer_index], probe, config)
+    mx.eval(uncut)
+    del reference_model
+    mx.clear_cache()
+
+    diff = mx.abs(cut.astype(mx.float32) - uncut.astype(mx.float32)).max().item()
+    scale = max(1.0, mx.abs(uncut.astype(mx.float32)).max().item())
+    finite = bool(mx.isfinite(cut).all().item())
+    delta = diff / scale if finite else float("inf")
+    deltas = _shared_max(group, min(delta, 3e38), rank, size)
+    layers = _shared_max(group, float(layer_index), rank, size)
+    limit = TOLERANCE.get(dtype, 3e-2)
+    for r, (d, k) in enumerate(zip(deltas, layers)):
+        if not d <= limit:
+            raise CanaryFailed(f"canary: layer {int(k)} differs on rank {r}, max |Δ| = {d:.3g} "
+                               f"(relative; the limit for {str(dtype).split('.')[-1]} is {limit:g})")
+
+    tokens = mx.array([[(7 * i + 3) % int(config["vocab_size"]) for i in range(PROBE_TOKENS)]])
+    logits = model(tokens)[0, -1].astype(mx.float32)
+    if group is not None:
+        mean = mx.distributed.all_sum(logits, group=group) / size
+    else:
+        mean = logits
+    mx.eval(logits, mean)
+    finite = bool(mx.isfinite(logits).all().item())
+    disagreement = mx.abs(logits - mean).max().item() / max(1.0, mx.abs(mean).max().item()) if finite else 3e38
+    spreads = _shared_max(group, disagreement, rank, size)
+    for r, d in enumerate(spreads):
+        if d >= 3e38:
+            raise CanaryFailed(f"canary: rank {r} produced non-finite logits")
+        if d > AGREEMENT_TOLERANCE:
+            raise CanaryFailed(f"canary: ranks disagree on the logits, rank {r} is off by {d:.3g}")
+    return Verdict(layer_index, max(deltas))

@@ -1,0 +1,259 @@
+"""One rank of an instance:
+
+  python -m exod.runner --spec SPEC.json --events-fd N --commands-fd M
+
+The parent passes two pipe ends (spawned, never forked). Statuses, tokens and
+the final Failed/Shutdown travel as RunnerEvent frames; requests, cancels and
+shutdown come as RunnerCommand frames."""
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from google.protobuf import json_format  # noqa: E402
+
+from exod.proto import exod_pb2 as pb  # noqa: E402
+
+from . import channel  # noqa: E402
+from .watchdog import EXIT_DEADLINE, Watchdog  # noqa: E402
+
+DEFAULT_DEADLINES = pb.RunnerDeadlines(connect_s=60, load_s=600, warmup_s=120, peer_s=30)
+EXIT_FAILED = 1
+EXIT_ORPHANED = 4
+STATE_NAME = {v: k for k, v in pb.RunnerState.items()}
+
+
+def deadlines(spec: pb.RunnerSpec) -> pb.RunnerDeadlines:
+    d = pb.RunnerDeadlines()
+    for name in ("connect_s", "load_s", "warmup_s", "peer_s"):
+        setattr(d, name, getattr(spec.deadlines, name) or getattr(DEFAULT_DEADLINES, name))
+    return d
+
+
+def phase_name(state: int) -> str:
+    """Connecting, Loading, WarmingUp... as the reasons spell them."""
+    return "".join(part.capitalize() for part in STATE_NAME.get(state, "UNKNOWN").split("_"))
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(EXIT_ORPHANED)
+
+
+class Rank:
+    def __init__(self, spec: pb.RunnerSpec, events: channel.Writer, commands_fd: int, workdir: Path):
+        self.spec = spec
+        self.events = events
+        self.commands_fd = commands_fd
+        self.workdir = workdir
+        self.deadlines = deadlines(spec)
+        self.status = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=spec.node_id,
+                                      estimated_bytes=spec.estimated_bytes, pid=os.getpid())
+        self.status_lock = threading.Lock()
+        self.files: list[Path] = []
+        self.serving = threading.Event()
+        self.server = None
+        from .serve import Inbox
+
+        self.inbox = Inbox()
+
+    # ---------------------------------------------------------------- reporting
+
+    def report(self, state: int, **fields) -> None:
+        with self.status_lock:
+            self.status.state = state
+            for key, value in fields.items():
+                setattr(self.status, key, value)
+            self.status.changed_at_unix_ms = int(time.time() * 1000)
+            event = pb.RunnerEvent(status=self.status)
+            self._send(event)
+
+    def emit(self, chunk: pb.GenerationChunk) -> None:
+        self._send(pb.RunnerEvent(chunk=chunk))
+
+    def _send(self, event) -> None:
+        try:
+            self.events.write(event)
+        except channel.ChannelClosed:
+            self._cleanup()
+            os._exit(EXIT_ORPHANED)  # nobody is listening: the parent is gone
+
+    def memory_fields(self) -> dict:
+        import mlx.core as mx
+
+        from .loading import peak_rss_bytes
+
+        import psutil
+
+        return dict(peak_memory_bytes=mx.get_peak_memory(), rss_bytes=psutil.Process().memory_info().rss,
+                    peak_rss_bytes=peak_rss_bytes())
+
+    # ---------------------------------------------------------------- commands
+
+    def _read_commands(self) -> None:
+        while True:
+            try:
+                command = channel.read_message(self.commands_fd, pb.RunnerCommand)
+            except channel.ChannelClosed:
+                command = None
+            if command is None:  # the parent closed its end or died
+                if not self.serving.is_set():
+                    self._cleanup()
+                    os._exit(EXIT_ORPHANED)
+                self.inbox.shutdown.set()
+                return
+            kind = command.WhichOneof("command")
+            if kind == "generate":
+                if self.spec.rank != 0:
+                    self.emit(pb.GenerationChunk(request_id=command.generate.request_id,
+                                                 finish_reason=pb.FINISH_ERROR,
+                                                 error=f"rank {self.spec.rank} does not take requests; send them to rank 0"))
+                else:
+                    self.inbox.requests.put(command.generate)
+            elif kind == "cancel":
+                self.inbox.cancel(command.cancel.request_id)
+            elif kind == "shutdown":
+                if not self.serving.is_set():
+                    self.report(pb.SHUTDOWN, reason=f"shut down during {phase_name(self.status.state)}")
+                    self._cleanup()
+                    os._exit(0)
+                self.inbox.shutdown.set()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        self.report(pb.IDLE)
+        watchdog = Watchdog(lambda reason: (self.report(pb.FAILED, reason=reason), self._cleanup()))
+        threading.Thread(target=self._read_commands, name="exod-commands", daemon=True).start()
+        try:
+            return self._lifecycle(watchdog)
+        except Exception as e:  # every failure becomes a Failed status, never a hang
+            from .canary import CanaryFailed
+
+            reason = str(e) if isinstance(e, CanaryFailed) else describe(e, self.status.state)
+            self._abort_request(reason)
+            self.report(pb.FAILED, reason=reason, diagnostics=traceback.format_exc()[-4000:])
+            return EXIT_FAILED
+        finally:
+            watchdog.disarm()
+            self._cleanup()
+
+    def _lifecycle(self, watchdog: Watchdog) -> int:
+        from .distributed import init_group
+
+        d = self.deadlines
+        self.report(pb.CONNECTING)
+        watchdog.arm("Connecting", d.connect_s)
+        group, self.files = init_group(self.spec, self.workdir)
+        self.report(pb.CONNECTED)
+
+        import mlx.core as mx
+
+        from . import canary, loading
+        from .serve import Server
+
+        watchdog.arm("Loading", d.load_s)
+        model, config, arch = loading.load(
+            self.spec, group, lambda done, total: self.report(pb.LOADING, layers_loaded=done, total_layers=total))
+        self.report(pb.LOADED, **self.memory_fields())
+
+        watchdog.arm("WarmingUp", d.warmup_s)
+        self.report(pb.WARMING_UP)
+        tokenizer = load_tokenizer(self.spec.model_dir) if self.spec.rank == 0 else None
+        verdict = canary.run(model, config, arch, self.spec.model_dir, group)
+        mx.clear_cache()
+        self.serving.set()
+        self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
+
+        self.server = Server(model, tokenizer, group, self.inbox, self.emit,
+                             lambda state: self.report(state), watchdog.arm,
+                             self.spec.context_length or int(config.get("max_position_embeddings") or 4096))
+        self.server.run(d.peer_s)
+        watchdog.disarm()
+        self.report(pb.SHUTTING_DOWN)
+        self._drain_requests("runner shut down")
+        self.report(pb.SHUTDOWN)
+        return 0
+
+    def _abort_request(self, reason: str) -> None:
+        current = getattr(self.server, "current", None) if self.server else None
+        if current is not None:
+            self.emit(pb.GenerationChunk(request_id=current.request_id, finish_reason=pb.FINISH_ERROR, error=reason))
+        self._drain_requests(reason)
+
+    def _drain_requests(self, reason: str) -> None:
+        while not self.inbox.requests.empty():
+            request = self.inbox.requests.get_nowait()
+            self.emit(pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_CANCELLED, error=reason))
+
+    def _cleanup(self) -> None:
+        for path in self.files:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def describe(error: Exception, state: int) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "connection to a peer was lost" in text or "closed by the peer" in text:
+        return f"peer rank lost during {phase_name(state)}: {text}"
+    return f"{phase_name(state)} failed: {text}"
+
+
+def load_tokenizer(model_dir: str):
+    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer.model").is_file():
+        return None
+    from mlx_lm.tokenizer_utils import load
+
+    return load(Path(model_dir))
+
+
+def load_plugins() -> None:
+    """EXOD_RUNNER_PLUGINS: modules imported at start that may register
+    strategies (runner.strategies.register). Tests use it to prove that a
+    broken strategy can never reach Ready."""
+    import importlib
+
+    for name in filter(None, os.environ.get("EXOD_RUNNER_PLUGINS", "").split(",")):
+        importlib.import_module(name.strip())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="exod-runner")
+    parser.add_argument("--spec", required=True, help="RunnerSpec as proto3 JSON")
+    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--commands-fd", type=int, required=True)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    events = channel.Writer(args.events_fd)
+    spec = pb.RunnerSpec()
+    try:
+        json_format.Parse(Path(args.spec).read_text(), spec)
+        load_plugins()
+    except Exception as e:
+        events.write(pb.RunnerEvent(status=pb.RunnerStatus(state=pb.FAILED, pid=os.getpid(),
+                                                           reason=f"bad runner spec: {e}")))
+        os._exit(EXIT_FAILED)
+    workdir = Path(args.workdir or tempfile.gettempdir()) / "exod-runner"
+    code = Rank(spec, events, args.commands_fd, workdir).run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # MLX's transport threads must not hold the exit
+
+
+__all__ = ["main", "EXIT_DEADLINE"]
