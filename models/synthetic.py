@@ -42,10 +42,27 @@ TINY_CONFIGS = {
         model_type="deepseek_v41", vocab_size=512, hidden_size=128, num_hidden_layers=4,
         num_attention_heads=4, head_dim=64, q_lora_rank=64, qk_rope_head_dim=16, o_groups=2,
         o_lora_rank=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
-        sliding_window=16, compress_ratios=[0, 4, 8, 4], kv_source_layer_ids=[1, 2, 3],
+        # Mixed ratios ([0, 4, 8, 4]) make mlx-lm 0.32.2's class return different
+        # outputs for the same input; one ratio keeps it deterministic.
+        sliding_window=16, compress_ratios=[0, 4, 4, 4], kv_source_layer_ids=[1, 2, 3],
         index_source_layer_ids=[1, 3], index_n_heads=2, index_head_dim=32, index_topk=8,
         candidate_topk_blocks=0, hc_mult=2, hc_sinkhorn_iters=4, max_position_embeddings=4096,
         rms_norm_eps=1e-6,
+    ),
+    "glm4_moe": dict(
+        model_type="glm4_moe", vocab_size=512, hidden_size=128, intermediate_size=256,
+        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, n_group=1, topk_group=1, n_shared_experts=1, n_routed_experts=8,
+        routed_scaling_factor=1.0, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+        use_qk_norm=True, tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5,
+    ),
+    # Biased experts and attention sinks, alternating sliding and full attention.
+    "gpt_oss": dict(
+        model_type="gpt_oss", num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=512, hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, rope_theta=10000,
+        layer_types=["sliding_attention", "full_attention"] * 2,
     ),
 }
 

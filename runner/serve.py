@@ -91,6 +91,9 @@ class Server:
             if op != OP_GENERATE:
                 continue
             prompt = self._all_sum(mx.array(tokens if self.rank == 0 else [0] * n, dtype=mx.int32))
+            # Now, on every rank: a pipeline stage that receives its input would
+            # otherwise never evaluate this all-sum, and the first stage would wait.
+            mx.eval(prompt)
             self.set_state(pb.RUNNING)
             self.current = request
             self._generate(request, prompt, n, bool(want_logits), peer_timeout_s)
