@@ -122,7 +122,7 @@ class Rank:
                                                  finish_reason=pb.FINISH_ERROR,
                                                  error=f"rank {self.spec.rank} does not take requests; send them to rank 0"))
                 else:
-                    self.inbox.requests.put(command.generate)
+                    self.inbox.put(command.generate)
             elif kind == "cancel":
                 self.inbox.cancel(command.cancel.request_id)
             elif kind == "shutdown":

@@ -37,9 +37,22 @@ class Inbox:
     shutdown: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    known: set = field(default_factory=set)  # queued or generating
+
+    def put(self, request: pb.GenerateRequest) -> None:
+        with self.lock:
+            self.known.add(request.request_id)
+        self.requests.put(request)
+
     def cancel(self, request_id: str) -> None:
         with self.lock:
-            self.cancelled.add(request_id)
+            if request_id in self.known:  # a cancel for a finished id must not hit its reuse
+                self.cancelled.add(request_id)
+
+    def done(self, request_id: str) -> None:
+        with self.lock:
+            self.known.discard(request_id)
+            self.cancelled.discard(request_id)
 
     def is_cancelled(self, request_id: str) -> bool:
         with self.lock:
@@ -139,6 +152,7 @@ class Server:
         return tokens
 
     def _finish(self, request, reason: int, error: str = "") -> None:
+        self.inbox.done(request.request_id)
         self.emit(pb.GenerationChunk(request_id=request.request_id, finish_reason=reason, error=error))
 
     def _max_tokens(self, request) -> int:
@@ -302,5 +316,6 @@ class _Rank0State:
             chunk.tokens.append(pb.GeneratedToken(text=tail))
         if self.prompt_logits is not None:
             chunk.prompt_logits.extend(self.prompt_logits)
+        self.server.inbox.done(self.request.request_id)
         self.server.emit(chunk)
 

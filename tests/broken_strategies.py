@@ -1,0 +1,43 @@
+"""Strategies that load cleanly and compute the wrong thing, or never finish
+loading. The runner imports this module through EXOD_RUNNER_PLUGINS; the
+canary and the deadlines must stop every one of them before Ready."""
+
+import time
+
+import mlx.core as mx
+from mlx.nn.layers.distributed import shard_inplace
+
+from exod.runner import strategies
+
+
+def moe_tensor_without_sum(model, group, spec, arch, config):
+    """Experts split 1/N, partial outputs never summed."""
+    for path, module in model.named_modules():
+        split = arch.moe_tensor_split(path, config)
+        if split is not None:
+            shard_inplace(module, "all-to-sharded" if split.side == "rows" else "sharded-to-all", group=group)
+
+
+def heads_across_output_groups(model, group, spec, arch, config):
+    """The bug exod exists to catch: head-parallel V4 attention where a rank's
+    heads are not the heads of its output groups. Rank r gets heads r, r+N,
+    r+2N... while o_a_proj/o_b_proj give it whole contiguous groups."""
+    n = group.size()
+    heads = int(config["num_attention_heads"])
+    order = [h for r in range(n) for h in range(r, heads, n)]
+    for layer in model.layers:
+        attn = layer.self_attn
+        w = attn.q_b_proj.weight
+        attn.q_b_proj.weight = w.reshape(heads, -1, w.shape[-1])[mx.array(order)].reshape(w.shape)
+        attn.sinks = attn.sinks[mx.array(order)]
+    model.shard(group)
+
+
+def hang_while_loading(model, group, spec, arch, config):
+    while True:
+        time.sleep(0.1)
+
+
+strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
+strategies.register("heads_across_output_groups", heads_across_output_groups)
+strategies.register("hang_while_loading", hang_while_loading)

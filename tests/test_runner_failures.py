@@ -1,0 +1,123 @@
+"""Ready is earned, and nothing hangs: broken strategies end in Failed with
+the canary's reason, phases end at their deadlines, a killed peer fails the
+survivors in bounded time and leaves no process and no bound port."""
+
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from exod.models import synthetic
+from exod.proto import exod_pb2 as pb
+from exod.runner.launch import LocalInstance
+
+from .conftest import REPO
+
+PLUGIN_ENV = {"EXOD_RUNNER_PLUGINS": "tests.broken_strategies", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def fp32_models(tmp_path_factory):
+    built = {}
+    for name in ("qwen3_moe", "deepseek_v41"):
+        built[name] = synthetic.build(tmp_path_factory.mktemp(name), synthetic.TINY_CONFIGS[name])
+    return built
+
+
+def ended(instance, timeout):
+    return instance.wait_for(lambda i: all(r.terminal.is_set() for r in i.ranks), timeout)
+
+
+def never_ready(instance):
+    return all(s.state != pb.READY for statuses in instance.statuses for s in statuses)
+
+
+@pytest.mark.parametrize("model,strategy", [
+    ("qwen3_moe", "moe_tensor_without_sum"),
+    ("deepseek_v41", "heads_across_output_groups"),
+])
+def test_a_broken_strategy_fails_the_canary_and_never_reports_ready(model, strategy, fp32_models):
+    with LocalInstance(fp32_models[model], strategy, 2, env=PLUGIN_ENV) as instance:
+        assert ended(instance, 120)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+        # It did load: the failure came after Loaded, from the canary.
+        assert any(s.state == pb.LOADED for s in instance.statuses[0])
+
+
+def test_a_rank_whose_peer_never_starts_fails_within_the_connect_deadline(fp32_models):
+    deadlines = pb.RunnerDeadlines(connect_s=2)
+    started = time.monotonic()
+    with LocalInstance(fp32_models["qwen3_moe"], "moe_tensor", 2, deadlines=deadlines, start_only=[0]) as instance:
+        assert ended(instance, 20)
+        elapsed = time.monotonic() - started
+        status = instance.ranks[0].status
+        assert status.state == pb.FAILED
+        assert status.reason == "timed out in Connecting after 2 s", status.reason
+        assert elapsed < 2 + 2 + 5  # deadline, the GIL-free backstop's grace, process start
+
+
+def test_a_hang_while_loading_fails_at_the_load_deadline(fp32_models):
+    deadlines = pb.RunnerDeadlines(load_s=2)
+    with LocalInstance(fp32_models["qwen3_moe"], "hang_while_loading", 1, deadlines=deadlines,
+                       env=PLUGIN_ENV) as instance:
+        assert ended(instance, 30)
+        status = instance.ranks[0].status
+        assert status.state == pb.FAILED and status.reason == "timed out in Loading after 2 s"
+        assert instance.ranks[0].process.wait(10) == 3  # the watchdog, not the backstop
+
+
+def port_is_free(hostport):
+    host, port = hostport.rsplit(":", 1)
+    # TIME_WAIT remnants of closed connections are allowed (as for MLX's own
+    # listener, which sets SO_REUSEADDR); a socket still bound is not.
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, int(port)))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("strategy,world", [("moe_tensor", 2), ("pipeline", 3)])
+def test_kill_9_of_a_rank_mid_generation_fails_the_survivors(strategy, world, tmp_path):
+    model_dir = synthetic.ensure_named("demo", tmp_path / "models")
+    deadlines = pb.RunnerDeadlines(peer_s=5)
+    with LocalInstance(model_dir, strategy, world, deadlines=deadlines, context_length=4096) as instance:
+        instance.wait_ready(120)
+        pids = [r.pid for r in instance.ranks]
+        request = pb.GenerateRequest(request_id="long", prompt_tokens=[5, 6, 7],
+                                     sampling=pb.SamplingParams(max_tokens=3000, ignore_eos=True))
+        chunks = instance.submit(request)
+        first = chunks.get(timeout=60)
+        assert first.tokens
+        victim = instance.ranks[world - 1]
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        assert ended(instance, 30)
+        bound = time.monotonic() - killed_at
+        assert bound < deadlines.peer_s + 3
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+        assert victim.status.reason == f"runner killed by SIGKILL in Running"
+        for rank in instance.ranks[: world - 1]:
+            assert "peer rank lost" in rank.status.reason or "timed out" in rank.status.reason, rank.status.reason
+        # The request in flight was answered, not dropped.
+        last = None
+        while not chunks.empty():
+            last = chunks.get_nowait()
+        assert last is not None and last.finish_reason == pb.FINISH_ERROR
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert all(port_is_free(h) for h in instance.hosts)
+        listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert not listening & {int(h.rsplit(":", 1)[1]) for h in instance.hosts}

@@ -1,0 +1,148 @@
+"""The runner's lifecycle and its request handling, on the demo model as two
+real moe_tensor ranks: statuses in order with progress and memory, chat
+through the model's template, sampling controls, queueing, cancellation, bad
+requests that leave it Ready, and a clean shutdown."""
+
+import time
+
+import pytest
+
+from exod.models import synthetic
+from exod.proto import exod_pb2 as pb
+from exod.runner.launch import LocalInstance
+
+LIFECYCLE = [pb.IDLE, pb.CONNECTING, pb.CONNECTED, pb.LOADING, pb.LOADED, pb.WARMING_UP, pb.READY]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    model_dir = synthetic.ensure_named("demo", tmp_path_factory.mktemp("models"))
+    instance = LocalInstance(model_dir, "moe_tensor", 2, context_length=2048, estimated_bytes=[111, 222])
+    instance.wait_ready(120)
+    yield instance
+    instance.close()
+
+
+def request(request_id, **sampling):
+    messages = [pb.ChatMessage(role="user", content="hello world, what is a token?")]
+    return pb.GenerateRequest(request_id=request_id, messages=messages, sampling=pb.SamplingParams(**sampling))
+
+
+def tokens_of(chunks):
+    return [t.token for c in chunks for t in c.tokens if not (c.finish_reason and not t.token)]
+
+
+def text_of(chunks):
+    return "".join(t.text for c in chunks for t in c.tokens)
+
+
+def test_statuses_arrive_in_order_with_progress_and_memory(demo):
+    for rank, statuses in enumerate(demo.statuses):
+        states = [s.state for s in statuses]
+        collapsed = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+        assert collapsed[: len(LIFECYCLE)] == LIFECYCLE
+        loading = [s for s in statuses if s.state == pb.LOADING]
+        assert [s.layers_loaded for s in loading] == list(range(7)) and loading[-1].total_layers == 6
+        ready = next(s for s in statuses if s.state == pb.READY)
+        assert ready.estimated_bytes == [111, 222][rank]
+        assert ready.peak_memory_bytes > 10e6 and ready.peak_rss_bytes > ready.peak_memory_bytes
+        assert ready.canary_layer == 0 and ready.canary_max_delta <= 1e-4
+        assert ready.pid == demo.ranks[rank].pid
+
+
+def test_chat_greedy_is_deterministic_and_reports_speed(demo):
+    first = demo.generate(request("g1", max_tokens=12, ignore_eos=True))
+    second = demo.generate(request("g2", max_tokens=12, ignore_eos=True))
+    assert tokens_of(first) == tokens_of(second) and len(tokens_of(first)) == 12
+    final = first[-1]
+    assert final.finish_reason == pb.FINISH_LENGTH and final.generation_tokens == 12
+    assert final.prompt_tokens == 12  # the chat template's tokens for this message
+    assert final.prompt_tokens_per_s > 0 and final.generation_tokens_per_s > 0
+
+
+def test_seeded_sampling_repeats_and_logprobs_are_consistent(demo):
+    kwargs = dict(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=10, ignore_eos=True,
+                  logprobs=True, top_logprobs=3)
+    a = demo.generate(request("s1", **kwargs))
+    b = demo.generate(request("s2", **kwargs))
+    assert tokens_of(a) == tokens_of(b)
+    c = demo.generate(request("s3", **{**kwargs, "seed": 8}))
+    assert tokens_of(a) != tokens_of(c)
+    for chunk in a[:-1]:
+        token = chunk.tokens[0]
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        values = [t.logprob for t in token.top_logprobs]
+        assert values == sorted(values, reverse=True)
+    greedy = demo.generate(request("s4", max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=1))
+    for chunk in greedy[:-1]:
+        t = chunk.tokens[0]
+        assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5
+
+
+def test_stop_strings_end_the_text_before_them(demo):
+    full = text_of(demo.generate(request("full", max_tokens=30, ignore_eos=True)))
+    stop = full[10:13]
+    cut = demo.generate(request("cut", max_tokens=30, ignore_eos=True, stop=[stop]))
+    assert cut[-1].finish_reason == pb.FINISH_STOP
+    assert text_of(cut) == full[: full.index(stop)]
+
+
+def test_requests_queue_during_a_generation_and_finish_in_order(demo):
+    queues = [demo.submit(request(f"q{i}", max_tokens=8, ignore_eos=True)) for i in range(3)]
+    finished = []
+    for i, q in enumerate(queues):
+        while True:
+            chunk = q.get(timeout=60)
+            if chunk.finish_reason:
+                finished.append((i, chunk.finish_reason, time.monotonic()))
+                break
+    assert [f[1] for f in finished] == [pb.FINISH_LENGTH] * 3
+    assert [f[2] for f in finished] == sorted(f[2] for f in finished)
+
+
+def test_cancel_ends_a_request_and_leaves_the_runner_ready(demo):
+    chunks = demo.submit(request("long", max_tokens=1500, ignore_eos=True))
+    assert chunks.get(timeout=60).tokens
+    demo.cancel("long")
+    while True:
+        chunk = chunks.get(timeout=30)
+        if chunk.finish_reason:
+            break
+    assert chunk.finish_reason == pb.FINISH_CANCELLED and chunk.generation_tokens < 1500
+    queued = demo.submit(request("never", max_tokens=4))
+    demo.cancel("never")  # may be cancelled before or after it starts; either way it ends
+    while not (c := queued.get(timeout=30)).finish_reason:
+        pass
+    assert c.finish_reason in (pb.FINISH_CANCELLED, pb.FINISH_LENGTH, pb.FINISH_STOP)
+    assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 5)
+    after = demo.generate(request("after", max_tokens=3, ignore_eos=True))
+    assert after[-1].finish_reason == pb.FINISH_LENGTH
+
+
+@pytest.mark.parametrize("bad,error", [
+    (pb.GenerateRequest(request_id="vocab", prompt_tokens=[5, 10**6]), "outside the vocabulary"),
+    (pb.GenerateRequest(request_id="empty"), "empty prompt"),
+    (pb.GenerateRequest(request_id="long", prompt_tokens=[5] * 2000, sampling=pb.SamplingParams(max_tokens=100)),
+     "exceeds the instance's context of 2048"),
+])
+def test_bad_requests_get_an_error_and_the_runner_stays_ready(demo, bad, error):
+    chunks = demo.generate(bad)
+    assert chunks[-1].finish_reason == pb.FINISH_ERROR and error in chunks[-1].error
+    assert demo.states() == [pb.READY, pb.READY]
+
+
+def test_only_rank_0_takes_requests(demo):
+    q = demo._chunks.setdefault("to-rank-1", __import__("queue").Queue())
+    demo.ranks[1].send(pb.RunnerCommand(generate=pb.GenerateRequest(request_id="to-rank-1", prompt_tokens=[5])))
+    chunk = q.get(timeout=10)
+    assert chunk.finish_reason == pb.FINISH_ERROR and "send them to rank 0" in chunk.error
+
+
+def test_shutdown_is_clean_and_in_lockstep(tmp_path):
+    model_dir = synthetic.ensure_named("demo", tmp_path / "models")
+    instance = LocalInstance(model_dir, "pipeline", 2)
+    instance.wait_ready(120)
+    assert instance.shutdown(15)
+    for rank, statuses in zip(instance.ranks, instance.statuses):
+        assert [s.state for s in statuses[-2:]] == [pb.SHUTTING_DOWN, pb.SHUTDOWN]
+        assert rank.process.returncode == 0
