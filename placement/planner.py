@@ -229,7 +229,7 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     # A decode step also reads this rank's KV cache for one sequence.
     read += kv / settings.concurrency
     weights = sum(by_class.values())
-    overhead = overhead_bytes(model, strategy, n)
+    overhead = overhead_bytes(model, strategy, n, settings.context)
     memory = pb.MemoryBreakdown(
         weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead,
         total_bytes=weights + int(kv) + overhead,
@@ -238,10 +238,15 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     return memory, read
 
 
-def overhead_bytes(model: ModelProfile, strategy: str, n: int) -> int:
+def overhead_bytes(model: ModelProfile, strategy: str, n: int, context: int) -> int:
+    """Process base, the activations of one prefill chunk (never longer than
+    the context), and the runner's canary, which reads one whole uncut layer
+    a second time while it warms up."""
     width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
-    activations = constants.PREFILL_CHUNK_TOKENS * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
-    return int(constants.PROCESS_BASE_BYTES + activations)
+    tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
+    activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
+    canary = max((sum(p.full.values()) for p in model.layers), default=0)
+    return int(constants.PROCESS_BASE_BYTES + activations + canary)
 
 
 def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int],
@@ -254,7 +259,7 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
                  for p in model.layers]
     layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
     outside_mem = sum(model.outside.full.values())
-    base = overhead_bytes(model, "pipeline", 1)
+    base = overhead_bytes(model, "pipeline", 1, settings.context)
     mem_prefix = _prefix(layer_mem)
     read_prefix = _prefix(layer_read)
     bw = [node.memory_bandwidth_bytes_per_s for node in order]

@@ -17,8 +17,17 @@ from . import strategies
 
 
 def peak_rss_bytes() -> int:
+    """This process image's high-water resident set. On Linux ru_maxrss keeps
+    the parent's peak across fork+exec, so VmHWM (this image's own) is read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def materialize(module) -> None:

@@ -179,7 +179,7 @@ class Rank:
         self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
 
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
-                             lambda state: self.report(state), watchdog.arm,
+                             self._serving_state, watchdog.arm,
                              self.spec.context_length or int(config.get("max_position_embeddings") or 4096))
         self.server.run(d.peer_s)
         watchdog.disarm()
@@ -187,6 +187,10 @@ class Rank:
         self._drain_requests("runner shut down")
         self.report(pb.SHUTDOWN)
         return 0
+
+    def _serving_state(self, state: int) -> None:
+        # Back to Ready after a request: the peaks it reached are news.
+        self.report(state, **(self.memory_fields() if state == pb.READY else {}))
 
     def _abort_request(self, reason: str) -> None:
         current = getattr(self.server, "current", None) if self.server else None

@@ -19,12 +19,13 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from exod.placement.constants import PREFILL_CHUNK_TOKENS
 from exod.proto import exod_pb2 as pb
 
 HEARTBEAT_S = 0.5
 HEADER = 4  # [op, prompt length, shutdown votes, want prompt logits]
 OP_IDLE, OP_GENERATE = 0, 1
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = PREFILL_CHUNK_TOKENS  # what the planner's activation estimate assumes
 DEFAULT_MAX_TOKENS = 256
 
 

@@ -78,11 +78,13 @@ def test_tensor_splits_heads_mlp_experts_and_kv(moe):
     assert rank.kv_cache_bytes == 4 * KV_PER_TOKEN * CONTEXT * 3 // 2
 
 
-def test_overhead_is_process_base_plus_prefill_activations(moe):
+def test_overhead_is_process_base_prefill_activations_and_the_canary_layer(moe):
     rank = breakdown(moe, "pipeline", 1, 0, 0, 4)
     widest = max(256, 2 * 128)  # dense intermediate; 2 experts per token x 128
-    expected = constants.PROCESS_BASE_BYTES + int(
-        constants.PREFILL_CHUNK_TOKENS * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
+    chunk = min(CONTEXT, constants.PREFILL_CHUNK_TOKENS)
+    canary = ATTN + LAYER_NORMS + ROUTER + EXPERTS  # the largest layer, read again whole
+    expected = constants.PROCESS_BASE_BYTES + canary + int(
+        chunk * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
     assert rank.overhead_bytes == expected
 
 
