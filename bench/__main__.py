@@ -2,9 +2,9 @@ import argparse
 import json
 import sys
 
-from . import overhead, planning
+from . import overhead, planning, runner
 
-BENCHES = {"planning": planning.run, "overhead": overhead.run}
+BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run}
 
 
 def main() -> int:

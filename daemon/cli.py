@@ -168,6 +168,120 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
         print(reason)
 
 
+# ------------------------------------------------------------------ run (local ranks)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A model directory, or a built-in model built once into the data dir."""
+    from exod.models import synthetic
+
+    from .paths import models_dir
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{model}: no config.json in that directory")
+        return path
+    if model in synthetic.NAMED:
+        return synthetic.ensure_named(model, models_dir())
+    raise UsageError(f"{model!r} is neither a model directory nor a built-in model ({', '.join(synthetic.NAMED)})")
+
+
+def cmd_run(args) -> int:
+    """Every rank on this machine over loopback: plan, launch, wait for Ready,
+    answer one prompt, shut down."""
+    from exod.models import inventory
+    from exod.placement import STRATEGY_BY_NAME, plan, synthetic
+    from exod.runner.launch import LaunchError, LocalInstance
+
+    if args.ranks < 1:
+        raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
+    model_dir = resolve_model_dir(args.model)
+    spec = inventory.from_directory(model_dir)
+    request = pb.PlacementRequest(context_length=args.context,
+                                  strategy=STRATEGY_BY_NAME[args.strategy] if args.strategy else 0)
+    result = plan(spec, synthetic(args.ranks, 10**15), request)
+    fitting = [c for c in result.candidates if len(c.ranks) == args.ranks and c.fits]
+    if not fitting:
+        why = next((r for c in result.candidates if len(c.ranks) == args.ranks for r in c.reasons), "no candidate")
+        raise UsageError(f"cannot run {args.model} on {args.ranks} ranks: {why}")
+    chosen = max(fitting, key=lambda c: c.predicted_decode_tokens_per_s)
+    strategy = {v: k for k, v in STRATEGY_BY_NAME.items()}[chosen.strategy]
+    split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else None
+    log = sys.stderr
+    print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks", file=log)
+    deadlines = pb.RunnerDeadlines(load_s=args.load_timeout)
+    with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=split, context_length=args.context,
+                       deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks]) as instance:
+        try:
+            instance.wait_ready(args.load_timeout + 120)
+        except LaunchError as e:
+            print(f"exod: error: {e} (logs in {instance.log_dir})", file=log)
+            return 1
+        for status in (r.status for r in instance.ranks):
+            print(f"exod: rank {status.rank} ready: canary layer {status.canary_layer} max |d| "
+                  f"{status.canary_max_delta:.1e}, peak {status.peak_rss_bytes / 1e6:.0f} MB "
+                  f"(estimated {status.estimated_bytes / 1e6:.0f} MB)", file=log)
+        request = pb.GenerateRequest(request_id="cli", messages=[pb.ChatMessage(role="user", content=args.prompt)],
+                                     sampling=pb.SamplingParams(max_tokens=args.max_tokens,
+                                                                temperature=args.temperature))
+        try:
+            for chunk in instance.stream(request, timeout=600):
+                sys.stdout.write("".join(t.text for t in chunk.tokens))
+                sys.stdout.flush()
+        except LaunchError as e:
+            print(f"\nexod: error: {e}", file=log)
+            return 1
+        print()
+        if chunk.error:
+            print(f"exod: error: {chunk.error}", file=log)
+            return 1
+        print(f"exod: {chunk.generation_tokens} tokens, prompt {chunk.prompt_tokens_per_s:.0f} tok/s, "
+              f"decode {chunk.generation_tokens_per_s:.1f} tok/s", file=log)
+        instance.shutdown()
+    return 0
+
+
+def cmd_run_rank(args) -> int:
+    """One runner under this process: events out as JSON lines, commands in
+    as JSON lines (RunnerCommand in proto3 JSON)."""
+    import threading
+
+    from exod.runner.launch import RankProcess
+
+    spec = pb.RunnerSpec()
+    try:
+        json_format.Parse(Path(args.spec).read_text(), spec)
+    except OSError as e:
+        raise UsageError(f"cannot read {args.spec}: {e.strerror}") from None
+    except json_format.ParseError as e:
+        raise UsageError(f"{args.spec}: not a RunnerSpec: {e}") from None
+    lock = threading.Lock()
+
+    def show(_, event):
+        with lock:
+            print(json.dumps(to_json(event)), flush=True)
+
+    rank = RankProcess(spec, show)
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            command = pb.RunnerCommand()
+            try:
+                json_format.Parse(line, command)
+            except json_format.ParseError as e:
+                print(f"exod: error: not a RunnerCommand: {e}", file=sys.stderr)
+                continue
+            rank.send(command)
+        rank.send(pb.RunnerCommand(shutdown=pb.ShutdownRequest()))
+        rank.terminal.wait()
+    finally:
+        rank.kill()
+        rank.wait(10)
+    return 0 if rank.status.state == pb.SHUTDOWN else 1
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -199,6 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a model as local ranks over loopback and answer one prompt")
+    p.add_argument("model", help="model directory or built-in model (demo, midsize-moe)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"], help="default: the planner's choice")
+    p.add_argument("--prompt", default="Hello! What is a cluster?")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--load-timeout", type=float, default=600)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("run-rank", help="run one runner rank from a RunnerSpec; JSON lines in and out")
+    p.add_argument("--spec", required=True, help="RunnerSpec as proto3 JSON")
+    p.set_defaults(func=cmd_run_rank)
     return parser
 
 

@@ -132,6 +132,10 @@ def build(
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    # The index mlx-lm's own checkpoints carry (its sharded_load reads it to pipeline).
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": {name: "model.safetensors" for name in sorted(weights)}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 

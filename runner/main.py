@@ -179,7 +179,7 @@ class Rank:
         self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
 
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
-                             self._serving_state, watchdog.arm,
+                             self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),
                              self.spec.context_length or int(config.get("max_position_embeddings") or 4096))
         self.server.run(d.peer_s)
         watchdog.disarm()

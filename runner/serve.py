@@ -1,13 +1,18 @@
 """Serving in lockstep. Rank 0 takes requests from its parent; every rank
 runs the same collectives in the same order:
 
-  idle:      a header all-sum every HEARTBEAT_S (a dead peer shows up here)
-  request:   header, then the prompt tokens
-  each step: the model, then an all-sum of [token, stop] from rank 0
+  idle:     a header all-sum every HEARTBEAT_S (a dead peer shows up here)
+  request:  the header (op, prompt length, sampling parameters, seed, stop
+            tokens), then the prompt tokens
+  decoding: the model; every CONTROL_EVERY steps an all-sum of each rank's
+            running hash of the tokens it sampled, plus rank 0's stop vote
 
-Only rank 0 samples, so ranks can never drift apart. Stopping is decided on
-rank 0 and reaches the others one or two steps later, which compute those
-steps and discard them."""
+Every rank samples from the same logits with the same seed, so the tokens
+agree without a collective per step; the control exchange proves they do
+("ranks diverged" fails the request otherwise). Length and stop tokens end
+every rank at the same step; stop strings and cancels are decided on rank
+0, which answers at once and lets the others catch up at the next control.
+"""
 
 import os
 import queue
@@ -16,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
@@ -23,8 +29,10 @@ from exod.placement.constants import PREFILL_CHUNK_TOKENS
 from exod.proto import exod_pb2 as pb
 
 HEARTBEAT_S = 0.5
-HEADER = 4  # [op, prompt length, shutdown votes, want prompt logits]
+CONTROL_EVERY = 4
+MAX_STOP_TOKENS = 4
 OP_IDLE, OP_GENERATE = 0, 1
+_HASH_MOD = 2_147_483_629  # a prime below 2^31: hashes fit int32 all-sums
 PREFILL_CHUNK = PREFILL_CHUNK_TOKENS  # what the planner's activation estimate assumes
 DEFAULT_MAX_TOKENS = 256
 
@@ -83,11 +91,11 @@ class Server:
     def _all_sum(self, array: mx.array) -> mx.array:
         return mx.distributed.all_sum(array, group=self.group) if self.group else array
 
-    def _header(self, op: int, n: int, want_logits: int) -> list[int]:
+    def _header(self, request, tokens: list[int]) -> "Header":
         vote = 1 if self.inbox.shutdown.is_set() else 0
-        local = [op, n, vote, want_logits] if self.rank == 0 else [0, 0, vote, 0]
-        result = self._all_sum(mx.array(local, dtype=mx.int32))
-        return result.tolist()
+        local = Header.encode(self, request, tokens) if self.rank == 0 and request is not None else Header.empty()
+        local[Header.VOTES] = vote
+        return Header(self._all_sum(mx.array(local, dtype=mx.int32)).tolist())
 
     # ---------------------------------------------------------------- loop
 
@@ -97,20 +105,21 @@ class Server:
             if self.rank == 0:
                 request, tokens = self._next_request()
             self.progress("Ready", peer_timeout_s)
-            op, n, votes, want_logits = self._header(OP_GENERATE if request else OP_IDLE, len(tokens), 0 if request is None else int(request.return_prompt_logits))
-            if votes:
+            header = self._header(request, tokens)
+            if header.votes:
                 if request is not None:
                     self._finish(request, pb.FINISH_CANCELLED, error="runner shutting down")
                 return
-            if op != OP_GENERATE:
+            if header.op != OP_GENERATE:
                 continue
+            n = header.prompt_length
             prompt = self._all_sum(mx.array(tokens if self.rank == 0 else [0] * n, dtype=mx.int32))
             # Now, on every rank: a pipeline stage that receives its input would
             # otherwise never evaluate this all-sum, and the first stage would wait.
             mx.eval(prompt)
             self.set_state(pb.RUNNING)
             self.current = request
-            self._generate(request, prompt, n, bool(want_logits), peer_timeout_s)
+            self._generate(request, prompt, header, peer_timeout_s)
             self.current = None
             self.set_state(pb.READY)
 
@@ -156,13 +165,18 @@ class Server:
         self.inbox.done(request.request_id)
         self.emit(pb.GenerationChunk(request_id=request.request_id, finish_reason=reason, error=error))
 
+    def stop_tokens(self) -> set[int]:
+        return set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
+
     def _max_tokens(self, request) -> int:
         return request.sampling.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
 
     # ---------------------------------------------------------------- one request
 
-    def _generate(self, request, prompt: mx.array, n: int, want_logits: bool, peer_timeout_s: float) -> None:
+    def _generate(self, request, prompt: mx.array, header: "Header", peer_timeout_s: float) -> None:
         rank0 = self.rank == 0
+        world = self.group.size() if self.group else 1
+        n = header.prompt_length
         cache = make_prompt_cache(self.model)
         started = time.perf_counter()
         for start in range(0, n - 1, PREFILL_CHUNK):
@@ -170,51 +184,113 @@ class Server:
             end = min(start + PREFILL_CHUNK, n - 1)
             self.model(prompt[None, start:end], cache=cache)
             mx.eval([c.state for c in cache])
-        sampler = logprob_fn = None
-        if rank0:
-            s = request.sampling
-            mx.random.seed(s.seed if s.HasField("seed") else int.from_bytes(os.urandom(4), "little"))
-            sampler = make_sampler(temp=s.temperature, top_p=s.top_p if 0 < s.top_p < 1 else 0.0,
-                                   min_p=s.min_p, top_k=s.top_k)
+        mx.random.seed(header.seed)
+        sampler = make_sampler(temp=header.temperature, top_p=header.top_p, min_p=header.min_p, top_k=header.top_k)
+        want_logprob = rank0 and request.sampling.logprobs
         top_k = min(request.sampling.top_logprobs, 20) if rank0 else 0
 
-        def step(tokens: mx.array, stop: int):
+        def step(tokens: mx.array):
             logits = self.model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
-            if rank0:
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                token = sampler(logprobs)
-                packed = mx.concatenate([token.astype(mx.int32), mx.array([stop], dtype=mx.int32)])
-                extra = [logprobs[0, token[0]] if request.sampling.logprobs else mx.array(0.0)]
-                if top_k:
-                    top = mx.argpartition(-logprobs[0], top_k - 1)[:top_k]
-                    extra += [top, logprobs[0, top]]
-                return self._all_sum(packed), extra, logits
-            # The model's collectives must run before this all-sum, as on rank 0.
-            return self._all_sum(mx.depends(mx.zeros((2,), dtype=mx.int32), logits)), [logits], None
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            token = sampler(logprobs)
+            extra = [logprobs[0, token[0]]] if want_logprob else []
+            if top_k:
+                top = mx.argpartition(-logprobs[0], top_k - 1)[:top_k]
+                extra += [top, logprobs[0, top]]
+            return token, extra, logits
+
+        def control(after: mx.array, token_hash: int, stop: int) -> mx.array:
+            local = np.zeros(world + 1, dtype=np.int32)
+            local[self.rank] = token_hash
+            local[world] = stop
+            return self._all_sum(mx.depends(mx.array(local), after))
 
         state = _Rank0State(self, request, n) if rank0 else None
         self.progress("Running", peer_timeout_s)
-        packed, extra, first_logits = step(prompt[n - 1:n], 0)
-        mx.async_eval(packed, *extra)
-        if rank0 and want_logits:
+        y, extra, first_logits = step(prompt[n - 1:n])
+        mx.async_eval(y, *extra)
+        if rank0 and header.want_logits:
             state.prompt_logits = first_logits[0].tolist()
-        stop = 0
+        token_hash, generated, stop_vote = 0, 0, 0
+        pending_control = None
         while True:
             self.progress("Running", peer_timeout_s)
-            next_packed, next_extra, _ = step(packed[:1], stop)
-            mx.async_eval(next_packed, *next_extra)
-            token, stop_now = packed.tolist()
-            if stop_now:
-                mx.eval(next_packed, *next_extra)  # every rank finishes the step it started
-                break
+            next_y, next_extra, _ = step(y)
+            next_control = None
+            if (generated + 1) % CONTROL_EVERY == 0:
+                next_control = control(next_y, token_hash, stop_vote)
+            mx.async_eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
+            token = y.item()
+            generated += 1
+            token_hash = (token_hash * 31 + token + 1) % _HASH_MOD
             if rank0:
                 if state.prompt_seconds is None:
                     state.prompt_seconds = time.perf_counter() - started
                     state.decode_started = time.perf_counter()
-                stop = state.accept(token, extra)
-            packed, extra = next_packed, next_extra
+                if state.accept(token, extra):
+                    stop_vote = 1
+            ended = generated >= header.max_tokens or (token in header.stop_tokens)
+            if pending_control is not None:
+                hashes_and_vote = pending_control.tolist()
+                if len(set(hashes_and_vote[:world])) != 1:
+                    mx.eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
+                    raise RanksDiverged(f"ranks sampled different tokens by step {generated}: the logits "
+                                        f"differ between ranks")
+                ended = ended or bool(hashes_and_vote[world])
+            if ended:
+                # Every rank finishes the step it started, at the same point.
+                mx.eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
+                break
+            pending_control = next_control
+            y, extra = next_y, next_extra
         if rank0:
             state.finish()
+
+
+class RanksDiverged(Exception):
+    pass
+
+
+class Header:
+    """The request as every rank needs it, packed in one int32 all-sum."""
+
+    OP, PROMPT_LENGTH, VOTES, WANT_LOGITS, MAX_TOKENS, TOP_K, SEED, TEMPERATURE, TOP_P, MIN_P = range(10)
+    STOP_TOKENS = 10
+    SIZE = STOP_TOKENS + MAX_STOP_TOKENS
+
+    def __init__(self, values: list[int]):
+        self.values = values
+        self.op = values[self.OP]
+        self.prompt_length = values[self.PROMPT_LENGTH]
+        self.votes = values[self.VOTES]
+        self.want_logits = bool(values[self.WANT_LOGITS])
+        self.max_tokens = values[self.MAX_TOKENS]
+        self.top_k = values[self.TOP_K]
+        self.seed = values[self.SEED]
+        floats = np.array(values[self.TEMPERATURE:self.MIN_P + 1], dtype=np.int32).view(np.float32)
+        self.temperature, self.top_p, self.min_p = (float(x) for x in floats)
+        self.stop_tokens = {t - 1 for t in values[self.STOP_TOKENS:] if t > 0}
+
+    @classmethod
+    def empty(cls) -> list[int]:
+        return [0] * cls.SIZE
+
+    @classmethod
+    def encode(cls, server: "Server", request, tokens: list[int]) -> list[int]:
+        s = request.sampling
+        values = cls.empty()
+        values[cls.OP] = OP_GENERATE
+        values[cls.PROMPT_LENGTH] = len(tokens)
+        values[cls.WANT_LOGITS] = int(request.return_prompt_logits)
+        values[cls.MAX_TOKENS] = server._max_tokens(request)
+        values[cls.TOP_K] = s.top_k
+        values[cls.SEED] = (s.seed if s.HasField("seed") else int.from_bytes(os.urandom(4), "little")) % 2**31
+        top_p = s.top_p if 0 < s.top_p < 1 else 0.0
+        floats = np.array([s.temperature, top_p, s.min_p], dtype=np.float32).view(np.int32)
+        values[cls.TEMPERATURE:cls.MIN_P + 1] = [int(x) for x in floats]
+        stops = [] if s.ignore_eos else sorted(server.stop_tokens())[:MAX_STOP_TOKENS]
+        values[cls.STOP_TOKENS:cls.STOP_TOKENS + len(stops)] = [t + 1 for t in stops]
+        return values
 
 
 class _Rank0State:
@@ -229,6 +305,7 @@ class _Rank0State:
         self.emitted = 0
         self.finish_reason = pb.FINISH_REASON_UNSPECIFIED
         self.stopped_by_string = False
+        self.finished = False
         self.prompt_seconds = None
         self.decode_started = None
         self.prompt_logits = None
@@ -240,23 +317,31 @@ class _Rank0State:
         self.stops = [s for s in request.sampling.stop if s]
         self.max_tokens = server._max_tokens(request)
 
-    def accept(self, token: int, extra) -> int:
-        """Handle one sampled token; returns 1 when generation must stop."""
+    def accept(self, token: int, extra) -> bool:
+        """Handle one sampled token; True once generation must stop. The final
+        chunk goes out at once; the other ranks may run a few steps more."""
         if self.finish_reason:
-            return 1  # steps already in flight after the decision
+            return True  # steps the other ranks still run after the decision
+        self._judge(token, extra)
+        if self.finish_reason:
+            self.finish()
+            return True
+        return False
+
+    def _judge(self, token: int, extra) -> None:
         if self.server.inbox.is_cancelled(self.request.request_id):
             self.finish_reason = pb.FINISH_CANCELLED
-            return 1
+            return
         if token in self.eos and not self.request.sampling.ignore_eos:
             self.finish_reason = pb.FINISH_STOP
-            return 1
+            return
         self.generated += 1
         piece = self._piece(token)
         out = pb.GeneratedToken(token=token)
         if self.request.sampling.logprobs:
             out.logprob = float(extra[0].item())
-        if len(extra) == 3:
-            ids, values = extra[1].tolist(), extra[2].tolist()
+        if self.request.sampling.top_logprobs:
+            ids, values = extra[-2].tolist(), extra[-1].tolist()
             for tid, value in sorted(zip(ids, values), key=lambda p: -p[1]):
                 out.top_logprobs.append(pb.TokenLogprob(token=tid, text=self._text_of(tid), logprob=value))
         self.text += piece
@@ -273,7 +358,6 @@ class _Rank0State:
             if self.generated >= self.server._max_tokens(self.request):
                 self.finish_reason = pb.FINISH_LENGTH
         self.server.emit(pb.GenerationChunk(request_id=self.request.request_id, tokens=[out]))
-        return 1 if self.finish_reason else 0
 
     def _piece(self, token: int) -> str:
         if self.detokenizer is None:
@@ -300,6 +384,9 @@ class _Rank0State:
         return longest
 
     def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
         if self.detokenizer is not None and not self.stopped_by_string:
             self.detokenizer.finalize()
             self.text += self.detokenizer.last_segment

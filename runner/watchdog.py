@@ -27,12 +27,14 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="exod-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, phase: str, seconds: float) -> None:
+    def arm(self, phase: str, seconds: float, backstop: bool = True) -> None:
+        """backstop=False where every blocking call releases the GIL (serving:
+        mx.eval does), which spares a system call per decode step."""
         with self._lock:
             self._phase, self._seconds = phase, seconds
             self._expires_at = time.monotonic() + seconds
         if threading.current_thread() is threading.main_thread():
-            signal.setitimer(signal.ITIMER_REAL, seconds + BACKSTOP_GRACE_S)
+            signal.setitimer(signal.ITIMER_REAL, seconds + BACKSTOP_GRACE_S if backstop else 0)
 
     def disarm(self) -> None:
         with self._lock:

@@ -41,3 +41,23 @@ def hang_while_loading(model, group, spec, arch, config):
 strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
 strategies.register("heads_across_output_groups", heads_across_output_groups)
 strategies.register("hang_while_loading", hang_while_loading)
+
+
+def diverging_sampler(model, group, spec, arch, config):
+    """A correct cut whose rank 1 samples a different token than rank 0: it
+    passes the canary (sampling is not part of it) and must be caught by the
+    token-hash control exchange while decoding."""
+    from exod.runner import serve
+
+    strategies.moe_tensor(model, group, spec, arch, config)
+    if group.rank() == 1:
+        original = serve.make_sampler
+
+        def shifted(**kwargs):
+            sample = original(**kwargs)
+            return lambda logprobs: (sample(logprobs) + 1) % logprobs.shape[-1]
+
+        serve.make_sampler = shifted
+
+
+strategies.register("diverging_sampler", diverging_sampler)

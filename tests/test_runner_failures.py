@@ -121,3 +121,20 @@ def test_kill_9_of_a_rank_mid_generation_fails_the_survivors(strategy, world, tm
         assert all(port_is_free(h) for h in instance.hosts)
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
         assert not listening & {int(h.rsplit(":", 1)[1]) for h in instance.hosts}
+
+
+def test_ranks_that_sample_different_tokens_fail_instead_of_answering(fp32_models):
+    with LocalInstance(fp32_models["qwen3_moe"], "diverging_sampler", 2, env=PLUGIN_ENV) as instance:
+        instance.wait_ready(120)
+        request = pb.GenerateRequest(request_id="d", prompt_tokens=[5, 6, 7],
+                                     sampling=pb.SamplingParams(max_tokens=64, ignore_eos=True))
+        chunks = instance.submit(request)
+        assert ended(instance, 60)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert "ranks sampled different tokens" in rank.status.reason, rank.status.reason
+        answered = []
+        while not chunks.empty():
+            answered.append(chunks.get_nowait())
+        assert answered[-1].finish_reason == pb.FINISH_ERROR
+        assert len([c for c in answered if c.tokens]) < 64

@@ -1,0 +1,42 @@
+"""One rank of the baseline: mlx-lm's own sharded_load and stream_generate,
+as `mlx.launch` would run them. Rank 0 prints one JSON line."""
+
+import json
+import os
+import sys
+import time
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load, sharded_load
+
+
+def main(model_dir: str, strategy: str, max_tokens: int, prompt_tokens: int) -> None:
+    spawned_at = float(os.environ["BENCH_SPAWNED_AT"])
+    if strategy == "single":
+        model, tokenizer = load(model_dir)
+        rank = 0
+    else:
+        group = mx.distributed.init(backend="ring", strict=True)
+        rank = group.rank()
+        if strategy == "pipeline":
+            model, tokenizer = sharded_load(model_dir, pipeline_group=group)
+        else:
+            model, tokenizer = sharded_load(model_dir, tensor_group=group)
+    ready_s = time.time() - spawned_at
+    tokenizer.eos_token_ids = []  # a fixed number of tokens, as exod's ignore_eos
+    last = None
+    prompt = [5 + (i % 50) for i in range(prompt_tokens)]
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
+        pass
+    if strategy != "single":
+        # generate_step leaves one step in flight; no rank may exit before all finish it.
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    if rank == 0:
+        print(json.dumps({"ready_s": ready_s, "decode_tokens_per_s": last.generation_tps,
+                          "prompt_tokens_per_s": last.prompt_tps, "tokens": last.generation_tokens}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
