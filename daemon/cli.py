@@ -196,6 +196,8 @@ def cmd_run(args) -> int:
 
     if args.ranks < 1:
         raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
+    if args.context <= 0 or args.max_tokens <= 0:
+        raise UsageError("--context and --max-tokens must be positive")
     model_dir = resolve_model_dir(args.model)
     spec = inventory.from_directory(model_dir)
     request = pb.PlacementRequest(context_length=args.context,
@@ -257,10 +259,15 @@ def cmd_run_rank(args) -> int:
     except json_format.ParseError as e:
         raise UsageError(f"{args.spec}: not a RunnerSpec: {e}") from None
     lock = threading.Lock()
+    pending: set[str] = set()
+    answered = threading.Condition(lock)
 
     def show(_, event):
         with lock:
             print(json.dumps(to_json(event)), flush=True)
+            if event.HasField("chunk") and event.chunk.finish_reason:
+                pending.discard(event.chunk.request_id)
+                answered.notify_all()
 
     rank = RankProcess(spec, show)
     try:
@@ -273,7 +280,14 @@ def cmd_run_rank(args) -> int:
             except json_format.ParseError as e:
                 print(f"exod: error: not a RunnerCommand: {e}", file=sys.stderr)
                 continue
+            if command.HasField("generate"):
+                with lock:
+                    pending.add(command.generate.request_id)
             rank.send(command)
+        # End of input: answer what was asked, then shut down.
+        with lock:
+            while pending and not rank.terminal.is_set():
+                answered.wait(timeout=0.5)
         rank.send(pb.RunnerCommand(shutdown=pb.ShutdownRequest()))
         rank.terminal.wait()
     finally:
