@@ -16,3 +16,18 @@ def test_planning_bench_reports_every_size():
     assert {n for _, n in sizes} == {2, 8, 16, 64}
     for r in report["results"]:
         assert r["candidates"] > 0 and r["plan_median_ms"] > 0 and r["chosen"]
+
+
+def test_runner_bench_compares_with_mlx_lm(tmp_path):
+    env = {**__import__("os").environ, "EXOD_BENCH_MODELS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "runner", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["bench"] == "runner" and report["single_process_decode_tokens_per_s"] > 0
+    rows = {(r["strategy"], r["ranks"]): r for r in report["results"]}
+    assert set(rows) == {("tensor", 2), ("pipeline", 2), ("moe_tensor", 2)}
+    for (strategy, _), row in rows.items():
+        assert row["exod_decode_tokens_per_s"] > 0 and row["exod_ready_s"] > 0
+        if strategy != "moe_tensor":
+            assert row["mlx_lm_decode_tokens_per_s"] > 0 and "decode_ratio" in row
