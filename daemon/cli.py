@@ -296,6 +296,32 @@ def cmd_run_rank(args) -> int:
     return 0 if rank.status.state == pb.SHUTDOWN else 1
 
 
+# ------------------------------------------------------------------ start
+
+
+def cmd_start(args) -> int:
+    import asyncio
+
+    from . import logs
+    from .config import ConfigError, load
+    from .node import serve
+
+    flags = {"name": args.name, "api_host": args.api_host, "api_port": args.api_port, "grpc_host": args.grpc_host,
+             "grpc_port": args.grpc_port, "peers": args.peer, "interfaces": args.interface,
+             "data_dir": args.data_dir, "memory_limit": args.memory_limit, "cluster": args.cluster,
+             "discovery": False if args.no_discovery else None, "down_after_s": args.down_after}
+    try:
+        settings = load(flags, args.config)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    logs.configure(args.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as e:
+        raise UsageError(f"cannot start: {e}") from None
+    return 0
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -327,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("start", help="run the daemon on this machine")
+    p.add_argument("--name", help="node name (default: the host name)")
+    p.add_argument("--api-host", help="HTTP API address (default 127.0.0.1)")
+    p.add_argument("--api-port", type=int, help="HTTP API port (default 52415; 0 picks a free one)")
+    p.add_argument("--grpc-host", help="peer gRPC address (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, help="peer gRPC port (default 52416; 0 picks a free one)")
+    p.add_argument("--peer", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
+    p.add_argument("--interface", action="append", metavar="IF", help="advertise only these interfaces")
+    p.add_argument("--data-dir", help="node id and caches (default: the XDG data dir)")
+    p.add_argument("--memory-limit", help="most memory exod may plan onto this node, e.g. 96GB")
+    p.add_argument("--cluster", help="cluster id; nodes of other clusters are ignored (default: default)")
+    p.add_argument("--no-discovery", action="store_true", help="no mDNS; static peers only")
+    p.add_argument("--down-after", type=float, help="seconds without heartbeats before a node is Down (3)")
+    p.add_argument("--config", help="TOML config file (default: $XDG_CONFIG_HOME/exod/config.toml)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("run", help="run a model as local ranks over loopback and answer one prompt")
     p.add_argument("model", help="model directory or built-in model (demo, midsize-moe)")

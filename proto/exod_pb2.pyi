@@ -73,6 +73,14 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_LENGTH: _ClassVar[FinishReason]
     FINISH_CANCELLED: _ClassVar[FinishReason]
     FINISH_ERROR: _ClassVar[FinishReason]
+
+class NodeStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATUS_UNSPECIFIED: _ClassVar[NodeStatus]
+    UP: _ClassVar[NodeStatus]
+    SUSPECT: _ClassVar[NodeStatus]
+    DOWN: _ClassVar[NodeStatus]
+    LEFT: _ClassVar[NodeStatus]
 INTERFACE_KIND_UNSPECIFIED: InterfaceKind
 ETHERNET: InterfaceKind
 WIFI: InterfaceKind
@@ -119,6 +127,11 @@ FINISH_STOP: FinishReason
 FINISH_LENGTH: FinishReason
 FINISH_CANCELLED: FinishReason
 FINISH_ERROR: FinishReason
+NODE_STATUS_UNSPECIFIED: NodeStatus
+UP: NodeStatus
+SUSPECT: NodeStatus
+DOWN: NodeStatus
+LEFT: NodeStatus
 
 class NetworkInterface(_message.Message):
     __slots__ = ("name", "kind", "addresses", "speed_bits_per_s")
@@ -173,7 +186,7 @@ class NodeProfile(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., decode_step_overhead_s: _Optional[float] = ...) -> None: ...
 
 class Link(_message.Message):
-    __slots__ = ("from_node", "to_node", "from_address", "to_address", "rtt_s", "bandwidth_bytes_per_s", "rdma", "rdma_rtt_s", "measured_at_unix_ms")
+    __slots__ = ("from_node", "to_node", "from_address", "to_address", "rtt_s", "bandwidth_bytes_per_s", "rdma", "rdma_rtt_s", "measured_at_unix_ms", "probes")
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     TO_NODE_FIELD_NUMBER: _ClassVar[int]
     FROM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +196,7 @@ class Link(_message.Message):
     RDMA_FIELD_NUMBER: _ClassVar[int]
     RDMA_RTT_S_FIELD_NUMBER: _ClassVar[int]
     MEASURED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     from_node: str
     to_node: str
     from_address: str
@@ -192,7 +206,20 @@ class Link(_message.Message):
     rdma: bool
     rdma_rtt_s: float
     measured_at_unix_ms: int
-    def __init__(self, from_node: _Optional[str] = ..., to_node: _Optional[str] = ..., from_address: _Optional[str] = ..., to_address: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., rdma: _Optional[bool] = ..., rdma_rtt_s: _Optional[float] = ..., measured_at_unix_ms: _Optional[int] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[AddressProbe]
+    def __init__(self, from_node: _Optional[str] = ..., to_node: _Optional[str] = ..., from_address: _Optional[str] = ..., to_address: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., rdma: _Optional[bool] = ..., rdma_rtt_s: _Optional[float] = ..., measured_at_unix_ms: _Optional[int] = ..., probes: _Optional[_Iterable[_Union[AddressProbe, _Mapping]]] = ...) -> None: ...
+
+class AddressProbe(_message.Message):
+    __slots__ = ("address", "rtt_s", "reachable", "error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    rtt_s: float
+    reachable: bool
+    error: str
+    def __init__(self, address: _Optional[str] = ..., rtt_s: _Optional[float] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
     __slots__ = ("nodes", "links")
@@ -623,3 +650,135 @@ class RunnerEvent(_message.Message):
     status: RunnerStatus
     chunk: GenerationChunk
     def __init__(self, status: _Optional[_Union[RunnerStatus, _Mapping]] = ..., chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ...) -> None: ...
+
+class NodeRecord(_message.Message):
+    __slots__ = ("profile", "version", "incarnation", "cluster_id", "protocol_version", "grpc_addresses", "api_address")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    API_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    profile: NodeProfile
+    version: int
+    incarnation: int
+    cluster_id: str
+    protocol_version: int
+    grpc_addresses: _containers.RepeatedScalarFieldContainer[str]
+    api_address: str
+    def __init__(self, profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., version: _Optional[int] = ..., incarnation: _Optional[int] = ..., cluster_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., api_address: _Optional[str] = ...) -> None: ...
+
+class LinkRecord(_message.Message):
+    __slots__ = ("link", "version")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    link: Link
+    version: int
+    def __init__(self, link: _Optional[_Union[Link, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class NodeState(_message.Message):
+    __slots__ = ("record", "status", "last_seen_unix_ms", "memory_available_bytes")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    record: NodeRecord
+    status: NodeStatus
+    last_seen_unix_ms: int
+    memory_available_bytes: int
+    def __init__(self, record: _Optional[_Union[NodeRecord, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+
+class ClusterState(_message.Message):
+    __slots__ = ("cluster_id", "self_id", "nodes", "links")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SELF_ID_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    self_id: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
+    links: _containers.RepeatedCompositeFieldContainer[Link]
+    def __init__(self, cluster_id: _Optional[str] = ..., self_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ...) -> None: ...
+
+class ExchangeRequest(_message.Message):
+    __slots__ = ("sender", "nodes", "links")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    sender: NodeRecord
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeRecord]
+    links: _containers.RepeatedCompositeFieldContainer[LinkRecord]
+    def __init__(self, sender: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ...) -> None: ...
+
+class ExchangeResponse(_message.Message):
+    __slots__ = ("responder", "nodes", "links")
+    RESPONDER_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    responder: NodeRecord
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeRecord]
+    links: _containers.RepeatedCompositeFieldContainer[LinkRecord]
+    def __init__(self, responder: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "incarnation", "version", "cluster_id", "memory_available_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    incarnation: int
+    version: int
+    cluster_id: str
+    memory_available_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., cluster_id: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("node_id", "incarnation", "version", "memory_available_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    incarnation: int
+    version: int
+    memory_available_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ThroughputChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ThroughputResult(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node_id", "incarnation")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    incarnation: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -9,7 +9,7 @@ from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
 SCHEMAS = ("exod.proto",)
-GENERATED = ("exod_pb2.py", "exod_pb2.pyi")
+GENERATED = ("exod_pb2.py", "exod_pb2.pyi", "exod_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -23,6 +23,7 @@ def generate(out_dir: Path) -> list[Path]:
             f"-Iexod/proto={PROTO_DIR}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
             *(f"exod/proto/{name}" for name in SCHEMAS),
         ]
         if protoc.main(args) != 0:

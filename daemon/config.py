@@ -1,0 +1,108 @@
+"""Daemon settings from flags, EXOD_* environment variables and an optional
+TOML file ($XDG_CONFIG_HOME/exod/config.toml or --config), in that order of
+precedence."""
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from exod.placement.units import parse_bytes
+
+from .paths import data_dir
+
+PROTOCOL_VERSION = 1
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class Settings:
+    name: str = ""
+    api_host: str = "127.0.0.1"
+    api_port: int = 52415
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 52416
+    peers: list = field(default_factory=list)  # "host:port" of static peers
+    interfaces: list = field(default_factory=list)  # advertise only these (default: all usable)
+    data_dir: str = ""
+    memory_limit: int = 0  # bytes; 0: no cap
+    cluster: str = "default"
+    discovery: bool = True  # mDNS
+    heartbeat_s: float = 0.5
+    suspect_after_s: float = 1.5
+    down_after_s: float = 3.0
+    exchange_s: float = 5.0
+    rtt_probe_s: float = 2.0
+    throughput_probe_s: float = 30.0
+    profile_refresh_s: float = 3.0
+
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser() if self.data_dir else data_dir()
+
+
+def config_file(explicit: Optional[str]) -> Optional[Path]:
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    path = Path(base) / "exod" / "config.toml"
+    return path if path.is_file() else None
+
+
+def _coerce(name: str, value, kind):
+    try:
+        if name == "memory_limit":
+            return parse_bytes(str(value)) if value not in (0, "0", "", None) else 0
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind is list:
+            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def load(flags: dict, config_path: Optional[str] = None) -> Settings:
+    """flags: only the options given on the command line (None = not given)."""
+    kinds = {f.name: (type(f.default) if not callable(f.default_factory) else list) for f in fields(Settings)}
+    values: dict = {}
+    path = config_file(config_path)
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in kinds:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, kinds[name])
+    for name, kind in kinds.items():
+        env = os.environ.get(f"EXOD_{name.upper()}")
+        if env is not None and name != "data_dir":
+            values[name] = _coerce(name, env, kind)
+    for name, value in flags.items():
+        if value is not None and name in kinds:
+            values[name] = _coerce(name, value, kinds[name])
+    settings = Settings(**values)
+    for port in ("api_port", "grpc_port"):
+        if not 0 <= getattr(settings, port) <= 65535:
+            raise ConfigError(f"{port} must be 0-65535, got {getattr(settings, port)}")
+    if not (0 < settings.suspect_after_s <= settings.down_after_s):
+        raise ConfigError("suspect_after_s must be positive and at most down_after_s")
+    if not settings.cluster or len(settings.cluster) > 63:
+        raise ConfigError("cluster must be 1-63 characters")
+    for peer in settings.peers:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"peer {peer!r} is not HOST:PORT")
+    return settings

@@ -1,0 +1,390 @@
+"""The daemon on one machine: its identity and profile, the gRPC peer
+service, discovery, membership and the HTTP API. Every background task is
+owned here and cancelled on stop; blocking work runs in worker threads."""
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import replace
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from exod.proto import exod_pb2 as pb
+from exod.proto import exod_pb2_grpc as pb_grpc
+
+from . import identity, profile, state
+from .config import PROTOCOL_VERSION, Settings
+from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, PeerServicer, gather_quietly, local_address_towards,
+                    measure_rtt, measure_throughput, now_ms, split_hostport)
+
+log = structlog.get_logger("exod")
+THROUGHPUT_PROBE_BYTES = 2 * 1024 * 1024
+
+
+class Node:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.timing = state.Timing(int(settings.suspect_after_s * 1000), int(settings.down_after_s * 1000))
+        self.data_dir = settings.data_path()
+        self.node_id = ""
+        self.incarnation = 0
+        self.record = pb.NodeRecord()
+        self.view: state.View | None = None
+        self.available_memory = 0
+        self.grpc_port = 0
+        self.api_port = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._candidates: dict[str, set] = {}  # node id -> grpc addresses to try
+        self._route: dict[str, str] = {}       # node id -> the agreed address
+        self._unknown: set = set(settings.peers)  # addresses whose node we have not met
+        self._link_versions: dict[str, int] = {}
+        self._last_throughput: dict[str, tuple[float, float]] = {}
+        self._exchange_now: set = set()
+        self._tasks: list[asyncio.Task] = []
+        self._grpc_server = None
+        self._http = None
+        self.discovery = None
+        self.stopping = False
+        self.started_at = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.started_at = time.monotonic()
+        s = self.settings
+        self.node_id = await asyncio.to_thread(identity.load_or_create, self.data_dir)
+        self.incarnation = now_ms()
+        node_profile = await asyncio.to_thread(profile.collect, self.node_id, s.name, s.memory_limit,
+                                               s.interfaces, self.data_dir)
+        self.available_memory = node_profile.memory_available_bytes
+
+        self._grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_PeerServiceServicer_to_server(PeerServicer(self), self._grpc_server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc_server)
+        self.grpc_port = self._grpc_server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot listen for gRPC on {s.grpc_host}:{s.grpc_port}")
+        await self._grpc_server.start()
+        for service in ("", "exod.v1.PeerService"):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        from .http_api import start_http
+
+        self._http, self.api_port = await start_http(self, s.api_host, s.api_port)
+        self.record = self._make_record(node_profile, version=1)
+        self.view = state.set_self(state.View(self.node_id, s.cluster), self.record, self.available_memory, now_ms())
+        if s.discovery:
+            from .discovery import Discovery
+
+            self.discovery = Discovery(self)
+            await self.discovery.start()
+        for loop in (self._heartbeat_loop, self._exchange_loop, self._tick_loop, self._probe_loop,
+                     self._refresh_loop, self._meet_loop):
+            self._tasks.append(asyncio.create_task(loop(), name=f"exod-{loop.__name__}"))
+        log.info("started", node_id=self.node_id, name=self.record.profile.name, cluster=s.cluster,
+                 grpc=self.grpc_addresses(), api=f"{s.api_host}:{self.api_port}",
+                 usable_gb=round(node_profile.memory_usable_bytes / 1e9, 1))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        leave = pb.LeaveRequest(node_id=self.node_id, incarnation=self.incarnation)
+        await gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
+                             timeout=0.7)
+        if self.discovery is not None:
+            await self.discovery.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace=0.2)
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+        log.info("stopped", node_id=self.node_id)
+
+    # ---------------------------------------------------------------- records
+
+    def grpc_addresses(self) -> list[str]:
+        host = self.settings.grpc_host
+        if host not in ("0.0.0.0", "::", ""):
+            return [f"{host}:{self.grpc_port}"]
+        ips = [a for i in self.record.profile.interfaces or [] for a in i.addresses if i.kind != pb.LOOPBACK]
+        if not ips:
+            ips = [a for i in self.record.profile.interfaces for a in i.addresses] or ["127.0.0.1"]
+        return [f"{ip}:{self.grpc_port}" for ip in ips]
+
+    def _make_record(self, node_profile: pb.NodeProfile, version: int) -> pb.NodeRecord:
+        record = pb.NodeRecord(profile=node_profile, version=version, incarnation=self.incarnation,
+                               cluster_id=self.settings.cluster, protocol_version=PROTOCOL_VERSION,
+                               api_address=f"{self.settings.api_host}:{self.api_port}")
+        record.profile.version = version
+        self.record = record  # grpc_addresses reads the interfaces from it
+        record.grpc_addresses.extend(self.grpc_addresses())
+        return record
+
+    def known_records(self) -> tuple[list, list]:
+        return [m.record for m in self.view.members.values()], list(self.view.links.values())
+
+    def absorb(self, sender: pb.NodeRecord, records, links, direct: bool) -> None:
+        now = now_ms()
+        if sender.profile.node_id == self.node_id and sender.incarnation != self.incarnation:
+            self._same_id(sender)
+            return
+        for record in [sender, *records]:
+            self._learn(record, now)
+        for link in links:
+            self.view = state.apply_link(self.view, link)
+        if direct and sender.profile.node_id != self.node_id:
+            self.view = state.heard_from(self.view, sender.profile.node_id, sender.incarnation, 0, now)
+
+    def _learn(self, record: pb.NodeRecord, now: int) -> None:
+        node_id = record.profile.node_id
+        if node_id == self.node_id:
+            if record.incarnation != self.incarnation and record.incarnation > 0:
+                self._same_id(record)
+            return
+        if record.cluster_id != self.settings.cluster or record.protocol_version != PROTOCOL_VERSION:
+            return
+        before = self.view.member(node_id)
+        self.view = state.apply_record(self.view, record, now)
+        after = self.view.member(node_id)
+        if after is not None and after is not before:
+            self._candidates.setdefault(node_id, set()).update(record.grpc_addresses)
+            if before is None or before.record.incarnation != after.record.incarnation:
+                log.info("node up", node_id=node_id, name=record.profile.name,
+                         usable_gb=round(record.profile.memory_usable_bytes / 1e9, 1))
+
+    def _same_id(self, other: pb.NodeRecord) -> None:
+        """Two live nodes with one id (a copied data dir): the newer one takes a new id."""
+        if other.incarnation >= self.incarnation:
+            return  # the other is newer: it will move
+        old = self.node_id
+        self.node_id = identity.regenerate(self.data_dir)
+        node_profile = pb.NodeProfile()
+        node_profile.CopyFrom(self.record.profile)
+        node_profile.node_id = self.node_id
+        members = {k: v for k, v in self.view.members.items() if k != old}
+        self.view = replace(self.view, self_id=self.node_id, members=members)
+        self.view = state.set_self(self.view, self._make_record(node_profile, self.record.version + 1),
+                                   self.available_memory, now_ms())
+        log.warning("duplicate node id: another node started earlier with it; this node now has a new id",
+                    old_id=old, new_id=self.node_id)
+        if self.discovery is not None:
+            self._spawn(self.discovery.republish())
+
+    def on_heartbeat(self, node_id: str, incarnation: int, version: int, available: int) -> None:
+        member = self.view.member(node_id)
+        if member is None or (incarnation, version) > member.key:
+            self._exchange_now.add(node_id)
+            if member is None:
+                return
+        self.view = state.heard_from(self.view, node_id, incarnation, available, now_ms())
+
+    def on_leave(self, node_id: str, incarnation: int) -> None:
+        self.view = state.left(self.view, node_id, incarnation, now_ms())
+        log.info("node left", node_id=node_id)
+
+    def found(self, addresses: list[str], node_id: str = "") -> None:
+        """Discovery or a static peer: addresses to meet a node at."""
+        if node_id and node_id in self._candidates:
+            self._candidates[node_id].update(addresses)
+        else:
+            self._unknown.update(addresses)
+
+    def cluster_state(self) -> pb.ClusterState:
+        return state.to_proto(self.view)
+
+    # ---------------------------------------------------------------- peers
+
+    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+            self._channels[address] = channel
+        return pb_grpc.PeerServiceStub(channel)
+
+    def _address_of(self, node_id: str) -> str | None:
+        route = self._route.get(node_id)
+        if route:
+            return route
+        candidates = sorted(self._candidates.get(node_id, ()))
+        return candidates[0] if candidates else None
+
+    def _peer_addresses(self) -> list[str]:
+        return [a for m in self.view.peers() if m.status != pb.LEFT if (a := self._address_of(m.record.profile.node_id))]
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+
+    async def _exchange(self, address: str) -> pb.ExchangeResponse | None:
+        records, links = self.known_records()
+        request = pb.ExchangeRequest(sender=self.record, nodes=records, links=links)
+        try:
+            response = await self._stub(address).Exchange(request, timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("ignoring a node of another cluster", address=address, detail=e.details())
+            return None
+        responder = response.responder
+        if responder.cluster_id != self.settings.cluster or responder.protocol_version != PROTOCOL_VERSION:
+            log.info("ignoring node", address=address, cluster=responder.cluster_id,
+                     protocol=responder.protocol_version)
+            return None
+        self.absorb(responder, response.nodes, response.links, direct=True)
+        if responder.profile.node_id and responder.profile.node_id != self.node_id:
+            self._candidates.setdefault(responder.profile.node_id, set()).add(address)
+        return response
+
+    async def _meet_loop(self) -> None:
+        """Addresses from --peer and discovery whose node we do not know yet."""
+        while True:
+            pending = list(self._unknown)
+            results = await gather_quietly(*(self._exchange(a) for a in pending), timeout=3.0)
+            for address, result in zip(pending, results):
+                if isinstance(result, pb.ExchangeResponse):
+                    if address not in self.settings.peers:
+                        self._unknown.discard(address)
+            # Static peers stay on the list: a restarted peer is met again.
+            await asyncio.sleep(0.2 if self._unknown - set(self.settings.peers) else 1.0)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
+                                          version=self.record.version, cluster_id=self.settings.cluster,
+                                          memory_available_bytes=self.available_memory)
+            peers = [m for m in self.view.peers() if m.status != pb.LEFT]
+            await gather_quietly(*(self._heartbeat(m.record.profile.node_id, request) for m in peers),
+                                 timeout=self.settings.heartbeat_s * 2)
+            for node_id in list(self._exchange_now):
+                self._exchange_now.discard(node_id)
+                if (address := self._address_of(node_id)) is not None:
+                    self._spawn(self._exchange(address))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _heartbeat(self, node_id: str, request: pb.HeartbeatRequest) -> None:
+        candidates = [self._address_of(node_id)] + sorted(self._candidates.get(node_id, set()) - {self._address_of(node_id)})
+        for address in filter(None, candidates):
+            try:
+                response = await self._stub(address).Heartbeat(request, timeout=self.settings.heartbeat_s * 1.8)
+            except grpc.aio.AioRpcError:
+                continue
+            if response.node_id != node_id:
+                continue  # someone else answers there now
+            member = self.view.member(node_id)
+            if member is not None and (response.incarnation, response.version) > member.key:
+                self._exchange_now.add(node_id)
+            self.view = state.heard_from(self.view, node_id, response.incarnation,
+                                         response.memory_available_bytes, now_ms())
+            return
+
+    async def _exchange_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.exchange_s)
+            addresses = [a for m in self.view.peers() if m.status == pb.UP
+                         if (a := self._address_of(m.record.profile.node_id))]
+            await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            before = {k: m.status for k, m in self.view.members.items()}
+            self.view = state.tick(self.view, now_ms(), self.timing)
+            for node_id, member in self.view.members.items():
+                if before.get(node_id) not in (None, member.status):
+                    log.info("node status", node_id=node_id, name=member.record.profile.name,
+                             status=pb.NodeStatus.Name(member.status))
+            await asyncio.sleep(0.1)
+
+    async def _refresh_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(self.settings.profile_refresh_s)
+            ticks += 1
+            self.available_memory = await asyncio.to_thread(profile.available_memory)
+            self.view = state.heard_from(self.view, self.node_id, self.incarnation, self.available_memory, now_ms())
+            if ticks % 10 == 0:  # static fields: sent again only when they change
+                fresh = await asyncio.to_thread(profile.collect, self.node_id, self.settings.name,
+                                                self.settings.memory_limit, self.settings.interfaces, self.data_dir)
+                fresh.memory_available_bytes = self.record.profile.memory_available_bytes
+                fresh.version = self.record.profile.version
+                fresh.memory_bandwidth_bytes_per_s = self.record.profile.memory_bandwidth_bytes_per_s
+                if fresh != self.record.profile:
+                    self.view = state.set_self(self.view, self._make_record(fresh, self.record.version + 1),
+                                               self.available_memory, now_ms())
+
+    # ---------------------------------------------------------------- links
+
+    async def _probe_loop(self) -> None:
+        """The lower id of each pair measures the link on every address of the
+        other and keeps the fastest; both ends then use that address pair."""
+        while True:
+            owned = [m for m in self.view.peers() if m.status == pb.UP and self.node_id < m.record.profile.node_id]
+            await gather_quietly(*(self._probe(m.record.profile.node_id) for m in owned), timeout=30.0)
+            for member in self.view.peers():
+                other = member.record.profile.node_id
+                link = self.view.links.get((other, self.node_id))
+                if link is not None and link.link.from_address:
+                    host, _ = split_hostport(link.link.from_address)
+                    agreed = [a for a in self._candidates.get(other, ()) if split_hostport(a)[0] == host]
+                    if agreed:
+                        self._route[other] = agreed[0]
+            await asyncio.sleep(self.settings.rtt_probe_s)
+
+    async def _probe(self, node_id: str) -> None:
+        probes = []
+        for address in sorted(self._candidates.get(node_id, ())):
+            try:
+                rtt = await measure_rtt(self._stub(address))
+                probes.append(pb.AddressProbe(address=address, rtt_s=rtt, reachable=True))
+            except grpc.aio.AioRpcError as e:
+                probes.append(pb.AddressProbe(address=address, reachable=False, error=e.code().name))
+        reachable = [p for p in probes if p.reachable]
+        if not reachable:
+            return
+        best = min(reachable, key=lambda p: p.rtt_s)
+        self._route[node_id] = best.address
+        host, _ = split_hostport(best.address)
+        now = time.monotonic()
+        measured_at, bandwidth = self._last_throughput.get(best.address, (0.0, 0.0))
+        if now - measured_at >= self.settings.throughput_probe_s or not bandwidth:
+            try:
+                bandwidth = await measure_throughput(self._stub(best.address), THROUGHPUT_PROBE_BYTES, 20.0)
+                self._last_throughput[best.address] = (now, bandwidth)
+            except grpc.aio.AioRpcError:
+                pass
+        local = local_address_towards(host)
+        version = self._link_versions.get(node_id, 0) + 1
+        self._link_versions[node_id] = version
+        link = pb.Link(from_node=self.node_id, to_node=node_id,
+                       from_address=f"{local}:{self.grpc_port}" if local else "", to_address=best.address,
+                       rtt_s=best.rtt_s, bandwidth_bytes_per_s=bandwidth, measured_at_unix_ms=now_ms(),
+                       probes=probes)
+        self.view = state.apply_link(self.view, pb.LinkRecord(link=link, version=version))
+
+
+async def serve(settings: Settings, ready_line: bool = True) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly."""
+    import signal
+
+    node = Node(settings)
+    await node.start()
+    if ready_line:
+        print(json.dumps({"event": "listening", "node_id": node.node_id, "grpc_port": node.grpc_port,
+                          "api": f"http://{settings.api_host}:{node.api_port}"}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    try:
+        await asyncio.wait_for(node.stop(), timeout=1.8)
+    except asyncio.TimeoutError:
+        log.warning("stop took too long; exiting anyway")
+    sys.stdout.flush()

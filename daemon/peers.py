@@ -1,0 +1,135 @@
+"""The gRPC side of a node: the PeerService servicer, channel options that
+agree on keepalive with the server's, and the link probes."""
+
+import asyncio
+import os
+import socket
+import statistics
+import time
+
+import grpc
+
+from exod.proto import exod_pb2 as pb
+from exod.proto import exod_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_PING_PAYLOAD = 1024
+THROUGHPUT_CHUNK = 64 * 1024
+THROUGHPUT_LIMIT = 64 * 1024 * 1024  # per probe, server side
+
+# Clients ping every 10 s when idle; the server allows one every 5 s, so it
+# never answers with GOAWAY too_many_pings.
+CLIENT_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PeerServicer(pb_grpc.PeerServiceServicer):
+    def __init__(self, node):
+        self.node = node
+
+    async def _check_cluster(self, cluster_id: str, context) -> None:
+        if cluster_id != self.node.settings.cluster:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cluster {cluster_id!r} is not this node's cluster {self.node.settings.cluster!r}")
+
+    async def Exchange(self, request, context):
+        await self._check_cluster(request.sender.cluster_id, context)
+        if not request.sender.profile.node_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sender has no node id")
+        self.node.absorb(request.sender, request.nodes, request.links, direct=True)
+        records, links = self.node.known_records()
+        return pb.ExchangeResponse(responder=self.node.record, nodes=records, links=links)
+
+    async def Heartbeat(self, request, context):
+        await self._check_cluster(request.cluster_id, context)
+        self.node.on_heartbeat(request.node_id, request.incarnation, request.version,
+                               request.memory_available_bytes)
+        return pb.HeartbeatResponse(node_id=self.node.node_id, incarnation=self.node.incarnation,
+                                    version=self.node.record.version,
+                                    memory_available_bytes=self.node.available_memory)
+
+    async def Ping(self, request, context):
+        if len(request.payload) > MAX_PING_PAYLOAD:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ping payload over {MAX_PING_PAYLOAD} bytes")
+        return pb.PingResponse(payload=request.payload)
+
+    async def Throughput(self, request_iterator, context):
+        total = 0
+        async for chunk in request_iterator:
+            total += len(chunk.data)
+            if total > THROUGHPUT_LIMIT:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"probe over {THROUGHPUT_LIMIT} bytes")
+        return pb.ThroughputResult(bytes=total)
+
+    async def Leave(self, request, context):
+        self.node.on_leave(request.node_id, request.incarnation)
+        return pb.LeaveResponse()
+
+
+def local_address_towards(host: str) -> str:
+    """The local IP the kernel would use to reach host (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return ""
+
+
+async def measure_rtt(stub, pings: int = 5, timeout_s: float = 1.0) -> float:
+    samples = []
+    payload = os.urandom(32)
+    for _ in range(pings):
+        start = time.perf_counter()
+        await stub.Ping(pb.PingRequest(payload=payload), timeout=timeout_s)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+async def measure_throughput(stub, total_bytes: int, timeout_s: float) -> float:
+    block = os.urandom(THROUGHPUT_CHUNK)
+
+    async def chunks():
+        for _ in range(total_bytes // THROUGHPUT_CHUNK):
+            yield pb.ThroughputChunk(data=block)
+
+    start = time.perf_counter()
+    result = await stub.Throughput(chunks(), timeout=timeout_s)
+    elapsed = time.perf_counter() - start
+    return result.bytes / elapsed if elapsed > 0 else 0.0
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def gather_quietly(*aws, timeout: float):
+    """Run awaitables together, bounded in time; errors are results."""
+    if not aws:
+        return []
+    try:
+        return await asyncio.wait_for(asyncio.gather(*aws, return_exceptions=True), timeout)
+    except asyncio.TimeoutError:
+        return []

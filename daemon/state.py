@@ -1,0 +1,141 @@
+"""The cluster view and the pure reducer that changes it. No I/O, no clocks:
+every function takes `now_ms` and returns a new View.
+
+Each node writes only its own NodeRecord and the links it measures. A record
+replaces another of the same owner when its (incarnation, version) is
+higher, so a restarted node's records win over its previous life's. Status
+is each observer's own judgement from the heartbeats it receives."""
+
+from dataclasses import dataclass, field, replace
+
+from exod.proto import exod_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Timing:
+    suspect_after_ms: int = 1500
+    down_after_ms: int = 3000
+
+
+@dataclass(frozen=True)
+class Member:
+    record: pb.NodeRecord
+    status: int = pb.UP
+    last_seen_ms: int = 0
+    memory_available_bytes: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.record.incarnation, self.record.version)
+
+
+@dataclass(frozen=True)
+class View:
+    self_id: str
+    cluster_id: str
+    members: dict = field(default_factory=dict)  # node id -> Member
+    links: dict = field(default_factory=dict)    # (from, to) -> LinkRecord
+
+    def member(self, node_id: str) -> Member | None:
+        return self.members.get(node_id)
+
+    def peers(self) -> list[Member]:
+        return [m for node_id, m in sorted(self.members.items()) if node_id != self.self_id]
+
+
+def _with_member(view: View, member: Member) -> View:
+    members = dict(view.members)
+    members[member.record.profile.node_id] = member
+    return replace(view, members=members)
+
+
+def set_self(view: View, record: pb.NodeRecord, available: int, now_ms: int) -> View:
+    return _with_member(view, Member(record, pb.UP, now_ms, available))
+
+
+def apply_record(view: View, record: pb.NodeRecord, now_ms: int) -> View:
+    """A node's record, from itself or second hand. Other clusters' records
+    and stale ones change nothing."""
+    node_id = record.profile.node_id
+    if not node_id or record.cluster_id != view.cluster_id or node_id == view.self_id:
+        return view
+    current = view.members.get(node_id)
+    key = (record.incarnation, record.version)
+    if current is not None and key <= current.key:
+        return view
+    if current is None or record.incarnation > current.record.incarnation:
+        # New, or restarted: up until its heartbeats say otherwise.
+        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes))
+    return _with_member(view, replace(current, record=record))
+
+
+def apply_link(view: View, link: pb.LinkRecord) -> View:
+    key = (link.link.from_node, link.link.to_node)
+    if not all(key) or key[0] == key[1]:
+        return view
+    current = view.links.get(key)
+    if current is not None and link.version <= current.version:
+        return view
+    links = dict(view.links)
+    links[key] = link
+    return replace(view, links=links)
+
+
+def heard_from(view: View, node_id: str, incarnation: int, available: int, now_ms: int) -> View:
+    """A direct answer from the node (heartbeat, exchange): it is up."""
+    current = view.members.get(node_id)
+    if current is None or incarnation < current.record.incarnation:
+        return view
+    return _with_member(view, replace(current, status=pb.UP, last_seen_ms=now_ms,
+                                      memory_available_bytes=available or current.memory_available_bytes))
+
+
+def left(view: View, node_id: str, incarnation: int, now_ms: int) -> View:
+    current = view.members.get(node_id)
+    if current is None or incarnation < current.record.incarnation or node_id == view.self_id:
+        return view
+    return _with_member(view, replace(current, status=pb.LEFT, last_seen_ms=now_ms))
+
+
+def tick(view: View, now_ms: int, timing: Timing) -> View:
+    """Up -> Suspect -> Down as heartbeats stay missing."""
+    changed = {}
+    for node_id, member in view.members.items():
+        if node_id == view.self_id or member.status in (pb.LEFT, pb.DOWN):
+            continue
+        silent = now_ms - member.last_seen_ms
+        status = pb.DOWN if silent >= timing.down_after_ms else pb.SUSPECT if silent >= timing.suspect_after_ms \
+            else member.status
+        if status != member.status:
+            changed[node_id] = replace(member, status=status)
+    if not changed:
+        return view
+    return replace(view, members={**view.members, **changed})
+
+
+def to_proto(view: View) -> pb.ClusterState:
+    state = pb.ClusterState(cluster_id=view.cluster_id, self_id=view.self_id)
+    for node_id in sorted(view.members):
+        m = view.members[node_id]
+        state.nodes.append(pb.NodeState(record=m.record, status=m.status, last_seen_unix_ms=m.last_seen_ms,
+                                        memory_available_bytes=m.memory_available_bytes))
+    for key in sorted(view.links):
+        state.links.append(view.links[key].link)
+    return state
+
+
+def cluster_for_planner(view: View) -> pb.Cluster:
+    """The nodes that are up, with their current free memory, and the links
+    between them: what the planner plans onto."""
+    cluster = pb.Cluster()
+    up = {node_id for node_id, m in view.members.items() if m.status == pb.UP}
+    for node_id in sorted(up):
+        member = view.members[node_id]
+        profile = pb.NodeProfile()
+        profile.CopyFrom(member.record.profile)
+        profile.memory_available_bytes = member.memory_available_bytes or profile.memory_available_bytes
+        cluster.nodes.append(profile)
+    for (a, b), record in sorted(view.links.items()):
+        if a in up and b in up:
+            cluster.links.append(record.link)
+    return cluster

@@ -1,0 +1,80 @@
+"""Linux network namespaces as separate hosts on one bridge (198.18.0.0/24),
+for tests and benchmarks. The bridge lives in a namespace of its own, so the
+machine's own network is never touched. Needs root and iproute2."""
+
+import os
+import subprocess
+import uuid
+from contextlib import contextmanager
+
+SUBNET = "198.18.0"
+
+
+def _ip(*args, ns=None, check=True):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+class Lab:
+    """A switch namespace with a bridge and hosts joined to it by veth pairs."""
+
+    def __init__(self, hosts: int):
+        tag = uuid.uuid4().hex[:6]
+        self.switch = f"exsw-{tag}"
+        self.hosts = [f"exh{i}-{tag}" for i in range(hosts)]
+        self.addresses = [f"{SUBNET}.{i + 1}" for i in range(hosts)]
+        self.tag = tag
+
+    def create(self) -> None:
+        _ip("ip", "netns", "add", self.switch)
+        _ip("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
+        _ip("ip", "link", "set", "br0", "up", ns=self.switch)
+        _ip("ip", "link", "set", "lo", "up", ns=self.switch)
+        for i, (host, address) in enumerate(zip(self.hosts, self.addresses)):
+            outer, inner = f"sw{i}{self.tag}", f"h{i}{self.tag}"
+            _ip("ip", "netns", "add", host)
+            _ip("ip", "link", "add", outer, "type", "veth", "peer", "name", inner, ns=self.switch)
+            _ip("ip", "link", "set", inner, "netns", host, ns=self.switch)
+            _ip("ip", "link", "set", outer, "master", "br0", ns=self.switch)
+            _ip("ip", "link", "set", outer, "up", ns=self.switch)
+            _ip("ip", "link", "set", inner, "name", "eth0", ns=host)
+            _ip("ip", "addr", "add", f"{address}/24", "dev", "eth0", ns=host)
+            _ip("ip", "link", "set", "eth0", "up", "multicast", "on", ns=host)
+            _ip("ip", "link", "set", "lo", "up", ns=host)
+            _ip("ip", "route", "add", "224.0.0.0/4", "dev", "eth0", ns=host)
+
+    def limit(self, index: int, rate: str = "20mbit") -> None:
+        """Token-bucket both directions of one host's link (no netem here)."""
+        _ip("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+            "latency", "50ms", ns=self.hosts[index])
+        _ip("tc", "qdisc", "replace", "dev", f"sw{index}{self.tag}", "root", "tbf", "rate", rate,
+            "burst", "32kbit", "latency", "50ms", ns=self.switch)
+
+    def run(self, index: int, args: list[str], **popen) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.hosts[index], *args], **popen)
+
+    def destroy(self) -> None:
+        for ns in [*self.hosts, self.switch]:
+            # Kill anything still inside, then the namespace (veths go with it).
+            pids = _ip("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("ip", "netns", "del", ns, check=False)
+
+
+@contextmanager
+def lab(hosts: int):
+    created = Lab(hosts)
+    try:
+        created.create()
+        yield created
+    finally:
+        created.destroy()
+
+
+def leftover_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(("exsw-", "exh"))]

@@ -1,0 +1,74 @@
+"""The membership reducer, without I/O."""
+
+from exod.daemon import state
+from exod.proto import exod_pb2 as pb
+
+T = state.Timing(suspect_after_ms=1500, down_after_ms=3000)
+
+
+def record(node_id, version=1, incarnation=100, cluster="c", memory=10):
+    return pb.NodeRecord(profile=pb.NodeProfile(node_id=node_id, name=node_id, memory_usable_bytes=memory),
+                         version=version, incarnation=incarnation, cluster_id=cluster, protocol_version=1)
+
+
+def fresh():
+    view = state.View(self_id="a", cluster_id="c")
+    return state.set_self(view, record("a"), 5, 0)
+
+
+def test_new_records_join_and_stale_ones_do_not_replace():
+    view = state.apply_record(fresh(), record("b", version=2), 10)
+    assert view.member("b").record.version == 2 and view.member("b").status == pb.UP
+    assert state.apply_record(view, record("b", version=1), 20) is view
+    newer = state.apply_record(view, record("b", version=3, memory=99), 20)
+    assert newer.member("b").record.profile.memory_usable_bytes == 99
+
+
+def test_other_clusters_and_our_own_id_are_ignored():
+    view = fresh()
+    assert state.apply_record(view, record("b", cluster="other"), 1) is view
+    assert state.apply_record(view, record("a", version=9), 1) is view
+
+
+def test_missing_heartbeats_go_suspect_then_down_and_a_restart_comes_back_up():
+    view = state.heard_from(state.apply_record(fresh(), record("b"), 0), "b", 100, 7, 0)
+    assert state.tick(view, 1000, T).member("b").status == pb.UP
+    assert state.tick(view, 1600, T).member("b").status == pb.SUSPECT
+    down = state.tick(state.tick(view, 1600, T), 3100, T)
+    assert down.member("b").status == pb.DOWN
+    # A heartbeat from the old incarnation does not revive it; the restart does.
+    assert state.heard_from(down, "b", 99, 0, 3200).member("b").status == pb.DOWN
+    restarted = state.apply_record(down, record("b", version=1, incarnation=200), 3300)
+    assert restarted.member("b").status == pb.UP and restarted.member("b").record.incarnation == 200
+
+
+def test_heartbeats_carry_the_dynamic_memory():
+    view = state.heard_from(state.apply_record(fresh(), record("b"), 0), "b", 100, 1234, 50)
+    assert view.member("b").memory_available_bytes == 1234 and view.member("b").last_seen_ms == 50
+
+
+def test_left_nodes_stay_left_until_they_return():
+    view = state.left(state.apply_record(fresh(), record("b"), 0), "b", 100, 10)
+    assert view.member("b").status == pb.LEFT
+    assert state.tick(view, 10**6, T).member("b").status == pb.LEFT
+
+
+def test_links_keep_the_highest_version():
+    link = pb.LinkRecord(link=pb.Link(from_node="a", to_node="b", rtt_s=0.001), version=2)
+    view = state.apply_link(fresh(), link)
+    older = pb.LinkRecord(link=pb.Link(from_node="a", to_node="b", rtt_s=9.0), version=1)
+    assert state.apply_link(view, older).links[("a", "b")].link.rtt_s == 0.001
+    assert state.apply_link(view, pb.LinkRecord(link=pb.Link(from_node="a", to_node="a"), version=5)) is view
+
+
+def test_the_planner_sees_only_up_nodes_and_their_links():
+    view = state.apply_record(fresh(), record("b"), 0)
+    view = state.apply_record(view, record("c"), 0)
+    view = state.heard_from(view, "b", 100, 0, 5000)
+    view = state.apply_link(view, pb.LinkRecord(link=pb.Link(from_node="a", to_node="b"), version=1))
+    view = state.apply_link(view, pb.LinkRecord(link=pb.Link(from_node="a", to_node="c"), version=1))
+    view = state.tick(view, 5000, T)  # c was never heard: down
+    cluster = state.cluster_for_planner(view)
+    assert [n.node_id for n in cluster.nodes] == ["a", "b"]
+    assert [(l.from_node, l.to_node) for l in cluster.links] == [("a", "b")]
+    assert len(state.to_proto(view).nodes) == 3
