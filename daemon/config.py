@@ -37,7 +37,7 @@ class Settings:
     down_after_s: float = 3.0
     exchange_s: float = 5.0
     rtt_probe_s: float = 2.0
-    throughput_probe_s: float = 30.0
+    throughput_probe_s: float = 600.0  # a 2 MB transfer; RTT probes run every rtt_probe_s
     profile_refresh_s: float = 3.0
 
     def data_path(self) -> Path:

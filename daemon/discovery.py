@@ -78,15 +78,15 @@ class Discovery:
             log.warning("ignoring an mDNS record", service=name, reason=peer)
             return
         node_id, port, protocol, cluster = peer
-        if node_id == self.node.node_id and port == self.node.grpc_port:
-            return  # ourselves
+        addresses = [f"{a}:{port}" for a in info.parsed_addresses(IPVersion.V4Only)]
+        if node_id == self.node.node_id and set(addresses) <= set(self.node.grpc_addresses()):
+            return  # ourselves (the same id elsewhere is a copied data dir: met, then told apart)
         if cluster != self.node.settings.cluster:
             log.info("ignoring a node of another cluster", service=name, cluster=cluster)
             return
         if protocol != PROTOCOL_VERSION:
             log.info("ignoring a node with another protocol version", service=name, protocol=protocol)
             return
-        addresses = [f"{a}:{port}" for a in info.parsed_addresses(IPVersion.V4Only)]
         if addresses:
             self.node.found(addresses, node_id)
 

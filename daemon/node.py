@@ -91,15 +91,15 @@ class Node:
 
     async def stop(self) -> None:
         self.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         leave = pb.LeaveRequest(node_id=self.node_id, incarnation=self.incarnation)
         await gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
                              timeout=0.7)
         if self.discovery is not None:
             await self.discovery.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
         if self._http is not None:
             await self._http.cleanup()
         if self._grpc_server is not None:
@@ -134,7 +134,8 @@ class Node:
     def absorb(self, sender: pb.NodeRecord, records, links, direct: bool) -> None:
         now = now_ms()
         if sender.profile.node_id == self.node_id and sender.incarnation != self.incarnation:
-            self._same_id(sender)
+            if direct:  # a live node with our id; second-hand, it is only our past life
+                self._same_id(sender)
             return
         for record in [sender, *records]:
             self._learn(record, now)
@@ -146,9 +147,7 @@ class Node:
     def _learn(self, record: pb.NodeRecord, now: int) -> None:
         node_id = record.profile.node_id
         if node_id == self.node_id:
-            if record.incarnation != self.incarnation and record.incarnation > 0:
-                self._same_id(record)
-            return
+            return  # ours, or our previous life's
         if record.cluster_id != self.settings.cluster or record.protocol_version != PROTOCOL_VERSION:
             return
         before = self.view.member(node_id)
@@ -179,6 +178,8 @@ class Node:
             self._spawn(self.discovery.republish())
 
     def on_heartbeat(self, node_id: str, incarnation: int, version: int, available: int) -> None:
+        if node_id == self.node_id:
+            return  # a twin shows itself through an exchange, which compares ages
         member = self.view.member(node_id)
         if member is None or (incarnation, version) > member.key:
             self._exchange_now.add(node_id)
@@ -192,7 +193,7 @@ class Node:
 
     def found(self, addresses: list[str], node_id: str = "") -> None:
         """Discovery or a static peer: addresses to meet a node at."""
-        if node_id and node_id in self._candidates:
+        if node_id and node_id in self._candidates and node_id != self.node_id:
             self._candidates[node_id].update(addresses)
         else:
             self._unknown.update(addresses)

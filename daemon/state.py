@@ -86,6 +86,8 @@ def heard_from(view: View, node_id: str, incarnation: int, available: int, now_m
     current = view.members.get(node_id)
     if current is None or incarnation < current.record.incarnation:
         return view
+    if current.status == pb.LEFT and incarnation == current.record.incarnation:
+        return view  # a late message from a node that already said goodbye
     return _with_member(view, replace(current, status=pb.UP, last_seen_ms=now_ms,
                                       memory_available_bytes=available or current.memory_available_bytes))
 

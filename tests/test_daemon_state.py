@@ -51,6 +51,9 @@ def test_left_nodes_stay_left_until_they_return():
     view = state.left(state.apply_record(fresh(), record("b"), 0), "b", 100, 10)
     assert view.member("b").status == pb.LEFT
     assert state.tick(view, 10**6, T).member("b").status == pb.LEFT
+    assert state.heard_from(view, "b", 100, 0, 20).member("b").status == pb.LEFT  # a late heartbeat
+    back = state.apply_record(view, record("b", incarnation=101), 30)
+    assert back.member("b").status == pb.UP
 
 
 def test_links_keep_the_highest_version():

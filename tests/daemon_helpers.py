@@ -1,0 +1,94 @@
+"""Daemons in the test process (asyncio) and a userspace delay relay."""
+
+import asyncio
+import time
+
+from exod.daemon.config import Settings
+from exod.daemon.node import Node
+
+
+def settings(tmp_path, name, peers=(), **overrides) -> Settings:
+    base = dict(name=name, api_host="127.0.0.1", api_port=0, grpc_host="127.0.0.1", grpc_port=0,
+                peers=list(peers), data_dir=str(tmp_path / name), discovery=False, rtt_probe_s=0.5,
+                throughput_probe_s=5.0, exchange_s=1.0)
+    base.update(overrides)
+    return Settings(**base)
+
+
+async def started(s: Settings) -> Node:
+    node = Node(s)
+    await node.start()
+    return node
+
+
+async def until(predicate, timeout: float, step: float = 0.05) -> float:
+    """Seconds until predicate() holds; raises after timeout."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(step)
+    return time.monotonic() - start
+
+
+def statuses(node: Node) -> dict:
+    return {m.record.profile.name: m.status for m in node.view.members.values()}
+
+
+class DelayRelay:
+    """A TCP relay that holds every chunk for `delay_s` in each direction
+    before passing it on: latency without netem."""
+
+    def __init__(self, target_host: str, target_port: int, delay_s: float):
+        self.target = (target_host, target_port)
+        self.delay_s = delay_s
+        self.server = None
+        self.port = 0
+        self._tasks: set = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader, writer) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver():
+            while True:
+                due, data = await queue.get()
+                if data is None:
+                    break
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + self.delay_s, data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            queue.put_nowait((0, None))
+            try:
+                await sender
+            except (ConnectionError, OSError):
+                pass
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
