@@ -301,6 +301,10 @@ def cmd_run_rank(args) -> int:
 
 def cmd_start(args) -> int:
     import asyncio
+    import os
+
+    # gRPC's C core would print its own copy of bind errors; exod reports them in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
     from . import logs
     from .config import ConfigError, load

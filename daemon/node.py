@@ -65,7 +65,10 @@ class Node:
         pb_grpc.add_PeerServiceServicer_to_server(PeerServicer(self), self._grpc_server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc_server)
-        self.grpc_port = self._grpc_server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        try:
+            self.grpc_port = self._grpc_server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        except RuntimeError:
+            self.grpc_port = 0
         if not self.grpc_port:
             raise OSError(f"cannot listen for gRPC on {s.grpc_host}:{s.grpc_port}")
         await self._grpc_server.start()

@@ -29,6 +29,7 @@ CLIENT_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
