@@ -2,9 +2,9 @@ import argparse
 import json
 import sys
 
-from . import overhead, planning, runner
+from . import discovery, overhead, planning, runner
 
-BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run}
+BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run}
 
 
 def main() -> int:

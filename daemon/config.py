@@ -35,8 +35,8 @@ class Settings:
     heartbeat_s: float = 0.5
     suspect_after_s: float = 1.5
     down_after_s: float = 3.0
-    exchange_s: float = 5.0
-    rtt_probe_s: float = 2.0
+    exchange_s: float = 30.0  # anti-entropy; heartbeats carry versions, so changes travel at once
+    rtt_probe_s: float = 10.0
     throughput_probe_s: float = 600.0  # a 2 MB transfer; RTT probes run every rtt_probe_s
     profile_refresh_s: float = 3.0
 

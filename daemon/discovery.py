@@ -42,16 +42,19 @@ class Discovery:
     async def start(self) -> None:
         interfaces = [a.rsplit(":", 1)[0] for a in self.node.grpc_addresses()]
         self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        self._info = self._service_info()
-        await self._zc.async_register_service(self._info, allow_name_change=True)
+        # Browse first: meeting the others does not wait for our own announcement.
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        self._info = self._service_info()
+        # The instance name holds the node id, so the RFC 6762 probe for a name
+        # conflict (~750 ms) is skipped; a copied id is caught over gRPC.
+        await self._zc.async_register_service(self._info, allow_name_change=True, cooperating_responders=True)
 
     async def republish(self) -> None:
         if self._zc is None:
             return
         await self._zc.async_unregister_service(self._info)
         self._info = self._service_info()
-        await self._zc.async_register_service(self._info, allow_name_change=True)
+        await self._zc.async_register_service(self._info, allow_name_change=True, cooperating_responders=True)
 
     async def stop(self) -> None:
         for task in list(self._tasks):

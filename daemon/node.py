@@ -198,8 +198,11 @@ class Node:
         """Discovery or a static peer: addresses to meet a node at."""
         if node_id and node_id in self._candidates and node_id != self.node_id:
             self._candidates[node_id].update(addresses)
-        else:
-            self._unknown.update(addresses)
+            return
+        fresh = set(addresses) - self._unknown
+        self._unknown.update(addresses)
+        for address in fresh:  # meet at once; the meet loop retries
+            self._spawn(self._exchange(address))
 
     def cluster_state(self) -> pb.ClusterState:
         return state.to_proto(self.view)
@@ -329,8 +332,16 @@ class Node:
         """The lower id of each pair measures the link on every address of the
         other and keeps the fastest; both ends then use that address pair."""
         while True:
-            owned = [m for m in self.view.peers() if m.status == pb.UP and self.node_id < m.record.profile.node_id]
-            await gather_quietly(*(self._probe(m.record.profile.node_id) for m in owned), timeout=30.0)
+            due = now_ms() - int(self.settings.rtt_probe_s * 1000)
+            owned = []
+            for member in self.view.peers():
+                other = member.record.profile.node_id
+                if member.status != pb.UP or other < self.node_id:
+                    continue
+                link = self.view.links.get((self.node_id, other))
+                if link is None or link.link.measured_at_unix_ms <= due:
+                    owned.append(other)
+            await gather_quietly(*(self._probe(other) for other in owned), timeout=30.0)
             for member in self.view.peers():
                 other = member.record.profile.node_id
                 link = self.view.links.get((other, self.node_id))
@@ -339,7 +350,7 @@ class Node:
                     agreed = [a for a in self._candidates.get(other, ()) if split_hostport(a)[0] == host]
                     if agreed:
                         self._route[other] = agreed[0]
-            await asyncio.sleep(self.settings.rtt_probe_s)
+            await asyncio.sleep(0.5)  # new peers are probed at once; known links every rtt_probe_s
 
     async def _probe(self, node_id: str) -> None:
         probes = []

@@ -31,3 +31,12 @@ def test_runner_bench_compares_with_mlx_lm(tmp_path):
         assert row["exod_decode_tokens_per_s"] > 0 and row["exod_ready_s"] > 0
         if strategy != "moe_tensor":
             assert row["mlx_lm_decode_tokens_per_s"] > 0 and "decode_ratio" in row
+
+
+def test_discovery_bench_reports_a_full_view_time():
+    proc = subprocess.run([sys.executable, "-m", "bench", "discovery", "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["bench"] == "discovery" and report["ok"] and len(report["full_view_s"]) == report["rounds"]
+    assert all(t > 0 for t in report["full_view_s"]) and report["idle_bytes_per_s_per_node"] > 0
