@@ -18,7 +18,8 @@ from .identity import NODE_ID
 log = structlog.get_logger("exod.discovery")
 SERVICE_TYPE = "_exod._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
-CLUSTER = re.compile(r"^[\w.-]{1,63}$")
+CLUSTER = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+DIGITS = re.compile(r"^[0-9]{1,5}$")
 
 
 class Discovery:
@@ -73,6 +74,14 @@ class Discovery:
             task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
+        try:
+            await self._resolve_once(service_type, name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one odd record must not stop discovery
+            log.exception("mDNS record failed to resolve", service=name)
+
+    async def _resolve_once(self, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
             return
@@ -103,9 +112,9 @@ def parse_txt(properties: dict) -> tuple[str, int, int, str] | str:
     node_id, port, protocol, cluster = text("id"), text("grpc"), text("pv"), text("cluster")
     if node_id is None or not NODE_ID.match(node_id):
         return f"bad or missing node id {node_id!r}"
-    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
+    if port is None or not DIGITS.match(port) or not 0 < int(port) < 65536:
         return f"bad or missing gRPC port {port!r}"
-    if protocol is None or not protocol.isdigit():
+    if protocol is None or not DIGITS.match(protocol):
         return f"bad or missing protocol version {protocol!r}"
     if cluster is None or not CLUSTER.match(cluster):
         return f"bad or missing cluster id {cluster!r}"

@@ -17,11 +17,14 @@ from exod.proto import exod_pb2_grpc as pb_grpc
 
 from . import identity, profile, state
 from .config import PROTOCOL_VERSION, Settings
-from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, PeerServicer, gather_quietly, local_address_towards,
-                    measure_rtt, measure_throughput, now_ms, split_hostport)
+from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, PeerServicer, WrongNode, gather_quietly,
+                    local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
+                    valid_address)
 
 log = structlog.get_logger("exod")
 THROUGHPUT_PROBE_BYTES = 2 * 1024 * 1024
+UNKNOWN_EXPIRY_S = 60.0  # a discovered address that never answers is dropped
+DOWN_HEARTBEAT_EVERY = 4  # rounds between heartbeats to a Down peer
 
 
 class Node:
@@ -43,6 +46,9 @@ class Node:
         self._link_versions: dict[str, int] = {}
         self._last_throughput: dict[str, tuple[float, float]] = {}
         self._exchange_now: set = set()
+        self._unknown_since: dict[str, float] = {}
+        self._rounds = 0
+        self._refreshes = 0
         self._tasks: list[asyncio.Task] = []
         self._grpc_server = None
         self._http = None
@@ -85,9 +91,9 @@ class Node:
 
             self.discovery = Discovery(self)
             await self.discovery.start()
-        for loop in (self._heartbeat_loop, self._exchange_loop, self._tick_loop, self._probe_loop,
-                     self._refresh_loop, self._meet_loop):
-            self._tasks.append(asyncio.create_task(loop(), name=f"exod-{loop.__name__}"))
+        for round_fn in (self._heartbeat_round, self._exchange_round, self._tick_round, self._probe_round,
+                         self._refresh_round, self._meet_round):
+            self._tasks.append(asyncio.create_task(self._forever(round_fn), name=f"exod-{round_fn.__name__}"))
         log.info("started", node_id=self.node_id, name=self.record.profile.name, cluster=s.cluster,
                  grpc=self.grpc_addresses(), api=f"{s.api_host}:{self.api_port}",
                  usable_gb=round(node_profile.memory_usable_bytes / 1e9, 1))
@@ -150,14 +156,18 @@ class Node:
     def _learn(self, record: pb.NodeRecord, now: int) -> None:
         node_id = record.profile.node_id
         if node_id == self.node_id:
-            return  # ours, or our previous life's
+            # Ours, our previous life's, or a twin's (a copied data dir): meet
+            # whoever answers there, and the exchange tells twins apart.
+            if record.incarnation != self.incarnation:
+                self.found([a for a in record.grpc_addresses if a not in self.grpc_addresses()])
+            return
         if record.cluster_id != self.settings.cluster or record.protocol_version != PROTOCOL_VERSION:
             return
         before = self.view.member(node_id)
         self.view = state.apply_record(self.view, record, now)
         after = self.view.member(node_id)
         if after is not None and after is not before:
-            self._candidates.setdefault(node_id, set()).update(record.grpc_addresses)
+            self._candidates.setdefault(node_id, set()).update(a for a in record.grpc_addresses if valid_address(a))
             if before is None or before.record.incarnation != after.record.incarnation:
                 log.info("node up", node_id=node_id, name=record.profile.name,
                          usable_gb=round(record.profile.memory_usable_bytes / 1e9, 1))
@@ -177,6 +187,10 @@ class Node:
                                    self.available_memory, now_ms())
         log.warning("duplicate node id: another node started earlier with it; this node now has a new id",
                     old_id=old, new_id=self.node_id)
+        # Whoever stored our record under the old id must let the earlier node have it back.
+        leave = pb.LeaveRequest(node_id=old, incarnation=self.incarnation)
+        for address in self._peer_addresses():
+            self._spawn(self._stub(address).Leave(leave, timeout=0.5))
         if self.discovery is not None:
             self._spawn(self.discovery.republish())
 
@@ -184,7 +198,8 @@ class Node:
         if node_id == self.node_id:
             return  # a twin shows itself through an exchange, which compares ages
         member = self.view.member(node_id)
-        if member is None or (incarnation, version) > member.key:
+        if member is None or (incarnation, version) > member.key or (
+                member.status == pb.LEFT and incarnation != member.record.incarnation):
             self._exchange_now.add(node_id)
             if member is None:
                 return
@@ -196,6 +211,7 @@ class Node:
 
     def found(self, addresses: list[str], node_id: str = "") -> None:
         """Discovery or a static peer: addresses to meet a node at."""
+        addresses = [a for a in addresses if valid_address(a)]
         if node_id and node_id in self._candidates and node_id != self.node_id:
             self._candidates[node_id].update(addresses)
             return
@@ -227,6 +243,9 @@ class Node:
         return [a for m in self.view.peers() if m.status != pb.LEFT if (a := self._address_of(m.record.profile.node_id))]
 
     def _spawn(self, coro) -> None:
+        if self.stopping:
+            coro.close()
+            return
         task = asyncio.create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
@@ -246,120 +265,142 @@ class Node:
                      protocol=responder.protocol_version)
             return None
         self.absorb(responder, response.nodes, response.links, direct=True)
-        if responder.profile.node_id and responder.profile.node_id != self.node_id:
+        if responder.profile.node_id and responder.profile.node_id != self.node_id and valid_address(address):
             self._candidates.setdefault(responder.profile.node_id, set()).add(address)
         return response
 
-    async def _meet_loop(self) -> None:
-        """Addresses from --peer and discovery whose node we do not know yet."""
+    async def _forever(self, round_fn) -> None:
+        """Run one background round after another. A failing round is logged
+        and retried: a loop must never die silently."""
         while True:
-            pending = list(self._unknown)
-            results = await gather_quietly(*(self._exchange(a) for a in pending), timeout=3.0)
-            for address, result in zip(pending, results):
-                if isinstance(result, pb.ExchangeResponse):
-                    if address not in self.settings.peers:
-                        self._unknown.discard(address)
-            # Static peers stay on the list: a restarted peer is met again.
-            await asyncio.sleep(0.2 if self._unknown - set(self.settings.peers) else 1.0)
+            try:
+                pause = await round_fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background round failed; retrying", loop=round_fn.__name__)
+                pause = 1.0
+            await asyncio.sleep(pause)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
-                                          version=self.record.version, cluster_id=self.settings.cluster,
-                                          memory_available_bytes=self.available_memory)
-            peers = [m for m in self.view.peers() if m.status != pb.LEFT]
-            await gather_quietly(*(self._heartbeat(m.record.profile.node_id, request) for m in peers),
-                                 timeout=self.settings.heartbeat_s * 2)
-            for node_id in list(self._exchange_now):
-                self._exchange_now.discard(node_id)
-                if (address := self._address_of(node_id)) is not None:
-                    self._spawn(self._exchange(address))
-            await asyncio.sleep(self.settings.heartbeat_s)
+    async def _meet_round(self) -> float:
+        """Addresses from --peer and discovery whose node we do not know yet.
+        Static peers stay on the list (a restarted peer is met again);
+        discovered ones are dropped once met or after UNKNOWN_EXPIRY_S."""
+        pending = list(self._unknown)
+        results = await gather_quietly(*(self._exchange(a) for a in pending), timeout=3.0)
+        now = time.monotonic()
+        for address, result in zip(pending, results):
+            if address in self.settings.peers:
+                continue
+            first = self._unknown_since.setdefault(address, now)
+            if isinstance(result, pb.ExchangeResponse) or now - first > UNKNOWN_EXPIRY_S:
+                self._unknown.discard(address)
+                self._unknown_since.pop(address, None)
+        return 0.2 if self._unknown - set(self.settings.peers) else 1.0
+
+    async def _heartbeat_round(self) -> float:
+        self._rounds += 1
+        request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
+                                      version=self.record.version, cluster_id=self.settings.cluster,
+                                      memory_available_bytes=self.available_memory)
+        # Down peers are asked less often, and no round waits longer than the
+        # period, so one dead peer never delays the others' heartbeats.
+        peers = [m for m in self.view.peers()
+                 if m.status not in (pb.LEFT, pb.DOWN) or self._rounds % DOWN_HEARTBEAT_EVERY == 0]
+        await gather_quietly(*(self._heartbeat(m.record.profile.node_id, request) for m in peers),
+                             timeout=self.settings.heartbeat_s)
+        for node_id in list(self._exchange_now):
+            self._exchange_now.discard(node_id)
+            if (address := self._address_of(node_id)) is not None:
+                self._spawn(self._exchange(address))
+        return self.settings.heartbeat_s
 
     async def _heartbeat(self, node_id: str, request: pb.HeartbeatRequest) -> None:
-        candidates = [self._address_of(node_id)] + sorted(self._candidates.get(node_id, set()) - {self._address_of(node_id)})
+        route = self._address_of(node_id)
+        candidates = [route] + sorted(self._candidates.get(node_id, set()) - {route})
         for address in filter(None, candidates):
             try:
-                response = await self._stub(address).Heartbeat(request, timeout=self.settings.heartbeat_s * 1.8)
+                response = await self._stub(address).Heartbeat(request, timeout=self.settings.heartbeat_s)
             except grpc.aio.AioRpcError:
+                if self._route.get(node_id) == address:
+                    self._route.pop(node_id, None)  # try the others next time
                 continue
             if response.node_id != node_id:
                 continue  # someone else answers there now
             member = self.view.member(node_id)
-            if member is not None and (response.incarnation, response.version) > member.key:
+            if member is not None and ((response.incarnation, response.version) > member.key
+                                       or member.status == pb.LEFT):
                 self._exchange_now.add(node_id)
             self.view = state.heard_from(self.view, node_id, response.incarnation,
                                          response.memory_available_bytes, now_ms())
             return
 
-    async def _exchange_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.exchange_s)
-            addresses = [a for m in self.view.peers() if m.status == pb.UP
-                         if (a := self._address_of(m.record.profile.node_id))]
-            await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+    async def _exchange_round(self) -> float:
+        addresses = [a for m in self.view.peers() if m.status == pb.UP
+                     if (a := self._address_of(m.record.profile.node_id))]
+        await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+        return self.settings.exchange_s
 
-    async def _tick_loop(self) -> None:
-        while True:
-            before = {k: m.status for k, m in self.view.members.items()}
-            self.view = state.tick(self.view, now_ms(), self.timing)
-            for node_id, member in self.view.members.items():
-                if before.get(node_id) not in (None, member.status):
-                    log.info("node status", node_id=node_id, name=member.record.profile.name,
-                             status=pb.NodeStatus.Name(member.status))
-            await asyncio.sleep(0.1)
+    async def _tick_round(self) -> float:
+        before = {k: m.status for k, m in self.view.members.items()}
+        self.view = state.tick(self.view, now_ms(), self.timing)
+        for node_id, member in self.view.members.items():
+            if before.get(node_id) not in (None, member.status):
+                log.info("node status", node_id=node_id, name=member.record.profile.name,
+                         status=pb.NodeStatus.Name(member.status))
+        return 0.1
 
-    async def _refresh_loop(self) -> None:
-        ticks = 0
-        while True:
-            await asyncio.sleep(self.settings.profile_refresh_s)
-            ticks += 1
-            self.available_memory = await asyncio.to_thread(profile.available_memory)
-            self.view = state.heard_from(self.view, self.node_id, self.incarnation, self.available_memory, now_ms())
-            if ticks % 10 == 0:  # static fields: sent again only when they change
-                fresh = await asyncio.to_thread(profile.collect, self.node_id, self.settings.name,
-                                                self.settings.memory_limit, self.settings.interfaces, self.data_dir)
-                fresh.memory_available_bytes = self.record.profile.memory_available_bytes
-                fresh.version = self.record.profile.version
-                fresh.memory_bandwidth_bytes_per_s = self.record.profile.memory_bandwidth_bytes_per_s
-                if fresh != self.record.profile:
-                    self.view = state.set_self(self.view, self._make_record(fresh, self.record.version + 1),
-                                               self.available_memory, now_ms())
+    async def _refresh_round(self) -> float:
+        self._refreshes += 1
+        self.available_memory = await asyncio.to_thread(profile.available_memory)
+        self.view = state.heard_from(self.view, self.node_id, self.incarnation, self.available_memory, now_ms())
+        if self._refreshes % 10 == 0:  # static fields: sent again only when they change
+            node_id = self.node_id
+            fresh = await asyncio.to_thread(profile.collect, node_id, self.settings.name,
+                                            self.settings.memory_limit, self.settings.interfaces, self.data_dir)
+            if node_id != self.node_id:
+                return self.settings.profile_refresh_s  # the id changed meanwhile
+            fresh.memory_available_bytes = self.record.profile.memory_available_bytes
+            fresh.version = self.record.profile.version
+            fresh.memory_bandwidth_bytes_per_s = self.record.profile.memory_bandwidth_bytes_per_s
+            if fresh != self.record.profile:
+                self.view = state.set_self(self.view, self._make_record(fresh, self.record.version + 1),
+                                           self.available_memory, now_ms())
+        return self.settings.profile_refresh_s
 
     # ---------------------------------------------------------------- links
 
-    async def _probe_loop(self) -> None:
+    async def _probe_round(self) -> float:
         """The lower id of each pair measures the link on every address of the
-        other and keeps the fastest; both ends then use that address pair."""
-        while True:
-            due = now_ms() - int(self.settings.rtt_probe_s * 1000)
-            owned = []
-            for member in self.view.peers():
-                other = member.record.profile.node_id
-                if member.status != pb.UP or other < self.node_id:
-                    continue
-                link = self.view.links.get((self.node_id, other))
-                if link is None or link.link.measured_at_unix_ms <= due:
-                    owned.append(other)
-            await gather_quietly(*(self._probe(other) for other in owned), timeout=30.0)
-            for member in self.view.peers():
-                other = member.record.profile.node_id
-                link = self.view.links.get((other, self.node_id))
-                if link is not None and link.link.from_address:
-                    host, _ = split_hostport(link.link.from_address)
-                    agreed = [a for a in self._candidates.get(other, ()) if split_hostport(a)[0] == host]
-                    if agreed:
-                        self._route[other] = agreed[0]
-            await asyncio.sleep(0.5)  # new peers are probed at once; known links every rtt_probe_s
+        other and keeps the fastest; both ends then use that address pair.
+        New peers are probed at once, known links every rtt_probe_s."""
+        due = now_ms() - int(self.settings.rtt_probe_s * 1000)
+        owned = []
+        for member in self.view.peers():
+            other = member.record.profile.node_id
+            if member.status != pb.UP or other < self.node_id:
+                continue
+            link = self.view.links.get((self.node_id, other))
+            if link is None or link.link.measured_at_unix_ms <= due:
+                owned.append(other)
+        await gather_quietly(*(self._probe(other) for other in owned), timeout=30.0)
+        for member in self.view.peers():
+            other = member.record.profile.node_id
+            link = self.view.links.get((other, self.node_id))
+            if link is not None and link.link.from_address in self._candidates.get(other, ()):
+                self._route[other] = link.link.from_address
+        return 0.5
 
     async def _probe(self, node_id: str) -> None:
         probes = []
         for address in sorted(self._candidates.get(node_id, ())):
             try:
-                rtt = await measure_rtt(self._stub(address))
+                rtt = await measure_rtt(self._stub(address), node_id)
                 probes.append(pb.AddressProbe(address=address, rtt_s=rtt, reachable=True))
             except grpc.aio.AioRpcError as e:
                 probes.append(pb.AddressProbe(address=address, reachable=False, error=e.code().name))
+            except WrongNode as e:
+                probes.append(pb.AddressProbe(address=address, reachable=False, error=str(e)))
         reachable = [p for p in probes if p.reachable]
         if not reachable:
             return
@@ -374,8 +415,9 @@ class Node:
                 self._last_throughput[best.address] = (now, bandwidth)
             except grpc.aio.AioRpcError:
                 pass
-        local = local_address_towards(host)
-        version = self._link_versions.get(node_id, 0) + 1
+        local = await asyncio.to_thread(local_address_towards, host)
+        # Versions outlive restarts: a restarted node's links must win over its old ones.
+        version = max(self._link_versions.get(node_id, 0) + 1, now_ms())
         self._link_versions[node_id] = version
         link = pb.Link(from_node=self.node_id, to_node=node_id,
                        from_address=f"{local}:{self.grpc_port}" if local else "", to_address=best.address,

@@ -16,6 +16,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_PING_PAYLOAD = 1024
 THROUGHPUT_CHUNK = 64 * 1024
 THROUGHPUT_LIMIT = 64 * 1024 * 1024  # per probe, server side
+MAX_RECORDS = 1024  # node records per exchange: far above any real cluster
 
 # Clients ping every 10 s when idle; the server allows one every 5 s, so it
 # never answers with GOAWAY too_many_pings.
@@ -49,12 +50,16 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         self.node = node
 
     async def _check_cluster(self, cluster_id: str, context) -> None:
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         if cluster_id != self.node.settings.cluster:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"cluster {cluster_id!r} is not this node's cluster {self.node.settings.cluster!r}")
 
     async def Exchange(self, request, context):
         await self._check_cluster(request.sender.cluster_id, context)
+        if len(request.nodes) > MAX_RECORDS or len(request.links) > 4 * MAX_RECORDS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {MAX_RECORDS} records in one exchange")
         if not request.sender.profile.node_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sender has no node id")
         self.node.absorb(request.sender, request.nodes, request.links, direct=True)
@@ -72,7 +77,7 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
     async def Ping(self, request, context):
         if len(request.payload) > MAX_PING_PAYLOAD:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ping payload over {MAX_PING_PAYLOAD} bytes")
-        return pb.PingResponse(payload=request.payload)
+        return pb.PingResponse(payload=request.payload, node_id=self.node.node_id)
 
     async def Throughput(self, request_iterator, context):
         total = 0
@@ -98,14 +103,25 @@ def local_address_towards(host: str) -> str:
             return ""
 
 
-async def measure_rtt(stub, pings: int = 5, timeout_s: float = 1.0) -> float:
+class WrongNode(Exception):
+    pass
+
+
+async def measure_rtt(stub, expected_node: str, pings: int = 5, timeout_s: float = 1.0) -> float:
     samples = []
     payload = os.urandom(32)
     for _ in range(pings):
         start = time.perf_counter()
-        await stub.Ping(pb.PingRequest(payload=payload), timeout=timeout_s)
+        response = await stub.Ping(pb.PingRequest(payload=payload), timeout=timeout_s)
         samples.append(time.perf_counter() - start)
+        if response.node_id != expected_node:
+            raise WrongNode(f"answered by {response.node_id or 'an unknown node'}")
     return statistics.median(samples)
+
+
+def valid_address(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
 
 
 async def measure_throughput(stub, total_bytes: int, timeout_s: float) -> float:

@@ -61,6 +61,10 @@ def apply_record(view: View, record: pb.NodeRecord, now_ms: int) -> View:
         return view
     current = view.members.get(node_id)
     key = (record.incarnation, record.version)
+    if current is not None and current.status == pb.LEFT and record.incarnation != current.record.incarnation:
+        # Whoever held that incarnation is gone; any other life of the id may
+        # come back, even an older one (the original of a copied data dir).
+        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes))
     if current is not None and key <= current.key:
         return view
     if current is None or record.incarnation > current.record.incarnation:

@@ -754,10 +754,12 @@ class PingRequest(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("payload",)
+    __slots__ = ("payload", "node_id")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
-    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+    node_id: str
+    def __init__(self, payload: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class ThroughputChunk(_message.Message):
     __slots__ = ("data",)

@@ -2,7 +2,6 @@
 config precedence, free ports, and a clean, quick stop."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

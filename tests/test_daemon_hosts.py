@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from .conftest import REPO
 from .netns import lab, leftover_namespaces

@@ -37,7 +37,7 @@ def test_three_daemons_converge_and_notice_a_stop_and_a_restart(tmp_path):
                 assert link.link.rtt_s > 0 and link.link.bandwidth_bytes_per_s > 0
                 assert link.link.from_node < link.link.to_node
 
-            c_id, c_dir = c.node_id, c.settings.data_dir
+            c_id = c.node_id
             c_task = asyncio.create_task(c.stop())  # a clean stop says goodbye
             await c_task
             await until(lambda: statuses(a)["c"] == pb.LEFT and statuses(b)["c"] == pb.LEFT, 3)
@@ -76,15 +76,23 @@ def test_a_silent_node_goes_down_within_the_bound(tmp_path):
 def test_a_copied_data_dir_is_noticed_and_the_newer_node_takes_a_new_id(tmp_path):
     async def scenario():
         a = await started(settings(tmp_path, "a"))
+        c = await started(settings(tmp_path, "c", [f"127.0.0.1:{a.grpc_port}"]))
+        await until(lambda: statuses(c).get("a") == pb.UP, 10)
         shutil.copytree(tmp_path / "a", tmp_path / "copy")
-        b = await started(settings(tmp_path, "copy", [f"127.0.0.1:{a.grpc_port}"]))
+        # The copy knows only c: it meets a through c's records.
+        copy = await started(settings(tmp_path, "copy", [f"127.0.0.1:{c.grpc_port}"]))
+        original = a.node_id
         try:
-            await until(lambda: b.node_id != a.node_id and statuses(a).get("copy") == pb.UP, 10)
-            assert (tmp_path / "copy" / "node_id").read_text().strip() == b.node_id
-            assert (tmp_path / "a" / "node_id").read_text().strip() == a.node_id
+            assert copy.node_id == original  # it started with the copied id
+            await until(lambda: copy.node_id != original, 10)
+            everyone = {"a": pb.UP, "c": pb.UP, "copy": pb.UP}
+            await until(lambda: all(statuses(n) == everyone for n in (a, c, copy)), 10)
+            assert a.node_id == original and c.view.member(original).record.profile.name == "a"
+            assert (tmp_path / "copy" / "node_id").read_text().strip() == copy.node_id
+            assert (tmp_path / "a" / "node_id").read_text().strip() == original
         finally:
-            await a.stop()
-            await b.stop()
+            for n in (a, c, copy):
+                await n.stop()
 
     run(scenario())
 
@@ -172,5 +180,27 @@ def test_bad_peers_never_hang_or_crash_the_daemon(tmp_path):
             await a.stop()
             assert asyncio.get_running_loop().time() - stop < 2.0
             await silent.stop(grace=0)
+
+    run(scenario())
+
+
+def test_a_failing_background_round_is_logged_and_retried(tmp_path):
+    from exod.daemon.node import Node
+
+    async def scenario():
+        node = Node(settings(tmp_path, "x"))
+        calls = []
+
+        async def flaky_round():
+            calls.append(1)
+            if len(calls) == 1:
+                raise ValueError("a peer sent something odd")
+            return 0.01
+
+        task = asyncio.create_task(node._forever(flaky_round))
+        await until(lambda: len(calls) >= 3, 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
 
     run(scenario())

@@ -75,3 +75,11 @@ def test_the_planner_sees_only_up_nodes_and_their_links():
     assert [n.node_id for n in cluster.nodes] == ["a", "b"]
     assert [(l.from_node, l.to_node) for l in cluster.links] == [("a", "b")]
     assert len(state.to_proto(view).nodes) == 3
+
+
+def test_a_left_entry_gives_way_to_any_other_life_of_the_id():
+    # A copy of b's data dir started later, was stored under b's id, then
+    # moved to a new id and said goodbye for the old one: b itself, older, returns.
+    view = state.left(state.apply_record(fresh(), record("b", incarnation=200), 0), "b", 200, 10)
+    back = state.apply_record(view, record("b", incarnation=100), 20)
+    assert back.member("b").status == pb.UP and back.member("b").record.incarnation == 100

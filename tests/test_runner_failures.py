@@ -108,7 +108,7 @@ def test_kill_9_of_a_rank_mid_generation_fails_the_survivors(strategy, world, tm
         assert bound < deadlines.peer_s + 3
         for rank in instance.ranks:
             assert rank.status.state == pb.FAILED
-        assert victim.status.reason == f"runner killed by SIGKILL in Running"
+        assert victim.status.reason == "runner killed by SIGKILL in Running"
         for rank in instance.ranks[: world - 1]:
             assert "peer rank lost" in rank.status.reason or "timed out" in rank.status.reason, rank.status.reason
         # The request in flight was answered, not dropped.
