@@ -45,10 +45,10 @@ class Lab:
 
     def limit(self, index: int, rate: str = "20mbit") -> None:
         """Token-bucket both directions of one host's link (no netem here)."""
-        _ip("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit",
+        _ip("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb",
             "latency", "50ms", ns=self.hosts[index])
         _ip("tc", "qdisc", "replace", "dev", f"sw{index}{self.tag}", "root", "tbf", "rate", rate,
-            "burst", "32kbit", "latency", "50ms", ns=self.switch)
+            "burst", "64kb", "latency", "50ms", ns=self.switch)
 
     def run(self, index: int, args: list[str], **popen) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.hosts[index], *args], **popen)
