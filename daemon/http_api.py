@@ -51,7 +51,29 @@ def make_app(node) -> web.Application:
             items = [n for n in items if n.get("status") == wanted]
         return web.json_response({"self_id": state.self_id, "nodes": items})
 
+    async def placement_preview(request):
+        import asyncio
+
+        from . import placement_api
+
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "the body is not JSON")
+        try:
+            placement_request = placement_api.parse_request(body)
+        except placement_api.BadRequest as e:
+            return error(400, str(e))
+        try:
+            plan = await asyncio.to_thread(placement_api.preview, node.view, placement_request, node.models_dir)
+        except placement_api.ModelError as e:
+            return error(404, str(e))
+        except placement_api.PlanError as e:
+            return error(422, str(e))
+        return web.json_response(_json(plan))
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/v1/placements/preview", placement_preview)
     app.router.add_get("/v1/state", cluster_state)
     app.router.add_get("/v1/nodes", nodes)
     return app

@@ -17,7 +17,7 @@ from exod.proto import exod_pb2_grpc as pb_grpc
 
 from . import identity, profile, state
 from .config import PROTOCOL_VERSION, Settings
-from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, PeerServicer, WrongNode, gather_quietly,
+from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, gather_quietly,
                     local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
                     valid_address)
 
@@ -32,6 +32,7 @@ class Node:
         self.settings = settings
         self.timing = state.Timing(int(settings.suspect_after_s * 1000), int(settings.down_after_s * 1000))
         self.data_dir = settings.data_path()
+        self.models_dir = self.data_dir / "models"
         self.node_id = ""
         self.incarnation = 0
         self.record = pb.NodeRecord()
@@ -69,6 +70,7 @@ class Node:
 
         self._grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_PeerServiceServicer_to_server(PeerServicer(self), self._grpc_server)
+        pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self), self._grpc_server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc_server)
         try:
@@ -78,7 +80,7 @@ class Node:
         if not self.grpc_port:
             raise OSError(f"cannot listen for gRPC on {s.grpc_host}:{s.grpc_port}")
         await self._grpc_server.start()
-        for service in ("", "exod.v1.PeerService"):
+        for service in ("", "exod.v1.PeerService", "exod.v1.ClusterService"):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
         from .http_api import start_http

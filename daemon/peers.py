@@ -150,3 +150,29 @@ async def gather_quietly(*aws, timeout: float):
         return await asyncio.wait_for(asyncio.gather(*aws, return_exceptions=True), timeout)
     except asyncio.TimeoutError:
         return []
+
+
+class ClusterServicer(pb_grpc.ClusterServiceServicer):
+    """The client-facing API over gRPC: the same answers as the HTTP API."""
+
+    def __init__(self, node):
+        self.node = node
+
+    async def State(self, request, context):
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        return self.node.cluster_state()
+
+    async def Preview(self, request, context):
+        from . import placement_api
+
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        if not request.model.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        try:
+            return await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
+        except placement_api.ModelError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except placement_api.PlanError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))

@@ -267,3 +267,122 @@ class PeerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ClusterServiceStub:
+    """What a client of any node may ask; placement, instances and chat follow.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.State = channel.unary_unary(
+                '/exod.v1.ClusterService/State',
+                request_serializer=exod_dot_proto_dot_exod__pb2.StateRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.ClusterState.FromString,
+                _registered_method=True)
+        self.Preview = channel.unary_unary(
+                '/exod.v1.ClusterService/Preview',
+                request_serializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.Plan.FromString,
+                _registered_method=True)
+
+
+class ClusterServiceServicer:
+    """What a client of any node may ask; placement, instances and chat follow.
+    """
+
+    def State(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Preview(self, request, context):
+        """Every candidate the planner sees on the current view of the cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ClusterServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'State': grpc.unary_unary_rpc_method_handler(
+                    servicer.State,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.StateRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.ClusterState.SerializeToString,
+            ),
+            'Preview': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preview,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.Plan.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'exod.v1.ClusterService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('exod.v1.ClusterService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ClusterService:
+    """What a client of any node may ask; placement, instances and chat follow.
+    """
+
+    @staticmethod
+    def State(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/State',
+            exod_dot_proto_dot_exod__pb2.StateRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.ClusterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/Preview',
+            exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

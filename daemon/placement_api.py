@@ -1,0 +1,69 @@
+"""Placement requests as the APIs take them: validated once, planned on the
+node's current view of the cluster, the same for HTTP and gRPC."""
+
+from pathlib import Path
+
+from exod.models import ModelError
+from exod.placement import STRATEGY_BY_NAME, PlanError, plan
+from exod.proto import exod_pb2 as pb
+
+from . import state
+
+FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def parse_request(body) -> pb.PlacementRequest:
+    """A PlacementRequest from a JSON object, or BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = set(body) - FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(FIELDS))})")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("model is required: a catalog id, a model directory or a built-in model")
+    request = pb.PlacementRequest(model=model.strip())
+    for name in ("context_length", "concurrency"):
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= 2**32:
+                raise BadRequest(f"{name} must be a positive integer, got {value!r}")
+            setattr(request, name, value)
+    strategy = body.get("strategy")
+    if strategy is not None:
+        if strategy not in STRATEGY_BY_NAME:
+            raise BadRequest(f"strategy must be one of {', '.join(STRATEGY_BY_NAME)}, got {strategy!r}")
+        request.strategy = STRATEGY_BY_NAME[strategy]
+    nodes = body.get("nodes")
+    if nodes is not None:
+        if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
+            raise BadRequest("nodes must be a list of node names or ids")
+        request.nodes.extend(nodes)
+    return request
+
+
+def spec_for(model: str, models_dir: Path) -> pb.ModelSpec:
+    """A catalog id, a model directory, or a built-in model (described from
+    its config until it is built on this node)."""
+    from exod.models import catalog, inventory, synthetic
+
+    if model in synthetic.NAMED:
+        built = Path(models_dir) / model
+        if (built / "config.json").is_file():
+            return inventory.from_directory(built)
+        config = {**synthetic.NAMED[model], "vocab_size": synthetic.TOKENIZER_VOCAB, "torch_dtype": "float32"}
+        return inventory.from_config(config, model)
+    return catalog.resolve(model)
+
+
+def preview(view: state.View, request: pb.PlacementRequest, models_dir: Path) -> pb.Plan:
+    """Blocking (model inventory, planning): call it from a worker thread.
+    Raises ModelError (unknown model) or PlanError (impossible request)."""
+    return plan(spec_for(request.model, models_dir), state.cluster_for_planner(view), request)
+
+
+__all__ = ["BadRequest", "ModelError", "PlanError", "parse_request", "preview", "spec_for"]
