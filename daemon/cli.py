@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -296,6 +297,65 @@ def cmd_run_rank(args) -> int:
     return 0 if rank.status.state == pb.SHUTDOWN else 1
 
 
+# ------------------------------------------------------------------ talking to the local daemon
+
+
+def api_get(args, path: str):
+    import urllib.error
+    import urllib.request
+
+    base = (args.api or os.environ.get("EXOD_API") or "http://127.0.0.1:52415").rstrip("/")
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise UsageError(f"{base}{path}: {e.code} {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(f"no exod daemon answers at {base} ({reason}); start one with `exod start`") from None
+
+
+def _gb(value) -> str:
+    return f"{int(value or 0) / 1e9:.1f}"
+
+
+def cmd_nodes(args) -> int:
+    state = api_get(args, "/v1/state")
+    if args.json:
+        print(json.dumps(state.get("nodes", []), indent=2))
+        return 0
+    print(f"{'NAME':16} {'STATUS':8} {'USABLE':>8} {'FREE':>8} {'CORES':>5}  {'CHIP':28} ID")
+    for n in state.get("nodes", []):
+        p = n["record"]["profile"]
+        me = " (this node)" if p["node_id"] == state.get("self_id") else ""
+        print(f"{p.get('name', '')[:16]:16} {n.get('status', '?'):8} {_gb(p.get('memory_usable_bytes')):>7}G "
+              f"{_gb(n.get('memory_available_bytes')):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
+              f"{p['node_id'][:12]}{me}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    state = api_get(args, "/v1/state")
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    nodes = state.get("nodes", [])
+    names = {n["record"]["profile"]["node_id"]: n["record"]["profile"].get("name", "") for n in nodes}
+    up = [n for n in nodes if n.get("status") == "UP"]
+    print(f"cluster {state.get('cluster_id')}: {len(up)} of {len(nodes)} nodes up, "
+          f"{_gb(sum(int(n['record']['profile'].get('memory_usable_bytes', 0)) for n in up))} GB usable")
+    for link in state.get("links", []):
+        rtt = link.get("rtt_s", 0) * 1000
+        bandwidth = link.get("bandwidth_bytes_per_s", 0) / 1e6
+        print(f"  {names.get(link['from_node'], link['from_node'][:8])} - {names.get(link['to_node'], link['to_node'][:8])}:"
+              f" {rtt:.2f} ms, {bandwidth:.0f} MB/s via {link.get('from_address', '?')} -> {link.get('to_address', '?')}")
+    return 0
+
+
 # ------------------------------------------------------------------ start
 
 
@@ -357,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    for name, func, text in (("status", cmd_status, "the cluster as the local daemon sees it: nodes and links"),
+                             ("nodes", cmd_nodes, "the nodes the local daemon knows, with status and memory")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--api", help="the daemon's HTTP API (default $EXOD_API or http://127.0.0.1:52415)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("start", help="run the daemon on this machine")
     p.add_argument("--name", help="node name (default: the host name)")

@@ -98,6 +98,13 @@ def test_start_prints_its_ports_serves_json_and_stops_cleanly(daemon):
                               (f"{api}/v1/state", "POST", 405)):
         status, body = get(url, method)
         assert status == code and body["error"]["code"] == code and body["error"]["message"]
+    for command, words in ((["nodes"], "solo"), (["status"], "1 of 1 nodes up")):
+        out = subprocess.run([sys.executable, "-m", "exod.daemon.cli", *command, "--api", api], cwd=REPO,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and words in out.stdout, out.stderr
+    nodes = json.loads(subprocess.run([sys.executable, "-m", "exod.daemon.cli", "nodes", "--json", "--api", api],
+                                      cwd=REPO, capture_output=True, text=True, timeout=30).stdout)
+    assert nodes[0]["record"]["profile"]["name"] == "solo"
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 0
@@ -125,3 +132,11 @@ def test_a_taken_port_is_a_one_line_error(tmp_path, daemon):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("exod: error: cannot start"), proc.stderr
+
+
+def test_cli_without_a_daemon_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "nodes", "--api", "http://127.0.0.1:9"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no exod daemon answers at http://127.0.0.1:9" in lines[0]
