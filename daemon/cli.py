@@ -328,12 +328,12 @@ def cmd_nodes(args) -> int:
     if args.json:
         print(json.dumps(state.get("nodes", []), indent=2))
         return 0
-    print(f"{'NAME':16} {'STATUS':8} {'USABLE':>8} {'FREE':>8} {'CORES':>5}  {'CHIP':28} ID")
+    print(f"{'NAME':16} {'STATUS':8} {'USABLE':>8} {'RESERVED':>9} {'FREE':>8} {'CORES':>5}  {'CHIP':28} ID")
     for n in state.get("nodes", []):
         p = n["record"]["profile"]
         me = " (this node)" if p["node_id"] == state.get("self_id") else ""
         print(f"{p.get('name', '')[:16]:16} {n.get('status', '?'):8} {_gb(p.get('memory_usable_bytes')):>7}G "
-              f"{_gb(n.get('memory_available_bytes')):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
+              f"{_gb(n.get('memory_reserved_bytes')):>8}G {_gb(n.get('memory_available_bytes')):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
               f"{p['node_id'][:12]}{me}")
     return 0
 

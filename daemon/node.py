@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-from . import identity, profile, state
+from . import identity, profile, reservations, state
 from .config import PROTOCOL_VERSION, Settings
 from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, gather_quietly,
                     local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
@@ -24,6 +24,7 @@ from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerService
 log = structlog.get_logger("exod")
 THROUGHPUT_PROBE_BYTES = 2 * 1024 * 1024
 UNKNOWN_EXPIRY_S = 60.0  # a discovered address that never answers is dropped
+RESERVATION_TTL_MS = 60_000  # an unconfirmed reservation lapses after this
 DOWN_HEARTBEAT_EVERY = 4  # rounds between heartbeats to a Down peer
 
 
@@ -33,6 +34,7 @@ class Node:
         self.timing = state.Timing(int(settings.suspect_after_s * 1000), int(settings.down_after_s * 1000))
         self.data_dir = settings.data_path()
         self.models_dir = self.data_dir / "models"
+        self.ledger = reservations.Ledger()
         self.node_id = ""
         self.incarnation = 0
         self.record = pb.NodeRecord()
@@ -196,7 +198,34 @@ class Node:
         if self.discovery is not None:
             self._spawn(self.discovery.republish())
 
-    def on_heartbeat(self, node_id: str, incarnation: int, version: int, available: int) -> None:
+    # ---------------------------------------------------------------- reservations
+
+    def reserve(self, reservation: pb.Reservation) -> pb.ReserveResponse:
+        """Admit or refuse on this node alone; the event loop runs one at a time."""
+        pending = pb.Reservation()
+        pending.CopyFrom(reservation)
+        if not pending.expires_at_unix_ms:
+            pending.expires_at_unix_ms = now_ms() + RESERVATION_TTL_MS
+        usable = self.record.profile.memory_usable_bytes
+        self.ledger, admitted, reason = reservations.admit(self.ledger, pending, usable)
+        self._publish_reserved()
+        if admitted:
+            log.info("reserved", reservation=pending.reservation_id, instance=pending.instance_id,
+                     gb=round(pending.bytes / 1e9, 2))
+        return pb.ReserveResponse(admitted=admitted, reason=reason, usable_bytes=usable,
+                                  reserved_bytes=self.ledger.reserved_bytes())
+
+    def release(self, reservation_id: str) -> bool:
+        self.ledger, released = reservations.release(self.ledger, reservation_id)
+        self._publish_reserved()
+        return released
+
+    def _publish_reserved(self) -> None:
+        self.view = state.heard_from(self.view, self.node_id, self.incarnation, self.available_memory, now_ms(),
+                                     reserved=self.ledger.reserved_bytes())
+
+    def on_heartbeat(self, node_id: str, incarnation: int, version: int, available: int,
+                     reserved: int = 0) -> None:
         if node_id == self.node_id:
             return  # a twin shows itself through an exchange, which compares ages
         member = self.view.member(node_id)
@@ -205,7 +234,7 @@ class Node:
             self._exchange_now.add(node_id)
             if member is None:
                 return
-        self.view = state.heard_from(self.view, node_id, incarnation, available, now_ms())
+        self.view = state.heard_from(self.view, node_id, incarnation, available, now_ms(), reserved)
 
     def on_leave(self, node_id: str, incarnation: int) -> None:
         self.view = state.left(self.view, node_id, incarnation, now_ms())
@@ -304,7 +333,8 @@ class Node:
         self._rounds += 1
         request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation,
                                       version=self.record.version, cluster_id=self.settings.cluster,
-                                      memory_available_bytes=self.available_memory)
+                                      memory_available_bytes=self.available_memory,
+                                      memory_reserved_bytes=self.ledger.reserved_bytes())
         # Down peers are asked less often, and no round waits longer than the
         # period, so one dead peer never delays the others' heartbeats.
         peers = [m for m in self.view.peers()
@@ -334,7 +364,7 @@ class Node:
                                        or member.status == pb.LEFT):
                 self._exchange_now.add(node_id)
             self.view = state.heard_from(self.view, node_id, response.incarnation,
-                                         response.memory_available_bytes, now_ms())
+                                         response.memory_available_bytes, now_ms(), response.memory_reserved_bytes)
             return
 
     async def _exchange_round(self) -> float:
@@ -345,6 +375,10 @@ class Node:
 
     async def _tick_round(self) -> float:
         before = {k: m.status for k, m in self.view.members.items()}
+        lapsed = reservations.expire(self.ledger, now_ms())
+        if lapsed is not self.ledger:
+            self.ledger = lapsed
+            self._publish_reserved()
         self.view = state.tick(self.view, now_ms(), self.timing)
         for node_id, member in self.view.members.items():
             if before.get(node_id) not in (None, member.status):

@@ -69,10 +69,21 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
     async def Heartbeat(self, request, context):
         await self._check_cluster(request.cluster_id, context)
         self.node.on_heartbeat(request.node_id, request.incarnation, request.version,
-                               request.memory_available_bytes)
+                               request.memory_available_bytes, request.memory_reserved_bytes)
         return pb.HeartbeatResponse(node_id=self.node.node_id, incarnation=self.node.incarnation,
                                     version=self.node.record.version,
-                                    memory_available_bytes=self.node.available_memory)
+                                    memory_available_bytes=self.node.available_memory,
+                                    memory_reserved_bytes=self.node.ledger.reserved_bytes())
+
+    async def Reserve(self, request, context):
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        return self.node.reserve(request.reservation)
+
+    async def Release(self, request, context):
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        return pb.ReleaseResponse(released=self.node.release(request.reservation_id))
 
     async def Ping(self, request, context):
         if len(request.payload) > MAX_PING_PAYLOAD:

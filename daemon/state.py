@@ -23,6 +23,7 @@ class Member:
     status: int = pb.UP
     last_seen_ms: int = 0
     memory_available_bytes: int = 0
+    memory_reserved_bytes: int = 0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -50,7 +51,9 @@ def _with_member(view: View, member: Member) -> View:
 
 
 def set_self(view: View, record: pb.NodeRecord, available: int, now_ms: int) -> View:
-    return _with_member(view, Member(record, pb.UP, now_ms, available))
+    current = view.members.get(record.profile.node_id)
+    reserved = current.memory_reserved_bytes if current is not None else 0
+    return _with_member(view, Member(record, pb.UP, now_ms, available, reserved))
 
 
 def apply_record(view: View, record: pb.NodeRecord, now_ms: int) -> View:
@@ -85,15 +88,19 @@ def apply_link(view: View, link: pb.LinkRecord) -> View:
     return replace(view, links=links)
 
 
-def heard_from(view: View, node_id: str, incarnation: int, available: int, now_ms: int) -> View:
-    """A direct answer from the node (heartbeat, exchange): it is up."""
+def heard_from(view: View, node_id: str, incarnation: int, available: int, now_ms: int,
+               reserved: int | None = None) -> View:
+    """A direct answer from the node (heartbeat, exchange): it is up, with
+    this much memory free and reserved (None: not said)."""
     current = view.members.get(node_id)
     if current is None or incarnation < current.record.incarnation:
         return view
     if current.status == pb.LEFT and incarnation == current.record.incarnation:
         return view  # a late message from a node that already said goodbye
     return _with_member(view, replace(current, status=pb.UP, last_seen_ms=now_ms,
-                                      memory_available_bytes=available or current.memory_available_bytes))
+                                      memory_available_bytes=available or current.memory_available_bytes,
+                                      memory_reserved_bytes=current.memory_reserved_bytes if reserved is None
+                                      else reserved))
 
 
 def left(view: View, node_id: str, incarnation: int, now_ms: int) -> View:
@@ -124,15 +131,16 @@ def to_proto(view: View) -> pb.ClusterState:
     for node_id in sorted(view.members):
         m = view.members[node_id]
         state.nodes.append(pb.NodeState(record=m.record, status=m.status, last_seen_unix_ms=m.last_seen_ms,
-                                        memory_available_bytes=m.memory_available_bytes))
+                                        memory_available_bytes=m.memory_available_bytes,
+                                        memory_reserved_bytes=m.memory_reserved_bytes))
     for key in sorted(view.links):
         state.links.append(view.links[key].link)
     return state
 
 
 def cluster_for_planner(view: View) -> pb.Cluster:
-    """The nodes that are up, with their current free memory, and the links
-    between them: what the planner plans onto."""
+    """The nodes that are up, with their current free memory and what is not
+    yet reserved, and the links between them: what the planner plans onto."""
     cluster = pb.Cluster()
     up = {node_id for node_id, m in view.members.items() if m.status == pb.UP}
     for node_id in sorted(up):
@@ -140,6 +148,7 @@ def cluster_for_planner(view: View) -> pb.Cluster:
         profile = pb.NodeProfile()
         profile.CopyFrom(member.record.profile)
         profile.memory_available_bytes = member.memory_available_bytes or profile.memory_available_bytes
+        profile.memory_usable_bytes = max(0, profile.memory_usable_bytes - member.memory_reserved_bytes)
         cluster.nodes.append(profile)
     for (a, b), record in sorted(view.links.items()):
         if a in up and b in up:

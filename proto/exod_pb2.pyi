@@ -678,16 +678,18 @@ class LinkRecord(_message.Message):
     def __init__(self, link: _Optional[_Union[Link, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("record", "status", "last_seen_unix_ms", "memory_available_bytes")
+    __slots__ = ("record", "status", "last_seen_unix_ms", "memory_available_bytes", "memory_reserved_bytes")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     record: NodeRecord
     status: NodeStatus
     last_seen_unix_ms: int
     memory_available_bytes: int
-    def __init__(self, record: _Optional[_Union[NodeRecord, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+    memory_reserved_bytes: int
+    def __init__(self, record: _Optional[_Union[NodeRecord, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterState(_message.Message):
     __slots__ = ("cluster_id", "self_id", "nodes", "links")
@@ -722,30 +724,78 @@ class ExchangeResponse(_message.Message):
     def __init__(self, responder: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "version", "cluster_id", "memory_available_bytes")
+    __slots__ = ("node_id", "incarnation", "version", "cluster_id", "memory_available_bytes", "memory_reserved_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     version: int
     cluster_id: str
     memory_available_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., cluster_id: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+    memory_reserved_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., cluster_id: _Optional[str] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("node_id", "incarnation", "version", "memory_available_bytes")
+    __slots__ = ("node_id", "incarnation", "version", "memory_available_bytes", "memory_reserved_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
     version: int
     memory_available_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+    memory_reserved_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
+
+class Reservation(_message.Message):
+    __slots__ = ("reservation_id", "instance_id", "rank", "bytes", "expires_at_unix_ms")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    instance_id: str
+    rank: int
+    bytes: int
+    expires_at_unix_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("reservation",)
+    RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    reservation: Reservation
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("admitted", "reason", "usable_bytes", "reserved_bytes")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    USABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    admitted: bool
+    reason: str
+    usable_bytes: int
+    reserved_bytes: int
+    def __init__(self, admitted: _Optional[bool] = ..., reason: _Optional[str] = ..., usable_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload",)

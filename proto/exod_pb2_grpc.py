@@ -59,6 +59,16 @@ class PeerServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/exod.v1.PeerService/Reserve',
+                request_serializer=exod_dot_proto_dot_exod__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/exod.v1.PeerService/Release',
+                request_serializer=exod_dot_proto_dot_exod__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -94,6 +104,18 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.LeaveRequest.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.ReserveRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.ReleaseRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +290,60 @@ class PeerService:
             '/exod.v1.PeerService/Leave',
             exod_dot_proto_dot_exod__pb2.LeaveRequest.SerializeToString,
             exod_dot_proto_dot_exod__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/Reserve',
+            exod_dot_proto_dot_exod__pb2.ReserveRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/Release',
+            exod_dot_proto_dot_exod__pb2.ReleaseRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
