@@ -371,7 +371,18 @@ class Node:
         addresses = [a for m in self.view.peers() if m.status == pb.UP
                      if (a := self._address_of(m.record.profile.node_id))]
         await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+        await self._forget_stale()
         return self.settings.exchange_s
+
+    async def _forget_stale(self) -> None:
+        """Addresses and channels of nodes the view has forgotten."""
+        for node_id in set(self._candidates) - set(self.view.members):
+            self._candidates.pop(node_id, None)
+            self._route.pop(node_id, None)
+            self._link_versions.pop(node_id, None)
+        wanted = set(self._unknown).union(*self._candidates.values()) if self._candidates else set(self._unknown)
+        for address in set(self._channels) - wanted:
+            await self._channels.pop(address).close()
 
     async def _tick_round(self) -> float:
         before = {k: m.status for k, m in self.view.members.items()}

@@ -15,6 +15,7 @@ from exod.proto import exod_pb2 as pb
 class Timing:
     suspect_after_ms: int = 1500
     down_after_ms: int = 3000
+    forget_after_ms: int = 3_600_000  # Down or Left this long: dropped from the view
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,26 @@ def left(view: View, node_id: str, incarnation: int, now_ms: int) -> View:
 
 
 def tick(view: View, now_ms: int, timing: Timing) -> View:
-    """Up -> Suspect -> Down as heartbeats stay missing."""
-    changed = {}
+    """Up -> Suspect -> Down as heartbeats stay missing; nodes Down or Left
+    for forget_after_ms leave the view, with their links."""
+    changed, forgotten = {}, set()
     for node_id, member in view.members.items():
-        if node_id == view.self_id or member.status in (pb.LEFT, pb.DOWN):
+        if node_id == view.self_id:
+            continue
+        if member.status in (pb.LEFT, pb.DOWN):
+            if now_ms - member.last_seen_ms >= timing.forget_after_ms:
+                forgotten.add(node_id)
             continue
         silent = now_ms - member.last_seen_ms
         status = pb.DOWN if silent >= timing.down_after_ms else pb.SUSPECT if silent >= timing.suspect_after_ms \
             else member.status
         if status != member.status:
             changed[node_id] = replace(member, status=status)
-    if not changed:
+    if not changed and not forgotten:
         return view
-    return replace(view, members={**view.members, **changed})
+    members = {k: v for k, v in {**view.members, **changed}.items() if k not in forgotten}
+    links = {k: v for k, v in view.links.items() if not (set(k) & forgotten)}
+    return replace(view, members=members, links=links)
 
 
 def to_proto(view: View) -> pb.ClusterState:

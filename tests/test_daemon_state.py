@@ -83,3 +83,14 @@ def test_a_left_entry_gives_way_to_any_other_life_of_the_id():
     view = state.left(state.apply_record(fresh(), record("b", incarnation=200), 0), "b", 200, 10)
     back = state.apply_record(view, record("b", incarnation=100), 20)
     assert back.member("b").status == pb.UP and back.member("b").record.incarnation == 100
+
+
+def test_long_gone_nodes_are_forgotten_with_their_links():
+    timing = state.Timing(suspect_after_ms=1500, down_after_ms=3000, forget_after_ms=10_000)
+    view = state.apply_record(fresh(), record("b"), 0)
+    view = state.apply_link(view, pb.LinkRecord(link=pb.Link(from_node="a", to_node="b"), version=1))
+    view = state.tick(view, 3000, timing)
+    assert view.member("b").status == pb.DOWN
+    assert state.tick(view, 9000, timing).member("b") is not None
+    gone = state.tick(view, 10_000, timing)
+    assert gone.member("b") is None and not gone.links and gone.member("a") is not None
