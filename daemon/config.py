@@ -32,6 +32,7 @@ class Settings:
     memory_limit: int = 0  # bytes; 0: no cap
     cluster: str = "default"
     discovery: bool = True  # mDNS
+    api_token: str = ""  # bearer token for mutations from other hosts (none: loopback only)
     heartbeat_s: float = 0.5
     suspect_after_s: float = 1.5
     down_after_s: float = 3.0

@@ -72,6 +72,74 @@ def make_app(node) -> web.Application:
             return error(422, str(e))
         return web.json_response(_json(plan))
 
+    def allowed(request) -> bool:
+        """Mutations: from loopback, or with the daemon's bearer token."""
+        import hmac
+        import ipaddress
+
+        try:
+            if ipaddress.ip_address(request.remote or "").is_loopback:
+                return True
+        except ValueError:
+            pass
+        token = node.settings.api_token
+        given = request.headers.get("Authorization", "")
+        return bool(token) and hmac.compare_digest(given, f"Bearer {token}")
+
+    async def create_instance(request):
+        from . import placement_api
+        from .work import Refused
+
+        if not allowed(request):
+            return error(403, "placing from another host needs the daemon's bearer token")
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "the body is not JSON")
+        try:
+            placement_request = placement_api.parse_request(body)
+            instance = await node.work.create(placement_request)
+        except placement_api.BadRequest as e:
+            return error(400, str(e))
+        except placement_api.ModelError as e:
+            return error(404, str(e))
+        except (placement_api.PlanError, Refused) as e:
+            return error(409, str(e))
+        return web.json_response(_json(instance), status=201)
+
+    def find(instance_id):
+        from . import state as cluster
+
+        return next((i for i in cluster.instances(node.view) if i.instance_id == instance_id), None)
+
+    async def list_instances(request):
+        from . import state as cluster
+
+        return web.json_response({"instances": [_json(i) for i in cluster.instances(node.view)]})
+
+    async def get_instance(request):
+        instance = find(request.match_info["instance_id"])
+        if instance is None:
+            return error(404, f"no instance {request.match_info['instance_id']!r}")
+        return web.json_response(_json(instance))
+
+    async def delete_instance(request):
+        if not allowed(request):
+            return error(403, "deleting from another host needs the daemon's bearer token")
+        instance_id = request.match_info["instance_id"]
+        if instance_id not in node.work.owned:
+            found = find(instance_id)
+            if found is None:
+                return error(404, f"no instance {instance_id!r}")
+            owner = next((k for k, w in node.view.work.items() if any(i.instance_id == instance_id for i in w.instances)), "")
+            return error(409, f"instance {instance_id} is owned by node {owner[:12]}; delete it there")
+        await node.work.delete(instance_id)
+        return web.json_response({"deleted": instance_id})
+
+    app.router.add_post("/v1/instances", create_instance)
+    app.router.add_get("/v1/instances", list_instances)
+    app.router.add_get("/v1/instances/{instance_id}", get_instance)
+    app.router.add_delete("/v1/instances/{instance_id}", delete_instance)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/placements/preview", placement_preview)
     app.router.add_get("/v1/state", cluster_state)

@@ -17,7 +17,7 @@ from exod.proto import exod_pb2_grpc as pb_grpc
 
 from . import identity, profile, reservations, state
 from .config import PROTOCOL_VERSION, Settings
-from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, gather_quietly,
+from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, free_port, gather_quietly,
                     local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
                     valid_address)
 
@@ -35,6 +35,9 @@ class Node:
         self.data_dir = settings.data_path()
         self.models_dir = self.data_dir / "models"
         self.ledger = reservations.Ledger()
+        from .work import Work
+
+        self.work = Work(self)
         self.node_id = ""
         self.incarnation = 0
         self.record = pb.NodeRecord()
@@ -104,6 +107,7 @@ class Node:
 
     async def stop(self) -> None:
         self.stopping = True
+        await self.work.stop_all()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -144,7 +148,10 @@ class Node:
     def known_records(self) -> tuple[list, list]:
         return [m.record for m in self.view.members.values()], list(self.view.links.values())
 
-    def absorb(self, sender: pb.NodeRecord, records, links, direct: bool) -> None:
+    def known_work(self) -> list:
+        return list(self.view.work.values())
+
+    def absorb(self, sender: pb.NodeRecord, records, links, direct: bool, work=()) -> None:
         now = now_ms()
         if sender.profile.node_id == self.node_id and sender.incarnation != self.incarnation:
             if direct:  # a live node with our id; second-hand, it is only our past life
@@ -154,6 +161,9 @@ class Node:
             self._learn(record, now)
         for link in links:
             self.view = state.apply_link(self.view, link)
+        for record in work:
+            if record.node_id != self.node_id and self.view.member(record.node_id) is not None:
+                self.view = state.apply_work(self.view, record)
         if direct and sender.profile.node_id != self.node_id:
             self.view = state.heard_from(self.view, sender.profile.node_id, sender.incarnation, 0, now)
 
@@ -209,11 +219,46 @@ class Node:
         usable = self.record.profile.memory_usable_bytes
         self.ledger, admitted, reason = reservations.admit(self.ledger, pending, usable)
         self._publish_reserved()
+        port = free_port() if admitted else 0
         if admitted:
             log.info("reserved", reservation=pending.reservation_id, instance=pending.instance_id,
                      gb=round(pending.bytes / 1e9, 2))
         return pb.ReserveResponse(admitted=admitted, reason=reason, usable_bytes=usable,
-                                  reserved_bytes=self.ledger.reserved_bytes())
+                                  reserved_bytes=self.ledger.reserved_bytes(), port=port)
+
+    async def exchange_with_all(self) -> None:
+        addresses = [a for m in self.view.peers() if m.status == pb.UP
+                     if (a := self._address_of(m.record.profile.node_id))]
+        await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+
+    def host_of(self, node_id: str) -> str:
+        """The address a node's ranks listen on: where its peers reach it."""
+        address = self.grpc_addresses()[0] if node_id == self.node_id else self._address_of(node_id)
+        return split_hostport(address)[0] if address else ""
+
+    async def reserve_on(self, node_id: str, reservation: pb.Reservation) -> pb.ReserveResponse:
+        if node_id == self.node_id:
+            return self.reserve(reservation)
+        return await self._stub(self._address_of(node_id)).Reserve(
+            pb.ReserveRequest(reservation=reservation), timeout=5)
+
+    async def release_on(self, node_id: str, reservation_id: str) -> None:
+        if node_id == self.node_id:
+            self.release(reservation_id)
+            return
+        await self._stub(self._address_of(node_id)).Release(pb.ReleaseRequest(reservation_id=reservation_id), timeout=5)
+
+    async def start_on(self, node_id: str, request: pb.StartRunnerRequest) -> pb.StartRunnerResponse:
+        if node_id == self.node_id:
+            return await self.work.start_runner(request)
+        return await self._stub(self._address_of(node_id)).StartRunner(request, timeout=600)
+
+    async def stop_on(self, node_id: str, instance_id: str) -> None:
+        if node_id == self.node_id:
+            await self.work.stop_instance(instance_id)
+            return
+        await self._stub(self._address_of(node_id)).StopInstance(
+            pb.StopInstanceRequest(instance_id=instance_id), timeout=30)
 
     def release(self, reservation_id: str) -> bool:
         self.ledger, released = reservations.release(self.ledger, reservation_id)
@@ -283,7 +328,7 @@ class Node:
 
     async def _exchange(self, address: str) -> pb.ExchangeResponse | None:
         records, links = self.known_records()
-        request = pb.ExchangeRequest(sender=self.record, nodes=records, links=links)
+        request = pb.ExchangeRequest(sender=self.record, nodes=records, links=links, work=self.known_work())
         try:
             response = await self._stub(address).Exchange(request, timeout=2.0)
         except grpc.aio.AioRpcError as e:
@@ -295,7 +340,7 @@ class Node:
             log.info("ignoring node", address=address, cluster=responder.cluster_id,
                      protocol=responder.protocol_version)
             return None
-        self.absorb(responder, response.nodes, response.links, direct=True)
+        self.absorb(responder, response.nodes, response.links, direct=True, work=response.work)
         if responder.profile.node_id and responder.profile.node_id != self.node_id and valid_address(address):
             self._candidates.setdefault(responder.profile.node_id, set()).add(address)
         return response
@@ -386,6 +431,7 @@ class Node:
 
     async def _tick_round(self) -> float:
         before = {k: m.status for k, m in self.view.members.items()}
+        self.work.supervise()
         lapsed = reservations.expire(self.ledger, now_ms())
         if lapsed is not self.ledger:
             self.ledger = lapsed

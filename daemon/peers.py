@@ -62,9 +62,10 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {MAX_RECORDS} records in one exchange")
         if not request.sender.profile.node_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sender has no node id")
-        self.node.absorb(request.sender, request.nodes, request.links, direct=True)
+        self.node.absorb(request.sender, request.nodes, request.links, direct=True, work=request.work)
         records, links = self.node.known_records()
-        return pb.ExchangeResponse(responder=self.node.record, nodes=records, links=links)
+        return pb.ExchangeResponse(responder=self.node.record, nodes=records, links=links,
+                                   work=self.node.known_work())
 
     async def Heartbeat(self, request, context):
         await self._check_cluster(request.cluster_id, context)
@@ -79,6 +80,14 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         if self.node.view is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         return self.node.reserve(request.reservation)
+
+    async def StartRunner(self, request, context):
+        if self.node.view is None or self.node.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting or stopping")
+        return await self.node.work.start_runner(request)
+
+    async def StopInstance(self, request, context):
+        return pb.StopInstanceResponse(stopped=await self.node.work.stop_instance(request.instance_id))
 
     async def Release(self, request, context):
         if self.node.view is None:
@@ -187,3 +196,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,7 @@ node's current view of the cluster, the same for HTTP and gRPC."""
 from pathlib import Path
 
 from exod.models import ModelError
-from exod.placement import STRATEGY_BY_NAME, PlanError, plan
+from exod.placement import STRATEGY_BY_NAME, STRATEGY_NAMES, PlanError, plan
 from exod.proto import exod_pb2 as pb
 
 from . import state
@@ -66,4 +66,4 @@ def preview(view: state.View, request: pb.PlacementRequest, models_dir: Path) ->
     return plan(spec_for(request.model, models_dir), state.cluster_for_planner(view), request)
 
 
-__all__ = ["BadRequest", "ModelError", "PlanError", "parse_request", "preview", "spec_for"]
+__all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "parse_request", "preview", "spec_for"]

@@ -37,6 +37,7 @@ class View:
     cluster_id: str
     members: dict = field(default_factory=dict)  # node id -> Member
     links: dict = field(default_factory=dict)    # (from, to) -> LinkRecord
+    work: dict = field(default_factory=dict)     # node id -> WorkRecord (runners, owned instances)
 
     def member(self, node_id: str) -> Member | None:
         return self.members.get(node_id)
@@ -89,6 +90,33 @@ def apply_link(view: View, link: pb.LinkRecord) -> View:
     return replace(view, links=links)
 
 
+def apply_work(view: View, record: pb.WorkRecord) -> View:
+    current = view.work.get(record.node_id)
+    if not record.node_id or (current is not None and record.version <= current.version):
+        return view
+    return replace(view, work={**view.work, record.node_id: record})
+
+
+def instances(view: View) -> list[pb.Instance]:
+    """Every owned instance, with each rank's latest status from the node that runs it."""
+    statuses = {}
+    for record in view.work.values():
+        for runner in record.runners:
+            statuses[(runner.instance_id, runner.rank)] = runner
+    found = []
+    for node_id in sorted(view.work):
+        for owned in view.work[node_id].instances:
+            instance = pb.Instance()
+            instance.CopyFrom(owned)
+            del instance.runners[:]
+            for rank in owned.placement.ranks:
+                status = statuses.get((owned.instance_id, rank.rank))
+                instance.runners.append(status or pb.RunnerStatus(instance_id=owned.instance_id, rank=rank.rank,
+                                                                  node_id=rank.node_id, state=pb.IDLE))
+            found.append(instance)
+    return found
+
+
 def heard_from(view: View, node_id: str, incarnation: int, available: int, now_ms: int,
                reserved: int | None = None) -> View:
     """A direct answer from the node (heartbeat, exchange): it is up, with
@@ -131,7 +159,8 @@ def tick(view: View, now_ms: int, timing: Timing) -> View:
         return view
     members = {k: v for k, v in {**view.members, **changed}.items() if k not in forgotten}
     links = {k: v for k, v in view.links.items() if not (set(k) & forgotten)}
-    return replace(view, members=members, links=links)
+    work = {k: v for k, v in view.work.items() if k not in forgotten}
+    return replace(view, members=members, links=links, work=work)
 
 
 def to_proto(view: View) -> pb.ClusterState:
@@ -143,6 +172,7 @@ def to_proto(view: View) -> pb.ClusterState:
                                         memory_reserved_bytes=m.memory_reserved_bytes))
     for key in sorted(view.links):
         state.links.append(view.links[key].link)
+    state.instances.extend(instances(view))
     return state
 
 

@@ -692,36 +692,42 @@ class NodeState(_message.Message):
     def __init__(self, record: _Optional[_Union[NodeRecord, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("cluster_id", "self_id", "nodes", "links")
+    __slots__ = ("cluster_id", "self_id", "nodes", "links", "instances")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SELF_ID_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     self_id: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
     links: _containers.RepeatedCompositeFieldContainer[Link]
-    def __init__(self, cluster_id: _Optional[str] = ..., self_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, cluster_id: _Optional[str] = ..., self_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class ExchangeRequest(_message.Message):
-    __slots__ = ("sender", "nodes", "links")
+    __slots__ = ("sender", "nodes", "links", "work")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    WORK_FIELD_NUMBER: _ClassVar[int]
     sender: NodeRecord
     nodes: _containers.RepeatedCompositeFieldContainer[NodeRecord]
     links: _containers.RepeatedCompositeFieldContainer[LinkRecord]
-    def __init__(self, sender: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ...) -> None: ...
+    work: _containers.RepeatedCompositeFieldContainer[WorkRecord]
+    def __init__(self, sender: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ..., work: _Optional[_Iterable[_Union[WorkRecord, _Mapping]]] = ...) -> None: ...
 
 class ExchangeResponse(_message.Message):
-    __slots__ = ("responder", "nodes", "links")
+    __slots__ = ("responder", "nodes", "links", "work")
     RESPONDER_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    WORK_FIELD_NUMBER: _ClassVar[int]
     responder: NodeRecord
     nodes: _containers.RepeatedCompositeFieldContainer[NodeRecord]
     links: _containers.RepeatedCompositeFieldContainer[LinkRecord]
-    def __init__(self, responder: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ...) -> None: ...
+    work: _containers.RepeatedCompositeFieldContainer[WorkRecord]
+    def __init__(self, responder: _Optional[_Union[NodeRecord, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeRecord, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ..., work: _Optional[_Iterable[_Union[WorkRecord, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "incarnation", "version", "cluster_id", "memory_available_bytes", "memory_reserved_bytes")
@@ -774,16 +780,60 @@ class ReserveRequest(_message.Message):
     def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("admitted", "reason", "usable_bytes", "reserved_bytes")
+    __slots__ = ("admitted", "reason", "usable_bytes", "reserved_bytes", "port")
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     USABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
     admitted: bool
     reason: str
     usable_bytes: int
     reserved_bytes: int
-    def __init__(self, admitted: _Optional[bool] = ..., reason: _Optional[str] = ..., usable_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ...) -> None: ...
+    port: int
+    def __init__(self, admitted: _Optional[bool] = ..., reason: _Optional[str] = ..., usable_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., port: _Optional[int] = ...) -> None: ...
+
+class StartRunnerRequest(_message.Message):
+    __slots__ = ("spec", "reservation_id", "model")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    spec: RunnerSpec
+    reservation_id: str
+    model: str
+    def __init__(self, spec: _Optional[_Union[RunnerSpec, _Mapping]] = ..., reservation_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class StartRunnerResponse(_message.Message):
+    __slots__ = ("started", "reason")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    started: bool
+    reason: str
+    def __init__(self, started: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StopInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class StopInstanceResponse(_message.Message):
+    __slots__ = ("stopped",)
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    stopped: int
+    def __init__(self, stopped: _Optional[int] = ...) -> None: ...
+
+class WorkRecord(_message.Message):
+    __slots__ = ("node_id", "version", "runners", "instances")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNNERS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    version: int
+    runners: _containers.RepeatedCompositeFieldContainer[RunnerStatus]
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id",)

@@ -69,6 +69,16 @@ class PeerServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.StartRunner = channel.unary_unary(
+                '/exod.v1.PeerService/StartRunner',
+                request_serializer=exod_dot_proto_dot_exod__pb2.StartRunnerRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.StartRunnerResponse.FromString,
+                _registered_method=True)
+        self.StopInstance = channel.unary_unary(
+                '/exod.v1.PeerService/StopInstance',
+                request_serializer=exod_dot_proto_dot_exod__pb2.StopInstanceRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.StopInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -116,6 +126,18 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRunner(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.ReleaseRequest.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'StartRunner': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRunner,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.StartRunnerRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.StartRunnerResponse.SerializeToString,
+            ),
+            'StopInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopInstance,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.StopInstanceRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.StopInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class PeerService:
             '/exod.v1.PeerService/Release',
             exod_dot_proto_dot_exod__pb2.ReleaseRequest.SerializeToString,
             exod_dot_proto_dot_exod__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRunner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/StartRunner',
+            exod_dot_proto_dot_exod__pb2.StartRunnerRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.StartRunnerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/StopInstance',
+            exod_dot_proto_dot_exod__pb2.StopInstanceRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.StopInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

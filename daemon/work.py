@@ -1,0 +1,220 @@
+"""Instances and runners on a node. The node owns the instances placed
+through it (planned, reserved, started, supervised) and runs the ranks
+placed on it; both travel to every node in its versioned WorkRecord."""
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import structlog
+
+from exod.proto import exod_pb2 as pb
+
+from . import placement_api, reservations, state
+
+log = structlog.get_logger("exod.work")
+RESERVATION_HOLD_MS = 120_000  # from reserve to the runner's start
+TERMINAL = (pb.FAILED, pb.SHUTDOWN)
+
+
+class Refused(Exception):
+    pass
+
+
+class Work:
+    def __init__(self, node):
+        self.node = node
+        self.version = 0
+        self.processes: dict = {}   # (instance, rank) -> RankProcess on this node
+        self.statuses: dict = {}    # (instance, rank) -> RunnerStatus
+        self.held: dict = {}        # (instance, rank) -> reservation id
+        self.owned: dict = {}       # instance id -> Instance placed through this node
+        self._push_scheduled = False
+
+    # ---------------------------------------------------------------- the record
+
+    def record(self) -> pb.WorkRecord:
+        return pb.WorkRecord(node_id=self.node.node_id, version=self.version,
+                             runners=[self.statuses[k] for k in sorted(self.statuses)],
+                             instances=[self.owned[k] for k in sorted(self.owned)])
+
+    def changed(self) -> None:
+        self.version = max(self.version + 1, int(time.time() * 1000))
+        self.node.view = state.apply_work(self.node.view, self.record())
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            self.node._spawn(self._push())
+
+    async def _push(self) -> None:
+        """Tell every peer now: statuses must reach every view within a second."""
+        await asyncio.sleep(0.05)
+        self._push_scheduled = False
+        await self.node.exchange_with_all()
+
+    # ---------------------------------------------------------------- runners here
+
+    async def start_runner(self, request: pb.StartRunnerRequest) -> pb.StartRunnerResponse:
+        from exod.models import synthetic
+        from exod.runner.launch import RankProcess
+
+        spec = pb.RunnerSpec()
+        spec.CopyFrom(request.spec)
+        key = (spec.instance_id, spec.rank)
+        if key in self.processes:
+            return pb.StartRunnerResponse(started=False, reason=f"rank {spec.rank} of {spec.instance_id} runs here already")
+        if request.model in synthetic.NAMED:
+            path = await asyncio.to_thread(synthetic.ensure_named, request.model, self.node.models_dir)
+            spec.model_dir = str(path)
+        elif not (Path(spec.model_dir) / "config.json").is_file():
+            return pb.StartRunnerResponse(started=False, reason=(
+                f"model {request.model!r} is not on node {self.node.record.profile.name} ({spec.model_dir})"))
+        spec.node_id = self.node.node_id
+        self.node.ledger = reservations.confirm(self.node.ledger, request.reservation_id)
+        self.held[key] = request.reservation_id
+        loop = asyncio.get_running_loop()
+        logs = self.node.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        def on_event(rank_process, event):
+            if event.HasField("status"):
+                loop.call_soon_threadsafe(self._on_status, key, event.status)
+
+        self.statuses[key] = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=self.node.node_id,
+                                             state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
+        self.processes[key] = await asyncio.to_thread(
+            RankProcess, spec, on_event, None, logs / f"{spec.instance_id}-rank{spec.rank}.log",
+            self.node.data_dir / "run")
+        self.changed()
+        return pb.StartRunnerResponse(started=True)
+
+    def _on_status(self, key, status: pb.RunnerStatus) -> None:
+        if key not in self.statuses:
+            return  # stopped meanwhile
+        copy = pb.RunnerStatus()
+        copy.CopyFrom(status)
+        copy.node_id = self.node.node_id
+        copy.diagnostics = ""  # stays in the rank's log; the record travels everywhere
+        self.statuses[key] = copy
+        if copy.state in TERMINAL and key in self.held:
+            self.node.release(self.held.pop(key))
+        self.changed()
+
+    async def stop_instance(self, instance_id: str) -> int:
+        keys = [k for k in self.processes if k[0] == instance_id]
+        for key in keys:
+            self.processes[key].send(pb.RunnerCommand(shutdown=pb.ShutdownRequest()))
+
+        def finish():
+            for key in keys:
+                process = self.processes[key]
+                if not process.wait(5):
+                    process.kill()
+                    process.wait(5)
+
+        await asyncio.to_thread(finish)
+        for key in keys:
+            self.processes.pop(key, None)
+            self.statuses.pop(key, None)
+            if key in self.held:
+                self.node.release(self.held.pop(key))
+        if keys:
+            self.changed()
+        return len(keys)
+
+    async def stop_all(self) -> None:
+        for instance_id in {k[0] for k in self.processes}:
+            await self.stop_instance(instance_id)
+
+    # ---------------------------------------------------------------- instances placed through here
+
+    async def create(self, request: pb.PlacementRequest) -> pb.Instance:
+        plan = await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
+        if not plan.HasField("chosen"):
+            raise placement_api.PlanError("; ".join(plan.reasons) or "no placement fits")
+        chosen = plan.chosen
+        instance_id = uuid.uuid4().hex[:12]
+        admitted, hosts = [], []
+        try:
+            for rank in chosen.ranks:
+                reservation = pb.Reservation(
+                    reservation_id=f"{instance_id}-{rank.rank}", instance_id=instance_id, rank=rank.rank,
+                    bytes=rank.memory.total_bytes, expires_at_unix_ms=int(time.time() * 1000) + RESERVATION_HOLD_MS)
+                answer = await self.node.reserve_on(rank.node_id, reservation)
+                if not answer.admitted:
+                    raise Refused(f"node {rank.node_name} refused rank {rank.rank}: {answer.reason}")
+                admitted.append((rank.node_id, reservation.reservation_id))
+                hosts.append(f"{self.node.host_of(rank.node_id)}:{answer.port}")
+        except BaseException:
+            await asyncio.gather(*(self.node.release_on(n, r) for n, r in admitted), return_exceptions=True)
+            raise
+        instance = pb.Instance(instance_id=instance_id, placement=chosen, state=pb.INSTANCE_STARTING,
+                               created_at_unix_ms=int(time.time() * 1000))
+        self.owned[instance_id] = instance
+        self.changed()
+        strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
+        split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
+        starts = []
+        for rank, (node_id, reservation_id) in zip(chosen.ranks, admitted):
+            spec = pb.RunnerSpec(instance_id=instance_id, node_id=node_id, rank=rank.rank,
+                                 world_size=len(chosen.ranks), backend=chosen.backend, hosts=hosts,
+                                 model_dir=request.model, strategy=strategy, pipeline_layers=split,
+                                 estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length)
+            starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
+                spec=spec, reservation_id=reservation_id, model=request.model)))
+        answers = await asyncio.gather(*starts, return_exceptions=True)
+        problems = [str(a) if isinstance(a, Exception) else a.reason for a in answers
+                    if isinstance(a, Exception) or not a.started]
+        if problems:
+            await self.fail(instance_id, "; ".join(problems))
+        log.info("instance placed", instance=instance_id, model=request.model, strategy=strategy,
+                 nodes=[r.node_name for r in chosen.ranks])
+        return self.owned[instance_id]
+
+    async def fail(self, instance_id: str, reason: str) -> None:
+        instance = self.owned.get(instance_id)
+        if instance is None or instance.state in (pb.INSTANCE_FAILED, pb.INSTANCE_STOPPED):
+            return
+        instance.state = pb.INSTANCE_FAILED
+        instance.reason = reason
+        self.changed()
+        log.warning("instance failed", instance=instance_id, reason=reason)
+        await self._stop_everywhere(instance)
+
+    async def delete(self, instance_id: str) -> bool:
+        instance = self.owned.get(instance_id)
+        if instance is None:
+            return False
+        await self._stop_everywhere(instance)
+        self.owned.pop(instance_id, None)
+        self.changed()
+        return True
+
+    async def _stop_everywhere(self, instance: pb.Instance) -> None:
+        nodes = {r.node_id for r in instance.placement.ranks}
+        await asyncio.gather(*(self.node.stop_on(n, instance.instance_id) for n in nodes), return_exceptions=True)
+        for rank in instance.placement.ranks:  # reservations that never got a runner
+            await self.node.release_on(rank.node_id, f"{instance.instance_id}-{rank.rank}")
+
+    def supervise(self) -> None:
+        """Owned instances follow their runners: all Ready is Ready; a failed
+        rank or a node gone down fails the instance and stops the rest."""
+        current = {i.instance_id: i for i in state.instances(self.node.view)}
+        for instance_id, owned in list(self.owned.items()):
+            if owned.state not in (pb.INSTANCE_STARTING, pb.INSTANCE_READY):
+                continue
+            view = current.get(instance_id)
+            if view is None:
+                continue
+            failed = [r for r in view.runners if r.state == pb.FAILED]
+            down = [r for r in owned.placement.ranks
+                    if (m := self.node.view.member(r.node_id)) is not None and m.status in (pb.DOWN, pb.LEFT)]
+            if failed:
+                r = failed[0]
+                self.node._spawn(self.fail(instance_id, f"rank {r.rank} failed: {r.reason}"))
+            elif down:
+                self.node._spawn(self.fail(instance_id, f"node {down[0].node_name} of rank {down[0].rank} is down"))
+            elif owned.state == pb.INSTANCE_STARTING and all(r.state in (pb.READY, pb.RUNNING) for r in view.runners):
+                owned.state = pb.INSTANCE_READY
+                self.changed()
+                log.info("instance ready", instance=instance_id)
