@@ -142,6 +142,9 @@ def make_app(node) -> web.Application:
     app.router.add_delete("/v1/instances/{instance_id}", delete_instance)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/placements/preview", placement_preview)
+    from .openai_api import add_routes
+
+    add_routes(app, node)
     app.router.add_get("/v1/state", cluster_state)
     app.router.add_get("/v1/nodes", nodes)
     return app

@@ -253,6 +253,24 @@ class Node:
             return await self.work.start_runner(request)
         return await self._stub(self._address_of(node_id)).StartRunner(request, timeout=600)
 
+    async def generate_on(self, instance: pb.Instance, request: pb.GenerateRequest):
+        """Chunks of one request, from whichever node runs the instance's rank 0."""
+        rank0 = next(r for r in instance.placement.ranks if r.rank == 0)
+        if rank0.node_id == self.node_id:
+            async for chunk in self.work.generate_here(instance.instance_id, request):
+                yield chunk
+            return
+        call = self._stub(self._address_of(rank0.node_id)).Generate(
+            pb.GenerateOnInstance(instance_id=instance.instance_id, request=request), timeout=600)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            yield pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
+                                     error=f"rank 0's node: {e.code().name} {e.details()}")
+        finally:
+            call.cancel()
+
     async def stop_on(self, node_id: str, instance_id: str) -> None:
         if node_id == self.node_id:
             await self.work.stop_instance(instance_id)

@@ -86,6 +86,16 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting or stopping")
         return await self.node.work.start_runner(request)
 
+    async def Generate(self, request, context):
+        async for chunk in self.node.work.generate_here(request.instance_id, request.request):
+            yield chunk
+
+    async def Cancel(self, request, context):
+        process = self.node.work.processes.get((request.instance_id, 0))
+        if process is not None:
+            process.send(pb.RunnerCommand(cancel=pb.CancelRequest(request_id=request.request.request_id)))
+        return pb.CancelResponse()
+
     async def StopInstance(self, request, context):
         return pb.StopInstanceResponse(stopped=await self.node.work.stop_instance(request.instance_id))
 

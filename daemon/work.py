@@ -31,6 +31,7 @@ class Work:
         self.held: dict = {}        # (instance, rank) -> reservation id
         self.owned: dict = {}       # instance id -> Instance placed through this node
         self._push_scheduled = False
+        self.streams: dict = {}     # request id -> asyncio.Queue of GenerationChunk (rank 0 here)
 
     # ---------------------------------------------------------------- the record
 
@@ -79,6 +80,8 @@ class Work:
         def on_event(rank_process, event):
             if event.HasField("status"):
                 loop.call_soon_threadsafe(self._on_status, key, event.status)
+            else:
+                loop.call_soon_threadsafe(self._on_chunk, event.chunk)
 
         self.statuses[key] = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=self.node.node_id,
                                              state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
@@ -99,6 +102,45 @@ class Work:
         if copy.state in TERMINAL and key in self.held:
             self.node.release(self.held.pop(key))
         self.changed()
+
+    def _on_chunk(self, chunk: pb.GenerationChunk) -> None:
+        queue = self.streams.get(chunk.request_id)
+        if queue is not None:
+            queue.put_nowait(chunk)
+
+    async def generate_here(self, instance_id: str, request: pb.GenerateRequest, timeout_s: float = 600):
+        """Chunks from rank 0 of an instance running on this node. A runner
+        that dies mid-request ends the stream with an error, never a hang."""
+        process = self.processes.get((instance_id, 0))
+        if process is None or process.terminal.is_set():
+            yield pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
+                                     error=f"rank 0 of instance {instance_id} does not run on this node")
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request.request_id] = queue
+        try:
+            if not process.send(pb.RunnerCommand(generate=request)):
+                raise ConnectionError("rank 0 is gone")
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if process.terminal.is_set() or time.monotonic() > deadline:
+                        why = process.status.reason or "rank 0 ended" if process.terminal.is_set() else "timed out"
+                        yield pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
+                                                 error=why)
+                        return
+                    continue
+                yield chunk
+                if chunk.finish_reason:
+                    return
+        except ConnectionError as e:
+            yield pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_ERROR, error=str(e))
+        finally:
+            self.streams.pop(request.request_id, None)
+            if process.process.poll() is None:
+                process.send(pb.RunnerCommand(cancel=pb.CancelRequest(request_id=request.request_id)))
 
     async def stop_instance(self, instance_id: str) -> int:
         keys = [k for k in self.processes if k[0] == instance_id]

@@ -823,6 +823,18 @@ class StopInstanceResponse(_message.Message):
     stopped: int
     def __init__(self, stopped: _Optional[int] = ...) -> None: ...
 
+class GenerateOnInstance(_message.Message):
+    __slots__ = ("instance_id", "request")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    request: GenerateRequest
+    def __init__(self, instance_id: _Optional[str] = ..., request: _Optional[_Union[GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class WorkRecord(_message.Message):
     __slots__ = ("node_id", "version", "runners", "instances")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

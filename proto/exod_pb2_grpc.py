@@ -79,6 +79,16 @@ class PeerServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.StopInstanceRequest.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.StopInstanceResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/exod.v1.PeerService/Generate',
+                request_serializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.GenerationChunk.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/exod.v1.PeerService/Cancel',
+                request_serializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -138,6 +148,19 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """To the node that runs the instance's rank 0: generate, streaming.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +208,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.StopInstance,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.StopInstanceRequest.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.StopInstanceResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.GenerationChunk.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +463,60 @@ class PeerService:
             '/exod.v1.PeerService/StopInstance',
             exod_dot_proto_dot_exod__pb2.StopInstanceRequest.SerializeToString,
             exod_dot_proto_dot_exod__pb2.StopInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exod.v1.PeerService/Generate',
+            exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.GenerationChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/Cancel',
+            exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
