@@ -319,6 +319,90 @@ def api_get(args, path: str):
         raise UsageError(f"no exod daemon answers at {base} ({reason}); start one with `exod start`") from None
 
 
+def api_call(args, method: str, path: str, body=None):
+    """JSON to and from the local daemon; errors become one-line messages."""
+    import urllib.error
+    import urllib.request
+
+    base = (args.api or os.environ.get("EXOD_API") or "http://127.0.0.1:52415").rstrip("/")
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("EXOD_API_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout if hasattr(args, "timeout") else 30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise UsageError(f"{e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(f"no exod daemon answers at {base} ({reason}); start one with `exod start`") from None
+
+
+def cmd_place(args) -> int:
+    import time
+
+    body = {"model": args.model}
+    for key in ("context_length", "concurrency", "strategy"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.node:
+        body["nodes"] = args.node
+    instance = api_call(args, "POST", "/v1/instances", body)
+    iid = instance["instance_id"]
+    if not args.wait:
+        print(json.dumps(instance, indent=2) if args.json else iid)
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        instance = api_call(args, "GET", f"/v1/instances/{iid}")
+        if instance["state"] in ("INSTANCE_READY", "INSTANCE_FAILED"):
+            break
+        time.sleep(0.5)
+    if args.json:
+        print(json.dumps(instance, indent=2))
+    else:
+        print(f"{iid} {instance['state'].removeprefix('INSTANCE_').lower()} {instance.get('reason', '')}".rstrip())
+    return 0 if instance["state"] == "INSTANCE_READY" else 1
+
+
+def cmd_instances(args) -> int:
+    instances = api_call(args, "GET", "/v1/instances")["instances"]
+    if args.json:
+        print(json.dumps(instances, indent=2))
+        return 0
+    print(f"{'ID':14} {'MODEL':22} {'STRATEGY':10} {'STATE':9} RANKS")
+    for i in instances:
+        p = i["placement"]
+        ranks = ", ".join(f"{r.get('rank', 0)}@{next((x['node_name'] for x in p['ranks'] if x.get('rank', 0) == r.get('rank', 0)), '?')}"
+                          f" {r.get('state', '?').lower()}" for r in i.get("runners", []))
+        print(f"{i['instance_id']:14} {p.get('model_id', '')[:22]:22} {p.get('strategy', '').lower():10} "
+              f"{i['state'].removeprefix('INSTANCE_').lower():9} {ranks}")
+        if i.get("reason"):
+            print(f"{'':14} {i['reason']}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    answer = api_call(args, "DELETE", f"/v1/instances/{args.instance_id}")
+    print(json.dumps(answer) if args.json else f"removed {answer['deleted']}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_tokens, "temperature": args.temperature}
+    answer = api_call(args, "POST", "/v1/chat/completions", body)
+    print(json.dumps(answer, indent=2) if args.json else answer["choices"][0]["message"]["content"])
+    return 0
+
+
 def _gb(value) -> str:
     return f"{int(value or 0) / 1e9:.1f}"
 
@@ -424,6 +508,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api", help="the daemon's HTTP API (default $EXOD_API or http://127.0.0.1:52415)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    def api_parser(name, func, text):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--api", help="the daemon's HTTP API (default $EXOD_API or http://127.0.0.1:52415)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    p = api_parser("place", cmd_place, "place a model on the cluster through the local daemon")
+    p.add_argument("model", help="catalog id, model directory (on every chosen node) or built-in model")
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--node", action="append", help="restrict to these nodes (repeatable)")
+    p.add_argument("--wait", action="store_true", help="wait until Ready or Failed")
+    p.add_argument("--timeout", type=float, default=600)
+    api_parser("instances", cmd_instances, "instances and their ranks")
+    p = api_parser("rm", cmd_rm, "stop an instance on every node and release its memory")
+    p.add_argument("instance_id")
+    p = api_parser("chat", cmd_chat, "one chat completion from a Ready instance")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
 
     p = sub.add_parser("start", help="run the daemon on this machine")
     p.add_argument("--name", help="node name (default: the host name)")

@@ -93,6 +93,7 @@ class Node:
         self._http, self.api_port = await start_http(self, s.api_host, s.api_port)
         self.record = self._make_record(node_profile, version=1)
         self.view = state.set_self(state.View(self.node_id, s.cluster), self.record, self.available_memory, now_ms())
+        await self.work.recover()
         if s.discovery:
             from .discovery import Discovery
 

@@ -3,6 +3,7 @@ through it (planned, reserved, started, supervised) and runs the ranks
 placed on it; both travel to every node in its versioned WorkRecord."""
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
@@ -42,10 +43,47 @@ class Work:
 
     def changed(self) -> None:
         self.version = max(self.version + 1, int(time.time() * 1000))
-        self.node.view = state.apply_work(self.node.view, self.record())
+        record = self.record()
+        self.node.view = state.apply_work(self.node.view, record)
+        self.node._spawn(asyncio.to_thread(self._save, list(record.instances)))
         if not self._push_scheduled:
             self._push_scheduled = True
             self.node._spawn(self._push())
+
+    # ---------------------------------------------------------------- surviving a restart
+
+    def _path(self) -> Path:
+        return self.node.data_dir / "instances.json"
+
+    def _save(self, instances: list) -> None:
+        from google.protobuf import json_format
+
+        path = self._path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
+        tmp.write_text(json.dumps([json_format.MessageToDict(i) for i in instances]))
+        tmp.replace(path)
+
+    async def recover(self) -> None:
+        """Instances this node owned before it restarted: never forgotten. Their
+        runners here died with the daemon; the ones elsewhere are stopped, and
+        each instance is reported Failed with the reason."""
+        from google.protobuf import json_format
+
+        try:
+            saved = json.loads(await asyncio.to_thread(self._path().read_text))
+        except (OSError, ValueError):
+            return
+        for item in saved:
+            instance = json_format.ParseDict(item, pb.Instance(), ignore_unknown_fields=True)
+            if instance.state in (pb.INSTANCE_STARTING, pb.INSTANCE_READY, pb.INSTANCE_PENDING):
+                instance.state = pb.INSTANCE_FAILED
+                instance.reason = "the daemon that owned this instance restarted; its runners were stopped"
+                self.node._spawn(self._stop_when_reachable(instance))
+            self.owned[instance.instance_id] = instance
+        if saved:
+            log.warning("recovered instances after a restart", count=len(saved))
+            self.changed()
 
     async def _push(self) -> None:
         """Tell every peer now: statuses must reach every view within a second."""
@@ -231,6 +269,22 @@ class Work:
         self.owned.pop(instance_id, None)
         self.changed()
         return True
+
+    async def _stop_when_reachable(self, instance: pb.Instance, patience_s: float = 60.0) -> None:
+        """After a restart the peers are not known yet: stop each node's ranks
+        as soon as that node can be reached."""
+        pending = {r.node_id for r in instance.placement.ranks} - {self.node.node_id}
+        deadline = time.monotonic() + patience_s
+        while pending and time.monotonic() < deadline:
+            for node_id in list(pending):
+                if self.node._address_of(node_id) is None:
+                    continue
+                try:
+                    await self.node.stop_on(node_id, instance.instance_id)
+                    pending.discard(node_id)
+                except Exception:  # unreachable for now: try again
+                    pass
+            await asyncio.sleep(0.5)
 
     async def _stop_everywhere(self, instance: pb.Instance) -> None:
         nodes = {r.node_id for r in instance.placement.ranks}

@@ -140,3 +140,27 @@ def test_cli_without_a_daemon_says_so_in_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no exod daemon answers at http://127.0.0.1:9" in lines[0]
+
+
+def exod_cli(*args, api):
+    return subprocess.run([sys.executable, "-m", "exod.daemon.cli", *args, "--api", api], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_place_instances_chat_and_rm_from_the_cli(daemon):
+    _, line = daemon
+    api = line["api"]
+    placed = exod_cli("place", "demo", "--wait", "--context-length", "512", api=api)
+    assert placed.returncode == 0, placed.stderr
+    iid, state = placed.stdout.split()[:2]
+    assert state == "ready"
+    listed = exod_cli("instances", api=api)
+    assert iid in listed.stdout and "ready" in listed.stdout and "0@solo ready" in listed.stdout
+    answer = exod_cli("chat", "demo", "hello world", "--max-tokens", "8", api=api)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+    removed = exod_cli("rm", iid, api=api)
+    assert removed.returncode == 0 and f"removed {iid}" in removed.stdout
+    missing = exod_cli("rm", iid, api=api)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"exod: error: 404: no instance '{iid}'"
+    nothing = exod_cli("chat", "demo", "hello", api=api)
+    assert nothing.returncode == 2 and "no Ready instance of model 'demo'" in nothing.stderr

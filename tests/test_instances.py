@@ -99,3 +99,30 @@ def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
             await b.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 300))
+
+
+def test_a_restarted_owner_reports_its_instances_failed_and_stops_their_runners(tmp_path):
+    async def scenario():
+        a = await started(settings(tmp_path, "a", memory_limit=4 * GB))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
+        a2 = None
+        try:
+            await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 10)
+            body = {"model": "demo", "strategy": "moe_tensor", "nodes": ["a", "b"], "context_length": 512}
+            status, placed = await asyncio.to_thread(call, "POST", f"http://127.0.0.1:{a.api_port}/v1/instances", body)
+            assert status == 201
+            iid = placed["instance_id"]
+            await until(lambda: (i := instance_in(b, iid)) is not None and i.state == pb.INSTANCE_READY, 120)
+            # a stops without deleting anything (its own rank goes with it), and comes back.
+            await a.stop()
+            a2 = await started(settings(tmp_path, "a", [f"127.0.0.1:{b.grpc_port}"], memory_limit=4 * GB))
+            recovered = a2.work.owned[iid]
+            assert recovered.state == pb.INSTANCE_FAILED and "restarted" in recovered.reason
+            await until(lambda: not b.work.processes and b.ledger.reserved_bytes() == 0, 30)
+            await until(lambda: (i := instance_in(b, iid)) is not None and i.state == pb.INSTANCE_FAILED, 10)
+        finally:
+            for n in (a2, b):
+                if n is not None:
+                    await n.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 300))
