@@ -136,7 +136,7 @@ class Rank:
 
     def run(self) -> int:
         self.report(pb.IDLE)
-        watchdog = Watchdog(lambda reason: (self.report(pb.FAILED, reason=reason), self._cleanup()))
+        watchdog = Watchdog(self._expired)
         threading.Thread(target=self._read_commands, name="exod-commands", daemon=True).start()
         try:
             return self._lifecycle(watchdog)
@@ -187,6 +187,12 @@ class Rank:
         self._drain_requests("runner shut down")
         self.report(pb.SHUTDOWN)
         return 0
+
+    def _expired(self, reason: str) -> None:
+        """The watchdog's last word: the request in flight is answered too."""
+        self._abort_request(reason)
+        self.report(pb.FAILED, reason=reason)
+        self._cleanup()
 
     def _serving_state(self, state: int) -> None:
         # Back to Ready after a request: the peaks it reached are news.
