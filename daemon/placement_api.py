@@ -9,7 +9,7 @@ from exod.proto import exod_pb2 as pb
 
 from . import state
 
-FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes"}
+FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes", "ranks"}
 
 
 class BadRequest(Exception):
@@ -27,7 +27,7 @@ def parse_request(body) -> pb.PlacementRequest:
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("model is required: a catalog id, a model directory or a built-in model")
     request = pb.PlacementRequest(model=model.strip())
-    for name in ("context_length", "concurrency"):
+    for name in ("context_length", "concurrency", "ranks"):
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= 2**32:

@@ -33,6 +33,8 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     candidates, impossible = [], []
     memo: dict = {}
     for order in candidate_orders(nodes, links):
+        if request.ranks and len(order) != request.ranks:
+            continue
         for strategy in strategies:
             name = STRATEGY_NAMES[strategy]
             if len(order) == 1 and strategy != pb.PIPELINE:
@@ -43,6 +45,8 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
                     evaluate(model, name, backend, order, links, settings, structural, memo)
                 )
                 impossible.append(bool(structural))
+    if request.ranks and not candidates:
+        raise PlanError(f"no candidate has exactly {request.ranks} ranks on {len(nodes)} eligible node(s)")
     if request.backend and not candidates:
         raise PlanError(f"no node set supports {BACKEND_NAMES[request.backend]}: jaccl needs RDMA between every pair")
     if request.strategy and all(impossible):

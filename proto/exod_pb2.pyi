@@ -384,7 +384,7 @@ class RankPlacement(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
-    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction")
+    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +392,7 @@ class PlacementRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     HEADROOM_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     concurrency: int
@@ -399,7 +400,8 @@ class PlacementRequest(_message.Message):
     backend: Backend
     nodes: _containers.RepeatedScalarFieldContainer[str]
     headroom_fraction: float
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ...) -> None: ...
+    ranks: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency")

@@ -80,7 +80,7 @@ def test_place_chat_fail_and_delete_on_three_hosts(tmp_path):
 
             # moe_tensor over two nodes.
             code, placed = http(net, 0, "POST", "/v1/instances",
-                                {"model": "demo", "strategy": "moe_tensor", "nodes": ["h0", "h1"], "context_length": 512})
+                                {"model": "demo", "strategy": "moe_tensor", "nodes": ["h0", "h1"], "ranks": 2, "context_length": 512})
             assert code == 201, placed
             iid = placed["instance_id"]
             wait(lambda: all((i := instance_states(net, n, iid)) and i["state"] == "INSTANCE_READY" for n in range(3)), 180)
@@ -109,7 +109,7 @@ def test_place_chat_fail_and_delete_on_three_hosts(tmp_path):
 
             # pipeline over three nodes, then DELETE frees the memory everywhere.
             code, placed = http(net, 1, "POST", "/v1/instances",
-                                {"model": "demo", "strategy": "pipeline", "nodes": ["h0", "h1", "h2"], "context_length": 512})
+                                {"model": "demo", "strategy": "pipeline", "ranks": 3, "context_length": 512})
             assert code == 201 and len(placed["placement"]["ranks"]) == 3, placed
             iid = placed["instance_id"]
             wait(lambda: (i := instance_states(net, 2, iid)) and i["state"] == "INSTANCE_READY", 180)

@@ -179,3 +179,14 @@ def test_seed_case_deepseek_v4_flash_on_two_128gb_nodes():
     assert moe_rank.weights_bytes > max(r.memory.weights_bytes for r in pipeline.ranks) - 5e9
     outside = sum(t.bytes for t in spec.tensors if t.layer < 0)
     assert sum(r.memory.weights_bytes for r in pipeline.ranks) == spec.total_bytes + outside
+
+
+def test_a_request_can_fix_the_number_of_ranks():
+    from exod.models import catalog
+
+    spec = catalog.resolve("qwen3-30b-a3b-4bit")
+    result = plan(spec, synthetic_cluster(4, 128 * 10**9), pb.PlacementRequest(ranks=3))
+    assert result.candidates and all(len(c.ranks) == 3 for c in result.candidates)
+    assert len(result.chosen.ranks) == 3
+    with pytest.raises(PlanError, match="exactly 9 ranks"):
+        plan(spec, synthetic_cluster(4, 128 * 10**9), pb.PlacementRequest(ranks=9))
