@@ -2,12 +2,14 @@
 JSON bodies with a 4xx or 5xx status, never HTML."""
 
 import json
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 from google.protobuf import json_format
 
 log = structlog.get_logger("exod.http")
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def _json(message) -> dict:
@@ -140,6 +142,10 @@ def make_app(node) -> web.Application:
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{instance_id}", get_instance)
     app.router.add_delete("/v1/instances/{instance_id}", delete_instance)
+    async def dashboard(request):
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", dashboard)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/v1/placements/preview", placement_preview)
     from .openai_api import add_routes
