@@ -109,10 +109,12 @@ def instances(view: View) -> list[pb.Instance]:
             instance = pb.Instance()
             instance.CopyFrom(owned)
             del instance.runners[:]
+            # A rank without a status has not started yet, or was stopped with its instance.
+            absent = pb.SHUTDOWN if owned.state in (pb.INSTANCE_FAILED, pb.INSTANCE_STOPPED) else pb.IDLE
             for rank in owned.placement.ranks:
                 status = statuses.get((owned.instance_id, rank.rank))
                 instance.runners.append(status or pb.RunnerStatus(instance_id=owned.instance_id, rank=rank.rank,
-                                                                  node_id=rank.node_id, state=pb.IDLE))
+                                                                  node_id=rank.node_id, state=absent))
             found.append(instance)
     return found
 
