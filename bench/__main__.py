@@ -2,9 +2,9 @@ import argparse
 import json
 import sys
 
-from . import discovery, overhead, planning, runner
+from . import discovery, overhead, planning, ready, runner
 
-BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run}
+BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run, "ready": ready.run}
 
 
 def main() -> int:

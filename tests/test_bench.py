@@ -40,3 +40,14 @@ def test_discovery_bench_reports_a_full_view_time():
     report = json.loads(proc.stdout)
     assert report["bench"] == "discovery" and report["ok"] and len(report["full_view_s"]) == report["rounds"]
     assert all(t > 0 for t in report["full_view_s"]) and report["idle_bytes_per_s_per_node"] > 0
+
+
+def test_ready_bench_compares_with_a_plain_launch(tmp_path):
+    env = {**__import__("os").environ, "EXOD_BENCH_MODELS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "ready", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["bench"] == "ready" and {r["strategy"] for r in report["results"]} == {"tensor", "pipeline"}
+    for row in report["results"]:
+        assert row["exod_ready_s"] > 0 and row["mlx_lm_ready_s"] > 0 and "meets_target" in row
