@@ -301,22 +301,7 @@ def cmd_run_rank(args) -> int:
 
 
 def api_get(args, path: str):
-    import urllib.error
-    import urllib.request
-
-    base = (args.api or os.environ.get("EXOD_API") or "http://127.0.0.1:52415").rstrip("/")
-    try:
-        with urllib.request.urlopen(base + path, timeout=5) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = e.reason
-        raise UsageError(f"{base}{path}: {e.code} {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UsageError(f"no exod daemon answers at {base} ({reason}); start one with `exod start`") from None
+    return api_call(args, "GET", path)
 
 
 def api_call(args, method: str, path: str, body=None):

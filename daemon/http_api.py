@@ -33,6 +33,15 @@ async def json_errors(request, handler):
         return error(500, f"internal error: {type(e).__name__}")
 
 
+async def json_body(request):
+    from .placement_api import BadRequest
+
+    try:
+        return await request.json()
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+
+
 def make_app(node) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=1024 * 1024)
 
@@ -59,11 +68,7 @@ def make_app(node) -> web.Application:
         from . import placement_api
 
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the body is not JSON")
-        try:
-            placement_request = placement_api.parse_request(body)
+            placement_request = placement_api.parse_request(await json_body(request))
         except placement_api.BadRequest as e:
             return error(400, str(e))
         try:
@@ -95,11 +100,7 @@ def make_app(node) -> web.Application:
         if not allowed(request):
             return error(403, "placing from another host needs the daemon's bearer token")
         try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the body is not JSON")
-        try:
-            placement_request = placement_api.parse_request(body)
+            placement_request = placement_api.parse_request(await json_body(request))
             instance = await node.work.create(placement_request)
         except placement_api.BadRequest as e:
             return error(400, str(e))
