@@ -14,10 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
+from exod.runner.launch import free_ports
 
 from . import identity, profile, reservations, state
 from .config import PROTOCOL_VERSION, Settings
-from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, free_port, gather_quietly,
+from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, gather_quietly,
                     local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
                     valid_address)
 
@@ -217,7 +218,7 @@ class Node:
         usable = self.record.profile.memory_usable_bytes
         self.ledger, admitted, reason = reservations.admit(self.ledger, pending, usable)
         self._publish_reserved()
-        port = free_port() if admitted else 0
+        port = free_ports(1, host="")[0] if admitted else 0
         if admitted:
             log.info("reserved", reservation=pending.reservation_id, instance=pending.instance_id,
                      gb=round(pending.bytes / 1e9, 2))
@@ -444,9 +445,7 @@ class Node:
             return
 
     async def _exchange_round(self) -> float:
-        addresses = [a for m in self.view.peers() if m.status == pb.UP
-                     if (a := self._address_of(m.record.profile.node_id))]
-        await gather_quietly(*(self._exchange(a) for a in addresses), timeout=3.0)
+        await self.exchange_with_all()
         await self._forget_stale()
         return self.settings.exchange_s
 

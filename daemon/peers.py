@@ -206,9 +206,3 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
