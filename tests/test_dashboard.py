@@ -58,9 +58,11 @@ def browse(url, shots, kill_runner):
         assert "fits" in page.text_content("#candidates")
         page.click("#place-button")
         page.wait_for_selector("#instances tr[data-instance]", timeout=30000)
+        # The runners report Ready before the owner marks the instance Ready: wait for both.
         page.wait_for_function(
-            "document.querySelectorAll('#instances .rank .READY').length === 2", timeout=120000)
-        assert "ready" in page.text_content("#instances td.state")
+            "document.querySelectorAll('#instances .rank .READY').length === 2"
+            " && document.querySelector('#instances td.state').textContent.includes('ready')",
+            timeout=120000)
         page.screenshot(path=shots[1], full_page=True)
 
         kill_runner()
