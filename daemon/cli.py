@@ -442,7 +442,8 @@ def cmd_start(args) -> int:
     flags = {"name": args.name, "api_host": args.api_host, "api_port": args.api_port, "grpc_host": args.grpc_host,
              "grpc_port": args.grpc_port, "peers": args.peer, "interfaces": args.interface,
              "data_dir": args.data_dir, "memory_limit": args.memory_limit, "cluster": args.cluster,
-             "discovery": False if args.no_discovery else None, "down_after_s": args.down_after}
+             "discovery": False if args.no_discovery else None, "down_after_s": args.down_after,
+             "prestart_runner": False if args.no_prestart else None}
     try:
         settings = load(flags, args.config)
     except ConfigError as e:
@@ -531,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", help="most memory exod may plan onto this node, e.g. 96GB")
     p.add_argument("--cluster", help="cluster id; nodes of other clusters are ignored (default: default)")
     p.add_argument("--no-discovery", action="store_true", help="no mDNS; static peers only")
+    p.add_argument("--no-prestart", action="store_true",
+                   help="start runner processes only when a rank is placed (saves ~80 MB, costs ~1 s per start)")
     p.add_argument("--down-after", type=float, help="seconds without heartbeats before a node is Down (3)")
     p.add_argument("--config", help="TOML config file (default: $XDG_CONFIG_HOME/exod/config.toml)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

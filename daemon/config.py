@@ -40,6 +40,7 @@ class Settings:
     rtt_probe_s: float = 10.0
     throughput_probe_s: float = 600.0  # a 2 MB transfer; RTT probes run every rtt_probe_s
     profile_refresh_s: float = 3.0
+    prestart_runner: bool = True  # keep one runner process with MLX imported, ready for the next rank
 
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else data_dir()

@@ -103,6 +103,7 @@ class Node:
         for round_fn in (self._heartbeat_round, self._exchange_round, self._tick_round, self._probe_round,
                          self._refresh_round, self._meet_round):
             self._tasks.append(asyncio.create_task(self._forever(round_fn), name=f"exod-{round_fn.__name__}"))
+        self._spawn(self.work.prestart())
         log.info("started", node_id=self.node_id, name=self.record.profile.name, cluster=s.cluster,
                  grpc=self.grpc_addresses(), api=f"{s.api_host}:{self.api_port}",
                  usable_gb=round(node_profile.memory_usable_bytes / 1e9, 1))

@@ -33,6 +33,8 @@ class Work:
         self.owned: dict = {}       # instance id -> Instance placed through this node
         self._push_scheduled = False
         self.streams: dict = {}     # request id -> asyncio.Queue of GenerationChunk (rank 0 here)
+        self.spare = None           # a runner started ahead of need (settings.prestart_runner)
+        self._prestarting = False
 
     # ---------------------------------------------------------------- the record
 
@@ -93,6 +95,35 @@ class Work:
 
     # ---------------------------------------------------------------- runners here
 
+    async def prestart(self) -> None:
+        """Keep one runner process with MLX and mlx-lm imported, so that the
+        next rank placed here skips most of a second of start-up."""
+        from exod.runner.launch import SpareRunner
+
+        if not self.node.settings.prestart_runner or self.node.stopping or self._prestarting:
+            return
+        if self.spare is not None:
+            if self.spare.alive():
+                return
+            await self._close_spare()  # died while it waited
+        self._prestarting = True
+        try:
+            logs = self.node.data_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            spare = await asyncio.to_thread(SpareRunner, None, logs / f"spare-{uuid.uuid4().hex[:8]}.log",
+                                            self.node.data_dir / "run")
+        finally:
+            self._prestarting = False
+        if self.node.stopping:
+            await asyncio.to_thread(spare.close)
+        else:
+            self.spare = spare
+
+    async def _close_spare(self) -> None:
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            await asyncio.to_thread(spare.close)
+
     async def start_runner(self, request: pb.StartRunnerRequest) -> pb.StartRunnerResponse:
         from exod.models import synthetic
         from exod.runner.launch import RankProcess
@@ -123,9 +154,10 @@ class Work:
 
         self.statuses[key] = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=self.node.node_id,
                                              state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
+        spare, self.spare = self.spare, None
         self.processes[key] = await asyncio.to_thread(
             RankProcess, spec, on_event, None, logs / f"{spec.instance_id}-rank{spec.rank}.log",
-            self.node.data_dir / "run")
+            self.node.data_dir / "run", spare)
         self.changed()
         return pb.StartRunnerResponse(started=True)
 
@@ -139,6 +171,9 @@ class Work:
         self.statuses[key] = copy
         if copy.state in TERMINAL and key in self.held:
             self.node.release(self.held.pop(key))
+        if copy.state in (pb.READY, *TERMINAL) and self.spare is None:
+            # Not while ranks load: its imports would take CPU from them.
+            self.node._spawn(self.prestart())
         self.changed()
 
     def _on_chunk(self, chunk: pb.GenerationChunk) -> None:
@@ -203,6 +238,7 @@ class Work:
         return len(keys)
 
     async def stop_all(self) -> None:
+        await self._close_spare()
         for instance_id in {k[0] for k in self.processes}:
             await self.stop_instance(instance_id)
 

@@ -245,11 +245,12 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
 def overhead_bytes(model: ModelProfile, strategy: str, n: int, context: int) -> int:
     """Process base, the activations of one prefill chunk (never longer than
     the context), and the runner's canary, which reads one whole uncut layer
-    a second time while it warms up."""
+    a second time while it warms up where the strategy cuts layers (a
+    pipeline stage's layers are whole already)."""
     width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
     tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
     activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
-    canary = max((sum(p.full.values()) for p in model.layers), default=0)
+    canary = 0 if strategy == "pipeline" else max((sum(p.full.values()) for p in model.layers), default=0)
     return int(constants.PROCESS_BASE_BYTES + activations + canary)
 
 

@@ -636,14 +636,16 @@ class ShutdownRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunnerCommand(_message.Message):
-    __slots__ = ("generate", "cancel", "shutdown")
+    __slots__ = ("generate", "cancel", "shutdown", "start")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     generate: GenerateRequest
     cancel: CancelRequest
     shutdown: ShutdownRequest
-    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., shutdown: _Optional[_Union[ShutdownRequest, _Mapping]] = ...) -> None: ...
+    start: RunnerSpec
+    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., shutdown: _Optional[_Union[ShutdownRequest, _Mapping]] = ..., start: _Optional[_Union[RunnerSpec, _Mapping]] = ...) -> None: ...
 
 class RunnerEvent(_message.Message):
     __slots__ = ("status", "chunk")

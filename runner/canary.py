@@ -1,9 +1,13 @@
 """RunnerReady is earned. Before a rank reports Ready it shows that the model
 as cut computes what the uncut model computes:
 
-1. One whole transformer layer (attention and, where there is one, the MoE
-   block) is computed as the instance will compute it, and again from a
-   fresh, uncut copy of only that layer read from the same checkpoint.
+1. Where the strategy cuts layers (tensor, moe_tensor): one whole transformer
+   layer (attention and, where there is one, the MoE block) is computed as
+   the instance will compute it, and again from a fresh, uncut copy of only
+   that layer read from the same checkpoint. Where it hands out whole layers
+   (pipeline), the ranks' layer ranges must tile the model in the order the
+   stages pass activations on: that, not the unchanged layers, is what such
+   a strategy can get wrong.
 2. The full model's logits for a probe prompt are finite and equal on every
    rank.
 
@@ -18,6 +22,11 @@ from mlx_lm.utils import load_model
 from .loading import held_layer_indices
 
 PROBE_TOKENS = 8
+# The whole-model pass proves wiring (every stage, every all-sum) and agreement,
+# not expert coverage, which the layer check gives. On CPU an MoE forward costs
+# in proportion to tokens × experts chosen, and this pass is on the path to
+# Ready: two tokens keep attention non-trivial at a quarter of the cost.
+WIRING_PROBE_TOKENS = 2
 PROBE_SEED = 20261126
 # |sharded - uncut| allowed, relative to max(1, max |uncut|): summation order
 # is the only difference between the two when the cut is right.
@@ -62,9 +71,38 @@ def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
     return mx.distributed.all_sum(local, group=group).tolist()
 
 
-def run(model, config, arch, model_dir: str, group) -> Verdict:
+def run(model, config, arch, model_dir: str, group, whole_layers: bool = False) -> Verdict:
     rank = group.rank() if group else 0
     size = group.size() if group else 1
+    if whole_layers:
+        verdict = _check_tiling(model, config, group, rank, size)
+    else:
+        verdict = _check_cut_layer(model, config, arch, model_dir, group, rank, size)
+    _check_wiring(model, config, group, size)
+    return verdict
+
+
+def _check_tiling(model, config, group, rank: int, size: int) -> Verdict:
+    """Stages pass activations from the last rank down to rank 0 (mlx-lm's
+    order), so rank size-1 must start at layer 0, each rank must start where
+    the next one ends, and rank 0 must end at the last layer."""
+    held = held_layer_indices(model)
+    starts = _shared_max(group, float(held[0]), rank, size)
+    ends = _shared_max(group, float(held[-1] + 1), rank, size)
+    total = int(config["num_hidden_layers"])
+    expected_end = total
+    for r in range(size):
+        start, end = int(starts[r]), int(ends[r])
+        if end != expected_end or start >= end:
+            raise CanaryFailed(f"canary: rank {r} holds layers {start}..{end - 1}, but the stages must "
+                               f"end at layer {expected_end - 1} there")
+        expected_end = start
+    if expected_end != 0:
+        raise CanaryFailed(f"canary: the stages leave layers 0..{expected_end - 1} out")
+    return Verdict(held[0], 0.0)
+
+
+def _check_cut_layer(model, config, arch, model_dir: str, group, rank: int, size: int) -> Verdict:
     dtype = activation_dtype(model)
     layer_index = choose_layer(model, config, arch)
     held = held_layer_indices(model)
@@ -91,8 +129,12 @@ def run(model, config, arch, model_dir: str, group) -> Verdict:
         if not d <= limit:
             raise CanaryFailed(f"canary: layer {int(k)} differs on rank {r}, max |Δ| = {d:.3g} "
                                f"(relative; the limit for {str(dtype).split('.')[-1]} is {limit:g})")
+    return Verdict(layer_index, max(deltas))
 
-    tokens = mx.array([[(7 * i + 3) % int(config["vocab_size"]) for i in range(PROBE_TOKENS)]])
+
+def _check_wiring(model, config, group, size: int) -> None:
+    rank = group.rank() if group else 0
+    tokens = mx.array([[(7 * i + 3) % int(config["vocab_size"]) for i in range(WIRING_PROBE_TOKENS)]])
     logits = model(tokens)[0, -1].astype(mx.float32)
     if group is not None:
         mean = mx.distributed.all_sum(logits, group=group) / size
@@ -107,4 +149,3 @@ def run(model, config, arch, model_dir: str, group) -> Verdict:
             raise CanaryFailed(f"canary: rank {r} produced non-finite logits")
         if d > AGREEMENT_TOLERANCE:
             raise CanaryFailed(f"canary: ranks disagree on the logits, rank {r} is off by {d:.3g}")
-    return Verdict(layer_index, max(deltas))

@@ -2,6 +2,8 @@
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,6 +48,8 @@ def init_group(spec: pb.RunnerSpec, workdir: Path):
         backend = "jaccl"
     else:
         raise GroupError(f"unknown backend {spec.backend}")
+    if backend == "ring":
+        gather_at_rank0(spec)
     try:
         group = mx.distributed.init(backend=backend, strict=True)
     except RuntimeError as e:
@@ -53,3 +57,71 @@ def init_group(spec: pb.RunnerSpec, workdir: Path):
     if group.size() != spec.world_size or group.rank() != spec.rank:
         raise GroupError(f"joined as rank {group.rank()} of {group.size()}, expected {spec.rank} of {spec.world_size}")
     return group, files
+
+
+# The ring's last rank connects first, and MLX waits a whole second before it
+# tries again when nobody listens yet. Meeting at rank 0's port first means
+# everyone enters MLX's init together; the last rank then gives the others
+# this long to start listening.
+LISTEN_MARGIN_S = 0.03
+RETRY_S = 0.01
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def gather_at_rank0(spec: pb.RunnerSpec) -> None:
+    """A barrier before MLX's ring init, on rank 0's own ring port (released
+    again before MLX binds it). It waits until every rank is there; the phase
+    deadline bounds it, as it bounds the init itself."""
+    hello = f"exod {spec.instance_id} {spec.rank}\n".encode()
+    address = _split(spec.hosts[0])
+    if spec.rank == 0:
+        _gather(address, spec)
+        return
+    while True:
+        try:
+            with socket.create_connection(address, timeout=1.0) as conn:
+                conn.sendall(hello)
+                conn.settimeout(None)  # the watchdog bounds the wait for the others
+                if conn.recv(16).startswith(b"go"):
+                    break
+        except OSError:
+            pass
+        time.sleep(RETRY_S)
+    if spec.rank == spec.world_size - 1:
+        time.sleep(LISTEN_MARGIN_S)
+
+
+def _gather(address: tuple[str, int], spec: pb.RunnerSpec) -> None:
+    expected = {f"exod {spec.instance_id} {r}".encode() for r in range(1, spec.world_size)}
+    arrived: dict[bytes, socket.socket] = {}
+    listener = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        listener.listen(spec.world_size)
+        while set(arrived) != expected:
+            conn, _ = listener.accept()
+            conn.settimeout(1.0)  # a stranger on the port cannot hold the barrier
+            try:
+                line = conn.recv(256).strip()
+            except OSError:
+                line = b""
+            if line in expected:
+                if line in arrived:
+                    arrived[line].close()  # a rank that tried again
+                arrived[line] = conn
+            else:
+                conn.close()
+        for conn in arrived.values():
+            try:
+                conn.sendall(b"go\n")
+            except OSError:
+                pass  # it will retry; MLX's init then notices if it is really gone
+    finally:
+        for conn in arrived.values():
+            conn.close()
+        listener.close()

@@ -45,41 +45,95 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+class SpareRunner:
+    """A runner process started before anyone needs it: it imports MLX and
+    mlx-lm (most of a second) and waits for its spec. A RankProcess adopts
+    it, and the rank starts with the imports already done."""
+
+    def __init__(self, env: Optional[dict] = None, log_path: Optional[Path] = None,
+                 workdir: Optional[Path] = None):
+        self.log_path = log_path
+        self.process, self.events_fd, self.commands = _spawn([], env, log_path, workdir)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        """Not needed after all: closing its pipe ends it."""
+        self.commands.close()
+        os.close(self.events_fd)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _spawn(extra_args: list[str], env: Optional[dict], log_path: Optional[Path], workdir: Optional[Path]):
+    """The runner process, the read end of its events and a writer for its commands."""
+    events_r, events_w = os.pipe()
+    commands_r, commands_w = os.pipe()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    args = [sys.executable, "-m", "exod.runner", *extra_args,
+            "--events-fd", str(events_w), "--commands-fd", str(commands_r)]
+    if workdir:
+        args += ["--workdir", str(workdir)]
+    try:
+        process = subprocess.Popen(args, pass_fds=(events_w, commands_r), stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=log, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
+    finally:
+        os.close(events_w)
+        os.close(commands_r)
+        if log is not subprocess.DEVNULL:
+            log.close()
+    return process, events_r, channel.Writer(commands_w)
+
+
 class RankProcess:
     """One spawned runner and the two pipes to it."""
 
     def __init__(self, spec: pb.RunnerSpec, on_event: Callable[["RankProcess", pb.RunnerEvent], None],
-                 env: Optional[dict] = None, log_path: Optional[Path] = None, workdir: Optional[Path] = None):
+                 env: Optional[dict] = None, log_path: Optional[Path] = None, workdir: Optional[Path] = None,
+                 spare: Optional[SpareRunner] = None):
+        """spare: a SpareRunner to adopt (started with the same env and
+        workdir); a fresh process is spawned when it is gone."""
         self.spec = spec
         self.on_event = on_event
         self.status = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=spec.node_id,
                                       state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
         self.terminal = threading.Event()
         self._lock = threading.Lock()
-        self._spec_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="exod-spec-", delete=False)
-        self._spec_file.write(json_format.MessageToJson(spec))
-        self._spec_file.close()
-        events_r, events_w = os.pipe()
-        commands_r, commands_w = os.pipe()
+        self._spec_file = None
         self.log_path = log_path
-        log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        args = [sys.executable, "-m", "exod.runner", "--spec", self._spec_file.name,
-                "--events-fd", str(events_w), "--commands-fd", str(commands_r)]
-        if workdir:
-            args += ["--workdir", str(workdir)]
-        try:
-            self.process = subprocess.Popen(args, pass_fds=(events_w, commands_r), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=log, env={**os.environ, **(env or {})},
-                                            start_new_session=True)
-        finally:
-            os.close(events_w)
-            os.close(commands_r)
-            if log is not subprocess.DEVNULL:
-                log.close()
-        self._events_fd = events_r
-        self._commands = channel.Writer(commands_w)
-        self._reader = threading.Thread(target=self._read, name=f"exod-rank{spec.rank}-events", daemon=True)
+        self.adopted = spare is not None and self._adopt(spare)
+        if not self.adopted:
+            self._spec_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="exod-spec-", delete=False)
+            self._spec_file.write(json_format.MessageToJson(spec))
+            self._spec_file.close()
+            self.process, self._events_fd, self._commands = _spawn(
+                ["--spec", self._spec_file.name], env, log_path, workdir)
+        self._reader = threading.Thread(target=self._read, name=f"exod-rank{self.spec.rank}-events", daemon=True)
         self._reader.start()
+
+    def _adopt(self, spare: SpareRunner) -> bool:
+        if not spare.alive():
+            spare.close()
+            return False
+        try:
+            spare.commands.write(pb.RunnerCommand(start=self.spec))
+        except channel.ChannelClosed:
+            spare.close()
+            return False
+        if spare.log_path and self.log_path:
+            try:
+                os.replace(spare.log_path, self.log_path)  # the process keeps writing to the same file
+            except OSError:
+                self.log_path = spare.log_path
+        else:
+            self.log_path = spare.log_path
+        self.process, self._events_fd, self._commands = spare.process, spare.events_fd, spare.commands
+        return True
 
     @property
     def pid(self) -> int:
@@ -120,10 +174,11 @@ class RankProcess:
                 self.terminal.set()
                 self.on_event(self, pb.RunnerEvent(status=status))
             self._commands.close()
-            try:
-                os.unlink(self._spec_file.name)
-            except OSError:
-                pass
+            if self._spec_file is not None:
+                try:
+                    os.unlink(self._spec_file.name)
+                except OSError:
+                    pass
 
     def exit_reason(self, code: int) -> str:
         state = self.status.state

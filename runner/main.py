@@ -173,7 +173,10 @@ class Rank:
         watchdog.arm("WarmingUp", d.warmup_s)
         self.report(pb.WARMING_UP)
         tokenizer = load_tokenizer(self.spec.model_dir) if self.spec.rank == 0 else None
-        verdict = canary.run(model, config, arch, self.spec.model_dir, group)
+        from .strategies import WHOLE_LAYERS
+
+        verdict = canary.run(model, config, arch, self.spec.model_dir, group,
+                             whole_layers=self.spec.strategy in WHOLE_LAYERS)
         mx.clear_cache()
         self.serving.set()
         self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
@@ -242,18 +245,39 @@ def load_plugins() -> None:
         importlib.import_module(name.strip())
 
 
+def wait_for_spec(commands_fd: int) -> "pb.RunnerSpec | None":
+    """A runner started ahead of need: import what every rank needs (MLX and
+    mlx-lm take most of a second), then wait for the rank to run. None when
+    the parent closes the pipe instead."""
+    from . import canary, loading, serve  # noqa: F401
+
+    try:
+        command = channel.read_message(commands_fd, pb.RunnerCommand)
+    except channel.ChannelClosed:
+        return None
+    if command is None or command.WhichOneof("command") != "start":
+        return None
+    return command.start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="exod-runner")
-    parser.add_argument("--spec", required=True, help="RunnerSpec as proto3 JSON")
+    parser.add_argument("--spec", default=None,
+                        help="RunnerSpec as proto3 JSON; without it the spec is the first command")
     parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--commands-fd", type=int, required=True)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     _die_with_parent()
     events = channel.Writer(args.events_fd)
-    spec = pb.RunnerSpec()
     try:
-        json_format.Parse(Path(args.spec).read_text(), spec)
+        if args.spec is None:
+            spec = wait_for_spec(args.commands_fd)
+            if spec is None:
+                os._exit(0)
+        else:
+            spec = pb.RunnerSpec()
+            json_format.Parse(Path(args.spec).read_text(), spec)
         load_plugins()
     except Exception as e:
         events.write(pb.RunnerEvent(status=pb.RunnerStatus(state=pb.FAILED, pid=os.getpid(),

@@ -12,14 +12,21 @@ from mlx.nn.layers.distributed import shard_inplace
 from exod.models.architectures import LAYER
 
 STRATEGIES: dict[str, Callable] = {}
+# Strategies that hand whole, unchanged layers to each rank: the canary has no
+# cut layer to compare with the checkpoint and proves the layer tiling instead.
+WHOLE_LAYERS: set[str] = set()
 
 
 class StrategyError(Exception):
     pass
 
 
-def register(name: str, apply: Callable) -> None:
+def register(name: str, apply: Callable, whole_layers: bool = False) -> None:
     STRATEGIES[name] = apply
+    if whole_layers:
+        WHOLE_LAYERS.add(name)
+    else:
+        WHOLE_LAYERS.discard(name)
 
 
 def get(name: str) -> Callable:
@@ -108,6 +115,6 @@ def resolve(model, path: str):
     return node
 
 
-register("pipeline", pipeline)
+register("pipeline", pipeline, whole_layers=True)
 register("tensor", tensor)
 register("moe_tensor", moe_tensor)

@@ -38,7 +38,23 @@ def hang_while_loading(model, group, spec, arch, config):
         time.sleep(0.1)
 
 
+def stages_in_rank_order(model, group, spec, arch, config):
+    """Whole layers, but rank 0 holds the first ones while mlx-lm's pipeline
+    still passes activations from the last rank down to rank 0: every rank
+    gets the same finite logits, of a model with its layers reordered."""
+    inner = model.model
+    layers = list(inner.layers)
+    inner.pipeline(group)
+    split = [len(layers) // group.size()] * group.size()
+    split[-1] += len(layers) - sum(split)
+    start = sum(split[:group.rank()])
+    inner.start_idx, inner.end_idx = start, start + split[group.rank()]
+    inner.layers = layers[:inner.end_idx]
+    inner.layers[:start] = [None] * start
+
+
 strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
+strategies.register("stages_in_rank_order", stages_in_rank_order, whole_layers=True)
 strategies.register("heads_across_output_groups", heads_across_output_groups)
 strategies.register("hang_while_loading", hang_while_loading)
 

@@ -10,7 +10,9 @@ from exod.daemon.node import Node
 def settings(tmp_path, name, peers=(), **overrides) -> Settings:
     base = dict(name=name, api_host="127.0.0.1", api_port=0, grpc_host="127.0.0.1", grpc_port=0,
                 peers=list(peers), data_dir=str(tmp_path / name), discovery=False, rtt_probe_s=0.5,
-                throughput_probe_s=5.0, exchange_s=1.0)
+                throughput_probe_s=5.0, exchange_s=1.0,
+                # A spare runner costs a second of CPU per daemon; tests that start runners turn it on.
+                prestart_runner=False)
     base.update(overrides)
     return Settings(**base)
 

@@ -50,4 +50,6 @@ def test_ready_bench_compares_with_a_plain_launch(tmp_path):
     report = json.loads(proc.stdout)
     assert report["bench"] == "ready" and {r["strategy"] for r in report["results"]} == {"tensor", "pipeline"}
     for row in report["results"]:
-        assert row["exod_ready_s"] > 0 and row["mlx_lm_ready_s"] > 0 and "meets_target" in row
+        assert row["exod_ready_s"] > 0 and row["exod_cold_ready_s"] > 0 and row["mlx_lm_ready_s"] > 0
+        assert "meets_target" in row and "cold_meets_target" in row
+        assert len(row["exod_samples"]) == len(row["mlx_lm_samples"]) == report["repeats"]

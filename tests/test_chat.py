@@ -27,8 +27,9 @@ def single_process_answer(model_dir, max_tokens):
 def test_openai_client_gets_the_single_process_answer(tmp_path):
     async def scenario():
         # Too small for the demo model alone: the pipeline must span both nodes.
-        a = await started(settings(tmp_path, "a", memory_limit=160 * 10**6))
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=160 * 10**6))
+        a = await started(settings(tmp_path, "a", memory_limit=160 * 10**6, prestart_runner=True))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=160 * 10**6,
+                                   prestart_runner=True))
         try:
             await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 10)
             body = {"model": "demo", "strategy": "pipeline", "nodes": ["a", "b"], "context_length": 256}

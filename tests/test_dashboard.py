@@ -76,8 +76,9 @@ def browse(url, shots, kill_runner):
 
 def test_the_dashboard_shows_nodes_placement_and_failure(tmp_path):
     async def scenario():
-        a = await started(settings(tmp_path, "a", memory_limit=4 * GB))
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
+        a = await started(settings(tmp_path, "a", memory_limit=4 * GB, prestart_runner=True))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB,
+                                   prestart_runner=True))
         loop = asyncio.get_running_loop()
         try:
             await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 10)

@@ -37,8 +37,9 @@ def instance_in(node, instance_id):
 
 def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
     async def scenario():
-        a = await started(settings(tmp_path, "a", memory_limit=4 * GB))
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
+        a = await started(settings(tmp_path, "a", memory_limit=4 * GB, prestart_runner=True))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB,
+                                   prestart_runner=True))
         api = f"http://127.0.0.1:{a.api_port}"
         try:
             await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 10)
@@ -51,7 +52,11 @@ def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
             def ready_everywhere():
                 return all((i := instance_in(n, iid)) is not None and i.state == pb.INSTANCE_READY
                            and all(r.state == pb.READY for r in i.runners) for n in (a, b))
+            await until(lambda: a.work.spare is not None and b.work.spare is not None, 30)
             await until(ready_everywhere, 120)
+            # Each rank ran in the node's pre-started runner, and a new one waits for the next rank.
+            assert all(p.adopted for n in (a, b) for p in n.work.processes.values())
+            await until(lambda: all(n.work.spare is not None and n.work.spare.alive() for n in (a, b)), 30)
             for node in (a, b):  # memory is held on both, and both views say so
                 assert node.ledger.reserved_bytes() > 0
                 assert all(n.memory_reserved_bytes > 0 for n in node.cluster_state().nodes)
@@ -95,8 +100,11 @@ def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
             status, answer = await asyncio.to_thread(call, "DELETE", f"{api}/v1/instances/nope")
             assert status == 404
         finally:
+            spares = [n.work.spare.process.pid for n in (a, b) if n.work.spare is not None]
             await a.stop()
             await b.stop()
+        assert spares and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                  for p in spares)
 
     asyncio.run(asyncio.wait_for(scenario(), 300))
 

@@ -79,13 +79,15 @@ def test_tensor_splits_heads_mlp_experts_and_kv(moe):
 
 
 def test_overhead_is_process_base_prefill_activations_and_the_canary_layer(moe):
-    rank = breakdown(moe, "pipeline", 1, 0, 0, 4)
     widest = max(256, 2 * 128)  # dense intermediate; 2 experts per token x 128
     chunk = min(CONTEXT, constants.PREFILL_CHUNK_TOKENS)
     canary = ATTN + LAYER_NORMS + ROUTER + EXPERTS  # the largest layer, read again whole
-    expected = constants.PROCESS_BASE_BYTES + canary + int(
-        chunk * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
-    assert rank.overhead_bytes == expected
+    base = constants.PROCESS_BASE_BYTES
+    whole = breakdown(moe, "pipeline", 1, 0, 0, 4)  # whole layers: nothing to read twice
+    assert whole.overhead_bytes == base + int(chunk * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
+    cut = breakdown(moe, "moe_tensor", 2, 0, 0, 4)
+    assert cut.overhead_bytes == base + canary + int(
+        chunk * (128 + widest // 2) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
 
 
 def test_mla_kv_is_the_latent_and_never_split():

@@ -51,6 +51,18 @@ def test_a_broken_strategy_fails_the_canary_and_never_reports_ready(model, strat
         assert any(s.state == pb.LOADED for s in instance.statuses[0])
 
 
+def test_pipeline_stages_in_the_wrong_order_fail_the_canary(fp32_models):
+    """Each stage holds whole, unchanged layers, and every rank sees the same
+    finite logits: only the tiling check can tell that the model is wrong."""
+    with LocalInstance(fp32_models["qwen3_moe"], "stages_in_rank_order", 2, env=PLUGIN_ENV) as instance:
+        assert ended(instance, 120)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: rank 0 holds layers 0.."), rank.status.reason
+            assert "the stages must end at layer" in rank.status.reason
+        assert never_ready(instance)
+
+
 def test_a_rank_whose_peer_never_starts_fails_within_the_connect_deadline(fp32_models):
     deadlines = pb.RunnerDeadlines(connect_s=2)
     started = time.monotonic()
