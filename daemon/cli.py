@@ -334,7 +334,7 @@ def cmd_place(args) -> int:
     import time
 
     body = {"model": args.model}
-    for key in ("context_length", "concurrency", "strategy", "ranks"):
+    for key in ("context_length", "concurrency", "strategy", "ranks", "restart_policy", "max_restarts"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     if args.node:
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--node", action="append", help="restrict to these nodes (repeatable)")
     p.add_argument("--ranks", type=int, help="exactly this many ranks (default: the planner chooses)")
+    p.add_argument("--restart", dest="restart_policy", choices=["never", "replace"],
+                   help="when it fails: stay failed (default), or be planned and placed again on the nodes up")
+    p.add_argument("--max-restarts", type=int, help="with --restart replace (default 3)")
     p.add_argument("--wait", action="store_true", help="wait until Ready or Failed")
     p.add_argument("--timeout", type=float, default=600)
     api_parser("instances", cmd_instances, "instances and their ranks")

@@ -9,7 +9,8 @@ from exod.proto import exod_pb2 as pb
 
 from . import state
 
-FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes", "ranks"}
+FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes", "ranks", "restart_policy", "max_restarts"}
+RESTART_POLICIES = {"never": pb.RESTART_NEVER, "replace": pb.RESTART_REPLACE}
 
 
 class BadRequest(Exception):
@@ -27,7 +28,7 @@ def parse_request(body) -> pb.PlacementRequest:
     if not isinstance(model, str) or not model.strip():
         raise BadRequest("model is required: a catalog id, a model directory or a built-in model")
     request = pb.PlacementRequest(model=model.strip())
-    for name in ("context_length", "concurrency", "ranks"):
+    for name in ("context_length", "concurrency", "ranks", "max_restarts"):
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= 2**32:
@@ -43,6 +44,13 @@ def parse_request(body) -> pb.PlacementRequest:
         if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
             raise BadRequest("nodes must be a list of node names or ids")
         request.nodes.extend(nodes)
+    policy = body.get("restart_policy")
+    if policy is not None:
+        if policy not in RESTART_POLICIES:
+            raise BadRequest(f"restart_policy must be one of {', '.join(RESTART_POLICIES)}, got {policy!r}")
+        request.restart_policy = RESTART_POLICIES[policy]
+    if request.max_restarts and request.restart_policy != pb.RESTART_REPLACE:
+        raise BadRequest("max_restarts needs restart_policy \"replace\"")
     return request
 
 

@@ -19,6 +19,12 @@ RESERVATION_HOLD_MS = 120_000  # from reserve to the runner's start
 TERMINAL = (pb.FAILED, pb.SHUTDOWN)
 
 
+DEFAULT_MAX_RESTARTS = 3
+# Long enough for the views to agree on which node is gone, and for the failed
+# instance's memory to be released everywhere.
+REPLACE_AFTER_S = 1.0
+
+
 class Refused(Exception):
     pass
 
@@ -244,7 +250,7 @@ class Work:
 
     # ---------------------------------------------------------------- instances placed through here
 
-    async def create(self, request: pb.PlacementRequest) -> pb.Instance:
+    async def create(self, request: pb.PlacementRequest, replaces: "pb.Instance | None" = None) -> pb.Instance:
         plan = await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
         if not plan.HasField("chosen"):
             raise placement_api.PlanError("; ".join(plan.reasons) or "no placement fits")
@@ -265,7 +271,9 @@ class Work:
             await asyncio.gather(*(self.node.release_on(n, r) for n, r in admitted), return_exceptions=True)
             raise
         instance = pb.Instance(instance_id=instance_id, placement=chosen, state=pb.INSTANCE_STARTING,
-                               created_at_unix_ms=int(time.time() * 1000))
+                               created_at_unix_ms=int(time.time() * 1000), request=request,
+                               restarts=replaces.restarts + 1 if replaces else 0,
+                               replaces=replaces.instance_id if replaces else "")
         self.owned[instance_id] = instance
         self.changed()
         strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
@@ -296,6 +304,39 @@ class Work:
         self.changed()
         log.warning("instance failed", instance=instance_id, reason=reason)
         await self._stop_everywhere(instance)
+        policy = instance.request
+        if policy.restart_policy == pb.RESTART_REPLACE:
+            if instance.restarts < (policy.max_restarts or DEFAULT_MAX_RESTARTS):
+                self.node._spawn(self._replace(instance_id))
+            else:
+                instance.reason += f"; not placed again: {instance.restarts} restarts already"
+                self.changed()
+
+    async def _replace(self, instance_id: str) -> None:
+        """restart_policy "replace": the same request, planned again on the
+        nodes that are up now (a pinned node that is down is left out)."""
+        await asyncio.sleep(REPLACE_AFTER_S)
+        old = self.owned.get(instance_id)
+        if old is None or old.replaced_by or self.node.stopping:
+            return  # deleted meanwhile
+        request = pb.PlacementRequest()
+        request.CopyFrom(old.request)
+        gone = {key for m in self.node.view.members.values() if m.status in (pb.DOWN, pb.LEFT)
+                for key in (m.record.profile.node_id, m.record.profile.name)}
+        if request.nodes:
+            kept = [n for n in request.nodes if n not in gone]
+            del request.nodes[:]
+            request.nodes.extend(kept)
+        try:
+            new = await self.create(request, replaces=old)
+        except Exception as e:  # whatever stops it is the instance's news, not a lost task's
+            old.reason += f"; placing it again failed: {e}"
+            self.changed()
+            log.warning("instance not replaced", instance=instance_id, reason=str(e))
+            return
+        old.replaced_by = new.instance_id
+        self.changed()
+        log.info("instance replaced", instance=instance_id, by=new.instance_id, restarts=new.restarts)
 
     async def delete(self, instance_id: str) -> bool:
         instance = self.owned.get(instance_id)
@@ -325,8 +366,9 @@ class Work:
     async def _stop_everywhere(self, instance: pb.Instance) -> None:
         nodes = {r.node_id for r in instance.placement.ranks}
         await asyncio.gather(*(self.node.stop_on(n, instance.instance_id) for n in nodes), return_exceptions=True)
-        for rank in instance.placement.ranks:  # reservations that never got a runner
-            await self.node.release_on(rank.node_id, f"{instance.instance_id}-{rank.rank}")
+        # Reservations that never got a runner; a node that is gone holds nothing of ours.
+        await asyncio.gather(*(self.node.release_on(r.node_id, f"{instance.instance_id}-{r.rank}")
+                               for r in instance.placement.ranks), return_exceptions=True)
 
     def supervise(self) -> None:
         """Owned instances follow their runners: all Ready is Ready; a failed

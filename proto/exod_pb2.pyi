@@ -42,6 +42,11 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RING: _ClassVar[Backend]
     JACCL: _ClassVar[Backend]
 
+class RestartPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTART_NEVER: _ClassVar[RestartPolicy]
+    RESTART_REPLACE: _ClassVar[RestartPolicy]
+
 class RunnerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RUNNER_STATE_UNSPECIFIED: _ClassVar[RunnerState]
@@ -104,6 +109,8 @@ TENSOR: Strategy
 BACKEND_UNSPECIFIED: Backend
 RING: Backend
 JACCL: Backend
+RESTART_NEVER: RestartPolicy
+RESTART_REPLACE: RestartPolicy
 RUNNER_STATE_UNSPECIFIED: RunnerState
 IDLE: RunnerState
 CONNECTING: RunnerState
@@ -384,7 +391,7 @@ class RankPlacement(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
-    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks")
+    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks", "restart_policy", "max_restarts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +400,8 @@ class PlacementRequest(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     HEADROOM_FRACTION_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     concurrency: int
@@ -401,7 +410,9 @@ class PlacementRequest(_message.Message):
     nodes: _containers.RepeatedScalarFieldContainer[str]
     headroom_fraction: float
     ranks: int
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ...) -> None: ...
+    restart_policy: RestartPolicy
+    max_restarts: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency")
@@ -476,20 +487,28 @@ class RunnerStatus(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "placement", "state", "reason", "runners", "created_at_unix_ms")
+    __slots__ = ("instance_id", "placement", "state", "reason", "runners", "created_at_unix_ms", "request", "restarts", "replaces", "replaced_by")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RUNNERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BY_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     placement: Placement
     state: InstanceState
     reason: str
     runners: _containers.RepeatedCompositeFieldContainer[RunnerStatus]
     created_at_unix_ms: int
-    def __init__(self, instance_id: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., reason: _Optional[str] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., created_at_unix_ms: _Optional[int] = ...) -> None: ...
+    request: PlacementRequest
+    restarts: int
+    replaces: str
+    replaced_by: str
+    def __init__(self, instance_id: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., state: _Optional[_Union[InstanceState, str]] = ..., reason: _Optional[str] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., created_at_unix_ms: _Optional[int] = ..., request: _Optional[_Union[PlacementRequest, _Mapping]] = ..., restarts: _Optional[int] = ..., replaces: _Optional[str] = ..., replaced_by: _Optional[str] = ...) -> None: ...
 
 class RunnerDeadlines(_message.Message):
     __slots__ = ("connect_s", "load_s", "warmup_s", "peer_s")
