@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 
@@ -53,7 +54,27 @@ def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
                 return all((i := instance_in(n, iid)) is not None and i.state == pb.INSTANCE_READY
                            and all(r.state == pb.READY for r in i.runners) for n in (a, b))
             await until(lambda: a.work.spare is not None and b.work.spare is not None, 30)
+            lags = []  # (node, rank, state, seconds from the runner's change to the node's view)
+
+            async def watch():
+                seen = set()
+                while True:
+                    for node in (a, b):
+                        instance = instance_in(node, iid)
+                        for r in instance.runners if instance else []:
+                            if (node.node_id, r.rank, r.state) not in seen and r.changed_at_unix_ms:
+                                seen.add((node.node_id, r.rank, r.state))
+                                lags.append((node.record.profile.name, r.rank, pb.RunnerState.Name(r.state),
+                                             time.time() - r.changed_at_unix_ms / 1000))
+                    await asyncio.sleep(0.01)
+            watcher = asyncio.create_task(watch())
             await until(ready_everywhere, 120)
+            watcher.cancel()
+            # Every runner status reaches both views within a second of the change (each is sampled
+            # every 10 ms; a state that was replaced before a sample is not counted).
+            assert {(n, rank) for n, rank, state, _ in lags if state == "READY"} == {
+                (n, rank) for n in ("a", "b") for rank in (0, 1)}
+            assert max(lag for *_, lag in lags) < 1.0, lags
             # Each rank ran in the node's pre-started runner, and a new one waits for the next rank.
             assert all(p.adopted for n in (a, b) for p in n.work.processes.values())
             await until(lambda: all(n.work.spare is not None and n.work.spare.alive() for n in (a, b)), 30)
