@@ -4,6 +4,7 @@ JSON bodies with a 4xx or 5xx status, never HTML."""
 import json
 from pathlib import Path
 
+import grpc
 import structlog
 from aiohttp import web
 from google.protobuf import json_format
@@ -80,18 +81,9 @@ def make_app(node) -> web.Application:
         return web.json_response(_json(plan))
 
     def allowed(request) -> bool:
-        """Mutations: from loopback, or with the daemon's bearer token."""
-        import hmac
-        import ipaddress
+        from .access import may_mutate
 
-        try:
-            if ipaddress.ip_address(request.remote or "").is_loopback:
-                return True
-        except ValueError:
-            pass
-        token = node.settings.api_token
-        given = request.headers.get("Authorization", "")
-        return bool(token) and hmac.compare_digest(given, f"Bearer {token}")
+        return may_mutate(request.remote or "", request.headers.get("Authorization", ""), node.settings.api_token)
 
     async def create_instance(request):
         from . import placement_api
@@ -130,13 +122,13 @@ def make_app(node) -> web.Application:
         if not allowed(request):
             return error(403, "deleting from another host needs the daemon's bearer token")
         instance_id = request.match_info["instance_id"]
-        if instance_id not in node.work.owned:
-            found = find(instance_id)
-            if found is None:
+        try:
+            if not await node.work.delete_anywhere(instance_id):
                 return error(404, f"no instance {instance_id!r}")
-            owner = next((k for k, w in node.view.work.items() if any(i.instance_id == instance_id for i in w.instances)), "")
-            return error(409, f"instance {instance_id} is owned by node {owner[:12]}; delete it there")
-        await node.work.delete(instance_id)
+        except grpc.aio.AioRpcError as e:
+            owner = node.work.owner_of(instance_id) or ""
+            return error(409, f"instance {instance_id} is owned by node {owner[:12]}, which did not delete it "
+                              f"({e.code().name}: {e.details()}); delete it there")
         return web.json_response({"deleted": instance_id})
 
     app.router.add_post("/v1/instances", create_instance)

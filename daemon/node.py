@@ -326,6 +326,10 @@ class Node:
             self._channels[address] = channel
         return pb_grpc.PeerServiceStub(channel)
 
+    def cluster_stub(self, node_id: str) -> pb_grpc.ClusterServiceStub:
+        self._stub(self._address_of(node_id))  # opens the channel when needed
+        return pb_grpc.ClusterServiceStub(self._channels[self._address_of(node_id)])
+
     def _address_of(self, node_id: str) -> str | None:
         route = self._route.get(node_id)
         if route:

@@ -206,3 +206,51 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def _may_mutate(self, context) -> None:
+        from .access import grpc_peer_ip, may_mutate
+
+        metadata = dict(context.invocation_metadata() or ())
+        if not may_mutate(grpc_peer_ip(context.peer()), metadata.get("authorization", ""),
+                          self.node.settings.api_token):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "changing the cluster from another host needs the daemon's bearer token")
+
+    async def CreateInstance(self, request, context):
+        from . import placement_api
+        from .work import Refused
+
+        await self._may_mutate(context)
+        if self.node.view is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        if not request.model.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        try:
+            return await self.node.work.create(request)
+        except placement_api.ModelError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except (placement_api.PlanError, Refused) as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def ListInstances(self, request, context):
+        from . import state
+
+        return pb.InstanceList(instances=state.instances(self.node.view))
+
+    async def GetInstance(self, request, context):
+        from . import state
+
+        found = next((i for i in state.instances(self.node.view) if i.instance_id == request.instance_id), None)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r}")
+        return found
+
+    async def DeleteInstance(self, request, context):
+        await self._may_mutate(context)
+        try:
+            deleted = await self.node.work.delete_anywhere(request.instance_id)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), f"the owner did not delete it: {e.details()}")
+        if not deleted:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r}")
+        return pb.DeleteInstanceResponse(deleted=request.instance_id)

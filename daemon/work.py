@@ -347,6 +347,24 @@ class Work:
         self.changed()
         return True
 
+    def owner_of(self, instance_id: str) -> "str | None":
+        return next((node_id for node_id, record in self.node.view.work.items()
+                     if any(i.instance_id == instance_id for i in record.instances)), None)
+
+    async def delete_anywhere(self, instance_id: str) -> bool:
+        """Delete from any node: the owner does it; False when nobody knows
+        the instance. Raises grpc.aio.AioRpcError when the owner refuses."""
+        if instance_id in self.owned:
+            return await self.delete(instance_id)
+        owner = self.owner_of(instance_id)
+        if owner is None or self.node._address_of(owner) is None:
+            return False
+        token = self.node.settings.api_token
+        await self.node.cluster_stub(owner).DeleteInstance(
+            pb.InstanceRef(instance_id=instance_id), timeout=60,
+            metadata=[("authorization", f"Bearer {token}")] if token else None)
+        return True
+
     async def _stop_when_reachable(self, instance: pb.Instance, patience_s: float = 60.0) -> None:
         """After a restart the peers are not known yet: stop each node's ranks
         as soon as that node can be reached."""

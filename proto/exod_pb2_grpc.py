@@ -548,6 +548,26 @@ class ClusterServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.Plan.FromString,
                 _registered_method=True)
+        self.CreateInstance = channel.unary_unary(
+                '/exod.v1.ClusterService/CreateInstance',
+                request_serializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.Instance.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/exod.v1.ClusterService/ListInstances',
+                request_serializer=exod_dot_proto_dot_exod__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.InstanceList.FromString,
+                _registered_method=True)
+        self.GetInstance = channel.unary_unary(
+                '/exod.v1.ClusterService/GetInstance',
+                request_serializer=exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.Instance.FromString,
+                _registered_method=True)
+        self.DeleteInstance = channel.unary_unary(
+                '/exod.v1.ClusterService/DeleteInstance',
+                request_serializer=exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -567,6 +587,33 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateInstance(self, request, context):
+        """As POST/GET/DELETE /v1/instances. Create and Delete, from another host,
+        need `authorization: Bearer <api_token>` metadata (PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteInstance(self, request, context):
+        """Any node: one that does not own the instance passes it to its owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -579,6 +626,26 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.Preview,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.Plan.SerializeToString,
+            ),
+            'CreateInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInstance,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.PlacementRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.Instance.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.ListInstancesRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.InstanceList.SerializeToString,
+            ),
+            'GetInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInstance,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.InstanceRef.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.Instance.SerializeToString,
+            ),
+            'DeleteInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteInstance,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.InstanceRef.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -636,6 +703,114 @@ class ClusterService:
             '/exod.v1.ClusterService/Preview',
             exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
             exod_dot_proto_dot_exod__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/CreateInstance',
+            exod_dot_proto_dot_exod__pb2.PlacementRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/ListInstances',
+            exod_dot_proto_dot_exod__pb2.ListInstancesRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.InstanceList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/GetInstance',
+            exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.ClusterService/DeleteInstance',
+            exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,28 @@ def curl(net, url, *extra):
     return int(code or 0), body
 
 
+GRPC_CLIENT = """
+import sys, grpc
+from exod.proto import exod_pb2 as pb, exod_pb2_grpc as pb_grpc
+address, token = sys.argv[1], sys.argv[2]
+stub = pb_grpc.ClusterServiceStub(grpc.insecure_channel(address))
+metadata = [("authorization", "Bearer " + token)] if token else None
+for call, request in ((stub.CreateInstance, pb.PlacementRequest(model=" ")),
+                      (stub.DeleteInstance, pb.InstanceRef(instance_id="nope"))):
+    try:
+        call(request, timeout=10, metadata=metadata)
+        print("OK")
+    except grpc.RpcError as e:
+        print(e.code().name)
+"""
+
+
+def grpc_codes(net, address, token=""):
+    out = subprocess.run(["ip", "netns", "exec", net.hosts[0], sys.executable, "-c", GRPC_CLIENT, address, token],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    return out.stdout.split()
+
+
 def test_non_loopback_mutations_need_the_token(tmp_path):
     with lab(1) as net:
         daemon = net.run(0, [sys.executable, "-m", "exod.daemon.cli", "start", "--api-host", "0.0.0.0",
@@ -37,6 +59,12 @@ def test_non_loopback_mutations_need_the_token(tmp_path):
             # With the token, or from loopback, the request is looked at (and this body is bad).
             assert curl(net, lan, "-H", "Authorization: Bearer s3cret")[0] == 400
             assert curl(net, local)[0] == 400
+            # The same rule over gRPC: refused from the LAN address, looked at with the token or from loopback.
+            lan_grpc, local_grpc = f"{net.addresses[0]}:52416", "127.0.0.1:52416"
+            assert grpc_codes(net, lan_grpc) == ["PERMISSION_DENIED", "PERMISSION_DENIED"]
+            assert grpc_codes(net, lan_grpc, "wrong") == ["PERMISSION_DENIED", "PERMISSION_DENIED"]
+            assert grpc_codes(net, lan_grpc, "s3cret") == ["INVALID_ARGUMENT", "NOT_FOUND"]
+            assert grpc_codes(net, local_grpc) == ["INVALID_ARGUMENT", "NOT_FOUND"]
         finally:
             daemon.kill()
             daemon.wait()
