@@ -102,18 +102,15 @@ def make_app(node) -> web.Application:
             return error(409, str(e))
         return web.json_response(_json(instance), status=201)
 
-    def find(instance_id):
-        from . import state as cluster
-
-        return next((i for i in cluster.instances(node.view) if i.instance_id == instance_id), None)
-
     async def list_instances(request):
         from . import state as cluster
 
         return web.json_response({"instances": [_json(i) for i in cluster.instances(node.view)]})
 
     async def get_instance(request):
-        instance = find(request.match_info["instance_id"])
+        from . import state as cluster
+
+        instance = cluster.instance(node.view, request.match_info["instance_id"])
         if instance is None:
             return error(404, f"no instance {request.match_info['instance_id']!r}")
         return web.json_response(_json(instance))

@@ -319,16 +319,18 @@ class Node:
 
     # ---------------------------------------------------------------- peers
 
-    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
             self._channels[address] = channel
-        return pb_grpc.PeerServiceStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
+        return pb_grpc.PeerServiceStub(self._channel(address))
 
     def cluster_stub(self, node_id: str) -> pb_grpc.ClusterServiceStub:
-        self._stub(self._address_of(node_id))  # opens the channel when needed
-        return pb_grpc.ClusterServiceStub(self._channels[self._address_of(node_id)])
+        return pb_grpc.ClusterServiceStub(self._channel(self._address_of(node_id)))
 
     def _address_of(self, node_id: str) -> str | None:
         route = self._route.get(node_id)

@@ -240,7 +240,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def GetInstance(self, request, context):
         from . import state
 
-        found = next((i for i in state.instances(self.node.view) if i.instance_id == request.instance_id), None)
+        found = state.instance(self.node.view, request.instance_id)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r}")
         return found

@@ -119,6 +119,10 @@ def instances(view: View) -> list[pb.Instance]:
     return found
 
 
+def instance(view: View, instance_id: str) -> "pb.Instance | None":
+    return next((i for i in instances(view) if i.instance_id == instance_id), None)
+
+
 def heard_from(view: View, node_id: str, incarnation: int, available: int, now_ms: int,
                reserved: int | None = None) -> View:
     """A direct answer from the node (heartbeat, exchange): it is up, with

@@ -33,7 +33,7 @@ def call(method, url, body=None):
 def instance_in(node, instance_id):
     from exod.daemon import state
 
-    return next((i for i in state.instances(node.view) if i.instance_id == instance_id), None)
+    return state.instance(node.view, instance_id)
 
 
 def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
