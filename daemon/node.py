@@ -203,8 +203,9 @@ class Node:
                     old_id=old, new_id=self.node_id)
         # Whoever stored our record under the old id must let the earlier node have it back.
         leave = pb.LeaveRequest(node_id=old, incarnation=self.incarnation)
-        for address in self._peer_addresses():
-            self._spawn(self._stub(address).Leave(leave, timeout=0.5))
+        # _spawn takes coroutines; a gRPC call object is awaitable but is not one.
+        self._spawn(gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
+                                   timeout=0.7))
         if self.discovery is not None:
             self._spawn(self.discovery.republish())
 
