@@ -2,13 +2,16 @@ import argparse
 import json
 import sys
 
-from . import discovery, overhead, planning, ready, runner
+from . import discovery, matrix, memory, overhead, planning, ready, runner, suite, traffic
 
-BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run, "ready": ready.run}
+BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run,
+           "ready": ready.run, "traffic": traffic.run, "memory": memory.run, "matrix": matrix.run}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+    if sys.argv[1:2] == ["run"]:
+        return suite.main(sys.argv[2:])
+    parser = argparse.ArgumentParser(prog="python -m bench", description="`run` for the whole suite, or one benchmark")
     parser.add_argument("name", choices=sorted(BENCHES))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()

@@ -456,6 +456,35 @@ def cmd_start(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ calibrate
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from . import calibration
+    from .paths import data_dir
+
+    if args.busy < 1:
+        raise UsageError(f"--busy must be at least 1, got {args.busy}")
+    where = Path(args.data_dir).expanduser() if args.data_dir else data_dir()
+    try:
+        result = calibration.calibrate(busy=args.busy, quick=args.quick)
+    except calibration.CalibrationError as e:
+        raise UsageError(str(e)) from None
+    path = calibration.save(where, result)
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(result, preserving_proto_field_name=True))
+    else:
+        print(f"decode: {result.decode_bytes_per_s / 1e9:.2f} GB/s read, {result.step_s * 1e3:.2f} ms per step, "
+              f"{result.layer_s * 1e3:.3f} ms per layer (fit within {result.fit_worst_error:.0%}); "
+              f"collective: {result.collective_s * 1e6:.0f} us")
+        print(f"saved to {path}; `exod start` publishes it from now on")
+    return 0
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -541,6 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (default: $XDG_CONFIG_HOME/exod/config.toml)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("calibrate", help="measure this node's decode and collective costs for the planner")
+    p.add_argument("--data-dir", help="where to keep calibration.json (default: the XDG data dir)")
+    p.add_argument("--busy", type=int, default=1,
+                   help="ranks decoding at once (more than 1 only where emulated hosts share this machine)")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter timings")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("run", help="run a model as local ranks over loopback and answer one prompt")
     p.add_argument("model", help="model directory or built-in model (demo, midsize-moe)")

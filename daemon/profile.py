@@ -15,6 +15,8 @@ import psutil
 
 from exod.proto import exod_pb2 as pb
 
+from . import calibration
+
 # Unified-memory bandwidth of Apple chips, bytes/s, from Apple's published
 # specifications (apple.com/mac/compare, and each chip's press release).
 APPLE_BANDWIDTH = {
@@ -152,12 +154,15 @@ def collect(node_id: str, name: str, memory_limit: int, only_interfaces: list[st
         usable = min(usable, memory_limit)
     rdma = rdma_devices()
     bandwidth = APPLE_BANDWIDTH.get(chip_name) or measured_bandwidth(data_dir / "bandwidth.json", chip_name)
+    calibrated = calibration.load(data_dir)
+    if calibrated is not None and calibrated.chip != chip_name:
+        calibrated = None  # a data dir copied from another machine
     return pb.NodeProfile(
         node_id=node_id, name=name or platform.node(), chip=chip_name, cores=psutil.cpu_count() or 1,
         memory_total_bytes=memory.total, memory_available_bytes=memory.available, memory_usable_bytes=usable,
         memory_bandwidth_bytes_per_s=bandwidth, backends=["ring"] + (["jaccl"] if rdma else []),
         interfaces=interfaces(only_interfaces), rdma_devices=rdma,
-        os=f"{platform.system()} {platform.release()}",
+        os=f"{platform.system()} {platform.release()}", calibration=calibrated,
     )
 
 

@@ -23,10 +23,12 @@ ACTIVATION_BYTES_PER_TOKEN_ELEMENT = 48.0
 DEFAULT_HEADROOM = 0.05
 
 # Fixed cost of one decode step on a rank (sampling, Python, graph build),
-# and per layer held (kernel dispatch). Defaults until a node reports its own
-# calibrated decode_step_overhead_s.
+# per layer held (kernel dispatch), and MLX's own work per collective beyond
+# the wire. Defaults for a node that has not run `exod calibrate`, which
+# measures all three (NodeProfile.calibration; docs/cost-model.md).
 DEFAULT_STEP_OVERHEAD_S = 0.002
 LAYER_DISPATCH_S = 40e-6
+DEFAULT_COLLECTIVE_S = 0.0
 
 # Links the daemon has not measured yet (and `exod plan --nodes N`): a 10 GbE
 # switch. rtt from a ping-pong over a 10 GbE switch; bandwidth ~ line rate.

@@ -1,9 +1,11 @@
 """Predicted single-stream decode time per token.
 
-compute: each rank reads its decode bytes from memory at its bandwidth, plus
-a fixed step cost and a per-layer dispatch cost. Ranks of a tensor strategy
-run in parallel (the slowest sets the pace); pipeline stages run one after
-another.
+compute: each rank reads its decode bytes at its decode rate, plus a fixed
+step cost and a per-layer cost; a node calibrated by `exod calibrate` has
+all three measured, otherwise the memory bandwidth and documented defaults
+stand in. Ranks of a tensor strategy run in parallel (the slowest sets the
+pace); pipeline stages run one after another, and the step and the tensors
+outside the layers (every rank computes the logits) once, in parallel.
 
 communication, from the links actually used:
   tensor      2 all-sums per layer of hidden_size activations
@@ -12,7 +14,9 @@ communication, from the links actually used:
               an all-gather of the last hidden state so that every rank
               computes the logits (mlx-lm's pipeline)
 A ring all-sum of M bytes over N ranks is 2(N-1) neighbour steps of M/N
-bytes, each paying the slowest ring edge's one-way latency.
+bytes, each paying the slowest ring edge's one-way latency. Every collective
+(all-sum, all-gather, send) also pays the nodes' calibrated collective cost:
+MLX's own work per collective, beyond the time on the wire.
 """
 
 from dataclasses import dataclass
@@ -39,18 +43,32 @@ def hop(links: dict, a: str, b: str, backend: int) -> Hop:
     return Hop(rtt / 2, link.bandwidth_bytes_per_s or constants.ASSUMED_LINK_BANDWIDTH, True)
 
 
+def decode_rates(node: pb.NodeProfile) -> tuple[float, float, float]:
+    """(bytes/s, step seconds, seconds per layer) for one node."""
+    c = node.calibration
+    if c.decode_bytes_per_s > 0:
+        return c.decode_bytes_per_s, c.step_s, c.layer_s
+    return node.memory_bandwidth_bytes_per_s, constants.DEFAULT_STEP_OVERHEAD_S, constants.LAYER_DISPATCH_S
+
+
 def rank_compute_s(read_bytes: float, layers: int, node: pb.NodeProfile) -> float:
-    step = node.decode_step_overhead_s or constants.DEFAULT_STEP_OVERHEAD_S
-    return read_bytes / node.memory_bandwidth_bytes_per_s + step + layers * constants.LAYER_DISPATCH_S
+    rate, step, layer = decode_rates(node)
+    return read_bytes / rate + step + layers * layer
 
 
-def ring_all_sum_s(hops: list[Hop], message_bytes: float) -> float:
+def collective_s(nodes: list[pb.NodeProfile]) -> float:
+    """MLX's cost per collective: the slowest node's, since all wait for it."""
+    measured = [n.calibration.collective_s for n in nodes if n.calibration.decode_bytes_per_s > 0]
+    return max(measured) if measured else constants.DEFAULT_COLLECTIVE_S
+
+
+def ring_all_sum_s(hops: list[Hop], message_bytes: float, per_collective_s: float = 0.0) -> float:
     n = len(hops)
     if n < 2:
         return 0.0
     latency = max(h.latency_s for h in hops)
     bandwidth = min(h.bandwidth for h in hops)
-    return 2 * (n - 1) * (latency + message_bytes / n / bandwidth)
+    return 2 * (n - 1) * (latency + message_bytes / n / bandwidth) + per_collective_s
 
 
 def ring_hops(order: list[str], links: dict, backend: int) -> list[Hop]:
@@ -60,16 +78,17 @@ def ring_hops(order: list[str], links: dict, backend: int) -> list[Hop]:
     return [hop(links, order[i], order[(i + 1) % n], backend) for i in range(n)]
 
 
-def communication_s(strategy: str, order: list[str], links: dict, backend: int, hidden: int,
+def communication_s(strategy: str, nodes: list[pb.NodeProfile], links: dict, backend: int, hidden: int,
                     activation_bytes: int, num_layers: int, moe_layers: int) -> float:
-    hops = ring_hops(order, links, backend)
+    hops = ring_hops([n.node_id for n in nodes], links, backend)
     if not hops:
         return 0.0
     message = hidden * activation_bytes
+    each = collective_s(nodes)
     if strategy == "tensor":
-        return 2 * num_layers * ring_all_sum_s(hops, message)
+        return 2 * num_layers * ring_all_sum_s(hops, message, each)
     if strategy == "moe_tensor":
-        return moe_layers * ring_all_sum_s(hops, message)
-    sends = sum(h.latency_s + message / h.bandwidth for h in hops[: len(hops) - 1])
-    gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops))
+        return moe_layers * ring_all_sum_s(hops, message, each)
+    sends = sum(h.latency_s + message / h.bandwidth + each for h in hops[: len(hops) - 1])
+    gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops)) + each
     return sends + gather

@@ -201,9 +201,15 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         if not fits and not structural:
             placement.reasons.append(shortfall(rank, node.name, memory, usable[rank]))
     ids = [node.node_id for node in order]
-    comm = cost.communication_s(strategy, ids, links, backend, model.hidden_size,
+    comm = cost.communication_s(strategy, order, links, backend, model.hidden_size,
                                 model.activation_bytes, model.num_layers, model.moe_layers)
-    total_compute = sum(compute) if strategy == "pipeline" else max(compute)
+    if strategy == "pipeline":
+        # The stages' layers run one after another; the step and the logits
+        # run on every rank at once.
+        fixed = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
+        total_compute = sum(c - f for c, f in zip(compute, fixed)) + max(fixed)
+    else:
+        total_compute = max(compute)
     placement.predicted_compute_s = total_compute
     placement.predicted_communication_s = comm
     placement.predicted_decode_tokens_per_s = 1.0 / (total_compute + comm)
@@ -267,11 +273,12 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
     base = overhead_bytes(model, "pipeline", 1, settings.context)
     mem_prefix = _prefix(layer_mem)
     read_prefix = _prefix(layer_read)
-    bw = [node.memory_bandwidth_bytes_per_s for node in order]
+    rates = [cost.decode_rates(node) for node in order]
     fixed_time = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
 
     def stage_time(r, a, b):
-        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / bw[r] + (b - a) * constants.LAYER_DISPATCH_S
+        rate, _, layer = rates[r]
+        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / rate + (b - a) * layer
 
     def stage_mem(r, a, b):
         return base + outside_mem + mem_prefix[b] - mem_prefix[a]

@@ -161,7 +161,7 @@ class RdmaDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "decode_step_overhead_s")
+    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "calibration")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
@@ -175,7 +175,7 @@ class NodeProfile(_message.Message):
     RDMA_DEVICES_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    DECODE_STEP_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     chip: str
@@ -189,8 +189,30 @@ class NodeProfile(_message.Message):
     rdma_devices: _containers.RepeatedCompositeFieldContainer[RdmaDevice]
     os: str
     version: int
-    decode_step_overhead_s: float
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., decode_step_overhead_s: _Optional[float] = ...) -> None: ...
+    calibration: NodeCalibration
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., calibration: _Optional[_Union[NodeCalibration, _Mapping]] = ...) -> None: ...
+
+class NodeCalibration(_message.Message):
+    __slots__ = ("decode_bytes_per_s", "step_s", "layer_s", "collective_s", "busy_ranks", "mlx_version", "chip", "measured_at_unix_ms", "fit_worst_error")
+    DECODE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    LAYER_S_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_S_FIELD_NUMBER: _ClassVar[int]
+    BUSY_RANKS_FIELD_NUMBER: _ClassVar[int]
+    MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHIP_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FIT_WORST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    decode_bytes_per_s: float
+    step_s: float
+    layer_s: float
+    collective_s: float
+    busy_ranks: int
+    mlx_version: str
+    chip: str
+    measured_at_unix_ms: int
+    fit_worst_error: float
+    def __init__(self, decode_bytes_per_s: _Optional[float] = ..., step_s: _Optional[float] = ..., layer_s: _Optional[float] = ..., collective_s: _Optional[float] = ..., busy_ranks: _Optional[int] = ..., mlx_version: _Optional[str] = ..., chip: _Optional[str] = ..., measured_at_unix_ms: _Optional[int] = ..., fit_worst_error: _Optional[float] = ...) -> None: ...
 
 class Link(_message.Message):
     __slots__ = ("from_node", "to_node", "from_address", "to_address", "rtt_s", "bandwidth_bytes_per_s", "rdma", "rdma_rtt_s", "measured_at_unix_ms", "probes")

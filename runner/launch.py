@@ -69,12 +69,14 @@ class SpareRunner:
             self.process.wait()
 
 
-def _spawn(extra_args: list[str], env: Optional[dict], log_path: Optional[Path], workdir: Optional[Path]):
-    """The runner process, the read end of its events and a writer for its commands."""
+def _spawn(extra_args: list[str], env: Optional[dict], log_path: Optional[Path], workdir: Optional[Path],
+           prefix: Optional[list[str]] = None):
+    """The runner process, the read end of its events and a writer for its commands.
+    prefix: a command the runner runs under (`ip netns exec HOST` in benchmarks)."""
     events_r, events_w = os.pipe()
     commands_r, commands_w = os.pipe()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    args = [sys.executable, "-m", "exod.runner", *extra_args,
+    args = [*(prefix or []), sys.executable, "-m", "exod.runner", *extra_args,
             "--events-fd", str(events_w), "--commands-fd", str(commands_r)]
     if workdir:
         args += ["--workdir", str(workdir)]
@@ -95,9 +97,10 @@ class RankProcess:
 
     def __init__(self, spec: pb.RunnerSpec, on_event: Callable[["RankProcess", pb.RunnerEvent], None],
                  env: Optional[dict] = None, log_path: Optional[Path] = None, workdir: Optional[Path] = None,
-                 spare: Optional[SpareRunner] = None):
+                 spare: Optional[SpareRunner] = None, prefix: Optional[list[str]] = None):
         """spare: a SpareRunner to adopt (started with the same env and
-        workdir); a fresh process is spawned when it is gone."""
+        workdir); a fresh process is spawned when it is gone. prefix: as
+        _spawn's."""
         self.spec = spec
         self.on_event = on_event
         self.status = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=spec.node_id,
@@ -112,7 +115,7 @@ class RankProcess:
             self._spec_file.write(json_format.MessageToJson(spec))
             self._spec_file.close()
             self.process, self._events_fd, self._commands = _spawn(
-                ["--spec", self._spec_file.name], env, log_path, workdir)
+                ["--spec", self._spec_file.name], env, log_path, workdir, prefix)
         self._reader = threading.Thread(target=self._read, name=f"exod-rank{self.spec.rank}-events", daemon=True)
         self._reader.start()
 
@@ -226,7 +229,11 @@ class LocalInstance:
                  deadlines: Optional[pb.RunnerDeadlines] = None, context_length: int = 0,
                  estimated_bytes: Optional[list[int]] = None, env: Optional[dict] = None,
                  hosts: Optional[list[str]] = None, log_dir: Optional[Path] = None, instance_id: str = "",
-                 start_only: Optional[list[int]] = None):
+                 start_only: Optional[list[int]] = None, rank_hosts: Optional[list[list[str]]] = None,
+                 rank_prefix: Optional[list[list[str]]] = None):
+        """rank_hosts: the ring addresses as each rank sees them, when they
+        differ (a rank reaching its peers through relays); rank_prefix: the
+        command each rank runs under (a network namespace)."""
         self.instance_id = instance_id or f"local-{os.getpid()}-{next(self._ids)}"
         self.hosts = hosts or [f"127.0.0.1:{p}" for p in free_ports(world_size)]
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="exod-logs-"))
@@ -236,14 +243,15 @@ class LocalInstance:
         self._lock = threading.Lock()
         self.specs = [
             pb.RunnerSpec(instance_id=self.instance_id, node_id="local", rank=r, world_size=world_size,
-                          backend=pb.RING, hosts=self.hosts, model_dir=str(model_dir), strategy=strategy,
+                          backend=pb.RING, hosts=rank_hosts[r] if rank_hosts else self.hosts, model_dir=str(model_dir), strategy=strategy,
                           pipeline_layers=pipeline_layers or [], deadlines=deadlines,
                           context_length=context_length,
                           estimated_bytes=(estimated_bytes or [0] * world_size)[r])
             for r in range(world_size)
         ]
         # start_only: tests leave some ranks out to prove the others give up in time.
-        self.ranks = [RankProcess(spec, self._on_event, env=env, log_path=self.log_dir / f"rank{spec.rank}.log")
+        self.ranks = [RankProcess(spec, self._on_event, env=env, log_path=self.log_dir / f"rank{spec.rank}.log",
+                                  prefix=rank_prefix[spec.rank] if rank_prefix else None)
                       for spec in self.specs if start_only is None or spec.rank in start_only]
         self.started_at = time.monotonic()
 

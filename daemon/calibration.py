@@ -1,0 +1,130 @@
+"""`exod calibrate`: measure this node's decode cost and collective cost,
+fit the cost model's per-node constants, and keep them in the data dir
+(calibration.json), from where every later `exod start` publishes them in
+its NodeProfile.
+
+The timing runs in runner processes (exod.runner.calibrate), never in the
+daemon: it imports MLX and keeps a core busy for seconds. busy > 1 runs that
+many timing processes at once, for emulated hosts that share one machine's
+cores (the benchmarks)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from exod.proto import exod_pb2 as pb
+
+FILE = "calibration.json"
+COMPUTE_TIMEOUT_S = 300
+COLLECTIVE_TIMEOUT_S = 120
+
+
+class CalibrationError(Exception):
+    pass
+
+
+def _runner(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "exod.runner.calibrate", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def _collect(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.returncode:
+                raise CalibrationError(f"calibration process failed: {err.strip().splitlines()[-1:] or proc.returncode}")
+            outs.append(out)
+    except subprocess.TimeoutExpired:
+        raise CalibrationError(f"calibration took longer than {timeout:g} s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outs
+
+
+def fit(points: list[dict]) -> tuple[float, float, float, float]:
+    """(step_s, layer_s, bytes_per_s, worst relative error) of
+    seconds = step + layers x layer + bytes / rate, by least squares; a term
+    that fits negative is dropped rather than allowed to subtract time."""
+    import numpy as np
+
+    a = np.array([[1.0, p["layers"], p["read_bytes"]] for p in points])
+    y = np.array([p["seconds"] for p in points])
+    keep = [0, 1, 2]
+    while True:
+        coef, *_ = np.linalg.lstsq(a[:, keep], y, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    full = np.zeros(3)
+    full[keep] = np.maximum(coef, 0)
+    worst = float(np.max(np.abs(a @ full / y - 1)))
+    rate = 1.0 / full[2] if full[2] > 0 else float("inf")
+    return float(full[0]), float(full[1]), rate, worst
+
+
+def _collective_s(world: int, quick: bool) -> float:
+    """What one all-sum adds to a tensor-sharded decode on a loopback ring of
+    `world` ranks, less the ring's time on the (loopback) wire. Ranks that
+    share too few cores pay the scheduler here: a ring step waits for a peer
+    that is not running."""
+    from exod.runner.launch import free_ports
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as hostfile:
+        json.dump([[f"127.0.0.1:{p}"] for p in free_ports(world)], hostfile)
+    try:
+        procs = [_runner(["collective", str(r), hostfile.name, "24" if quick else "48"],
+                         {"MLX_RANK": str(r), "MLX_HOSTFILE": hostfile.name}) for r in range(world)]
+        result = json.loads(_collect(procs, COLLECTIVE_TIMEOUT_S)[0].strip().splitlines()[-1])
+    finally:
+        os.unlink(hostfile.name)
+    wire = 2 * (world - 1) * result["rtt_s"] / 2
+    return max(0.0, result["all_sum_s"] - wire)
+
+
+def calibrate(busy: int = 1, quick: bool = False) -> pb.NodeCalibration:
+    import mlx.core as mx
+    import numpy as np
+
+    from .profile import chip
+
+    procs = [_runner(["compute"] + (["--quick"] if quick else [])) for _ in range(busy)]
+    outs = _collect(procs, COMPUTE_TIMEOUT_S)
+    runs = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    # Each model's time is the median over the processes that ran at once.
+    points = [{**runs[0][i], "seconds": float(np.median([r[i]["seconds"] for r in runs]))}
+              for i in range(len(runs[0]))]
+    step, layer, rate, worst = fit(points)
+    return pb.NodeCalibration(decode_bytes_per_s=rate, step_s=step, layer_s=layer,
+                              collective_s=_collective_s(max(busy, 2), quick), busy_ranks=busy,
+                              mlx_version=mx.__version__, chip=chip(),
+                              measured_at_unix_ms=int(time.time() * 1000), fit_worst_error=worst)
+
+
+def save(data_dir: Path, calibration: pb.NodeCalibration) -> Path:
+    path = Path(data_dir) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json_format.MessageToJson(calibration, preserving_proto_field_name=True))
+    tmp.replace(path)
+    return path
+
+
+def load(data_dir: Path) -> pb.NodeCalibration | None:
+    """The saved calibration, or None when there is none or it is unreadable
+    (the planner then uses its defaults; `exod calibrate` makes a new one)."""
+    try:
+        return json_format.Parse(Path(data_dir, FILE).read_text(), pb.NodeCalibration())
+    except (OSError, json_format.ParseError):
+        return None
