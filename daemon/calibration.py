@@ -3,8 +3,8 @@ fit the cost model's per-node constants, and keep them in the data dir
 (calibration.json), from where every later `exod start` publishes them in
 its NodeProfile.
 
-The timing runs in runner processes (exod.runner.calibrate), never in the
-daemon: it imports MLX and keeps a core busy for seconds. busy > 1 runs that
+The timing runs in runner processes (exod.runner.calibrate, and a real
+two-rank instance), never in the daemon: it imports MLX and keeps a core busy for seconds. busy > 1 runs that
 many timing processes at once, for emulated hosts that share one machine's
 cores (the benchmarks)."""
 
@@ -74,23 +74,39 @@ def fit(points: list[dict]) -> tuple[float, float, float, float]:
     return float(full[0]), float(full[1]), rate, worst
 
 
-def _collective_s(world: int, quick: bool) -> float:
-    """What one all-sum adds to a tensor-sharded decode on a loopback ring of
-    `world` ranks, less the ring's time on the (loopback) wire. Ranks that
-    share too few cores pay the scheduler here: a ring step waits for a peer
-    that is not running."""
-    from exod.runner.launch import free_ports
+def _collective_s(world: int, quick: bool, rate: float, step: float, layer: float) -> float:
+    """What one all-sum costs inside a real tensor-sharded decode: the
+    runner itself (the same process, loop and control collectives a placed
+    rank runs) decodes a small built-in model on a loopback ring of `world`
+    ranks, and the compute the fitted constants predict for one shard is
+    taken away. Ranks that share too few cores pay the scheduler here: a
+    ring step waits for a peer that is not running. The loopback wire
+    (~25 us per all-sum) is left in."""
+    from exod.models import inventory, synthetic
+    from exod.placement.profile import profile
+    from exod.runner.launch import LaunchError, LocalInstance
+    from exod.runner.serve import CONTROL_EVERY
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as hostfile:
-        json.dump([[f"127.0.0.1:{p}"] for p in free_ports(world)], hostfile)
-    try:
-        procs = [_runner(["collective", str(r), hostfile.name, "24" if quick else "48"],
-                         {"MLX_RANK": str(r), "MLX_HOSTFILE": hostfile.name}) for r in range(world)]
-        result = json.loads(_collect(procs, COLLECTIVE_TIMEOUT_S)[0].strip().splitlines()[-1])
-    finally:
-        os.unlink(hostfile.name)
-    wire = 2 * (world - 1) * result["rtt_s"] / 2
-    return max(0.0, result["all_sum_s"] - wire)
+    with tempfile.TemporaryDirectory(prefix="exod-calibrate-") as tmp:
+        model_dir = synthetic.ensure_named("calibration-tensor", Path(tmp))
+        shape = profile(inventory.from_directory(model_dir))
+        read = sum(p.read("tensor", world) for p in shape.layers) + shape.outside.read("tensor", world)
+        compute = read / rate + step + shape.num_layers * layer
+        tokens = 24 if quick else 48
+        try:
+            with LocalInstance(model_dir, "tensor", world, context_length=512,
+                               log_dir=tmp) as instance:
+                instance.wait_ready(COLLECTIVE_TIMEOUT_S)
+                request = pb.GenerateRequest(request_id="calibrate", prompt_tokens=[5] * 8,
+                                             sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True))
+                final = instance.generate(request, timeout=COLLECTIVE_TIMEOUT_S)[-1]
+                instance.shutdown()
+        except LaunchError as e:
+            raise CalibrationError(f"sharded decode failed: {e}") from None
+    if final.error or final.generation_tokens_per_s <= 0:
+        raise CalibrationError(f"sharded decode failed: {final.error or 'no tokens'}")
+    per_token = 2 * shape.num_layers + 1 / CONTROL_EVERY
+    return max(0.0, (1 / final.generation_tokens_per_s - compute) / per_token)
 
 
 def calibrate(busy: int = 1, quick: bool = False) -> pb.NodeCalibration:
@@ -107,7 +123,7 @@ def calibrate(busy: int = 1, quick: bool = False) -> pb.NodeCalibration:
               for i in range(len(runs[0]))]
     step, layer, rate, worst = fit(points)
     return pb.NodeCalibration(decode_bytes_per_s=rate, step_s=step, layer_s=layer,
-                              collective_s=_collective_s(max(busy, 2), quick), busy_ranks=busy,
+                              collective_s=_collective_s(max(busy, 2), quick, rate, step, layer), busy_ranks=busy,
                               mlx_version=mx.__version__, chip=chip(),
                               measured_at_unix_ms=int(time.time() * 1000), fit_worst_error=worst)
 

@@ -69,7 +69,8 @@ TINY_CONFIGS = {
 # Models with a tokenizer, built on demand by name. `demo` is the README's
 # quick-start model; `midsize-moe` (about 1.4 GB) is for memory and speed;
 # `matrix-moe` (about 0.7 GB) divides by 2 and 3 ranks under every strategy
-# (12 heads, 6 kv heads, expert width 384), for the link-profile matrix.
+# (12 heads, 6 kv heads, expert width 384), for the link-profile matrix;
+# `calibration-tensor` is what `exod calibrate` times a sharded decode on.
 NAMED = {
     "demo": dict(
         model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
@@ -89,6 +90,13 @@ NAMED = {
         model_type="qwen3_moe", hidden_size=1024, intermediate_size=1536, moe_intermediate_size=384,
         num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=6, head_dim=64,
         num_experts=16, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    "calibration-tensor": dict(
+        model_type="qwen3_moe", hidden_size=768, intermediate_size=1536, moe_intermediate_size=384,
+        num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=6, head_dim=64,
+        num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
         norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
         tie_word_embeddings=False,
     ),
