@@ -15,19 +15,18 @@ is reported as a tie.
 Targets: the choice is right in >= 90% of (profile, world size) pairs, and
 every cell's prediction is within 25% of its measurement."""
 
-import json
 import os
 import platform
 import statistics
-import sys
-import time
 from pathlib import Path
+
+from google.protobuf import json_format
 
 from exod.models import inventory, synthetic
 from exod.placement import planner
 from exod.placement.errors import PlanError
 from exod.proto import exod_pb2 as pb
-from exod.runner.launch import LaunchError, LocalInstance
+from exod.runner.launch import LocalInstance
 
 from .links import PROFILES, emulated, links_for
 from .runner import models_dir
@@ -168,8 +167,6 @@ def run(quick: bool = False, calibration: pb.NodeCalibration | None = None, smal
 
 
 def _plain(message) -> dict:
-    from google.protobuf import json_format
-
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -184,11 +181,3 @@ def table(report: dict) -> str:
         lines.append(f"{c['profile']} x {c['ranks']}: planner picks {c['planner_choice']}, "
                      f"fastest measured {c['measured_fastest']} ({verdict})")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    report = run(quick="--quick" in sys.argv)
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    print(table(report), file=sys.stderr)
-    _ = time
