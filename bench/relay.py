@@ -51,10 +51,7 @@ def _pipe(src: socket.socket, dst: socket.socket, delay_s: float, jitter_s: floa
         except OSError:
             pass
         finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            _end_writing(dst)
 
     writer = threading.Thread(target=deliver, daemon=True)
     writer.start()
@@ -93,10 +90,15 @@ def _copy(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        _end_writing(dst)
+
+
+def _end_writing(dst: socket.socket) -> None:
+    """Pass the end of one direction on; the other may still be talking."""
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _serve(conn: socket.socket, target: tuple[str, int], delay_s: float, jitter_s: float, seed: int) -> None:
