@@ -82,7 +82,7 @@ def run_cell(cluster, model_dir: Path, placement: pb.Placement, name: str, world
     return {"decode_tokens_per_s": final.generation_tokens_per_s, "prefill_tokens_per_s": final.prompt_tokens_per_s}
 
 
-def run(quick: bool = False, calibration: pb.NodeCalibration | None = None, smallest: bool = False) -> dict:
+def run(quick: bool = False, smallest: bool = False) -> dict:
     """smallest: one cell (demo model, 2 ranks, one profile, pipeline), so
     a test can run the suite's code path in seconds."""
     if os.geteuid() != 0:
@@ -100,7 +100,7 @@ def run(quick: bool = False, calibration: pb.NodeCalibration | None = None, smal
     context = 1024
     calibrations = {}
     for world in worlds:  # the emulated hosts share this machine's cores
-        calibrations[world] = calibration or calibrate(busy=world, quick=quick or smallest)
+        calibrations[world] = calibrate(busy=world, quick=quick or smallest)
     cells, choices, fidelity = [], [], []
     for profile_name in profiles:
         profile = PROFILES[profile_name]
