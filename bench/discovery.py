@@ -27,9 +27,10 @@ API = 52415
 TARGET_S = 1.5
 
 
-def _start(net, index, data: Path):
+def _start(net, index, data: Path, extra: tuple = ()):
     return net.run(index, [sys.executable, "-m", "exod.daemon.cli", "start", "--name", f"h{index}",
-                           "--api-port", str(API), "--data-dir", str(data / f"h{index}"), "--cluster", "bench"],
+                           "--api-port", str(API), "--data-dir", str(data / f"h{index}"), "--cluster", "bench",
+                           *extra],
                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -14,14 +14,13 @@ import json
 import statistics
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.netns import Lab, _ip  # noqa: E402
+from tests.netns import Lab  # noqa: E402
 
 from exod.proto import exod_pb2 as pb  # noqa: E402
 
@@ -48,15 +47,12 @@ PROFILES = {
 }
 
 
-def _shape(lab: Lab, index: int, rate: str) -> None:
-    # A burst of a few milliseconds of the rate: tbf needs at least one
-    # timer tick's worth, and a short burst keeps the cap honest.
-    bits = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
-    number, unit = float(rate.rstrip("gmkbit")), rate[len(rate.rstrip("gmkbit")):]
-    burst = max(64_000, int(number * bits[unit] / 8 * 0.004))
-    for dev, ns in (("eth0", lab.hosts[index]), (f"sw{index}{lab.tag}", lab.switch)):
-        _ip("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
-            "latency", "50ms", ns=ns)
+def _burst(rate: str) -> str:
+    """A few milliseconds of the rate: tbf needs at least one timer tick's
+    worth, and a short burst keeps the cap honest."""
+    unit = rate.lstrip("0123456789.")
+    bits = float(rate[: len(rate) - len(unit)]) * {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}[unit]
+    return str(max(64_000, int(bits / 8 * 0.004)))
 
 
 class EmulatedCluster:
@@ -72,7 +68,7 @@ class EmulatedCluster:
         self.lab.create()
         if self.profile.rate:
             for i in range(len(self.lab.hosts)):
-                _shape(self.lab, i, self.profile.rate)
+                self.lab.limit(i, self.profile.rate, _burst(self.profile.rate))
         return self
 
     def __exit__(self, *exc):
@@ -90,8 +86,8 @@ class EmulatedCluster:
         return ["ip", "netns", "exec", self.lab.hosts[index]]
 
     def _start(self, index: int, args: list[str], banner: str) -> subprocess.Popen:
-        proc = subprocess.Popen([*self.prefix(index), sys.executable, "-m", *args], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = self.lab.run(index, [sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
         self.procs.append(proc)
         line = proc.stdout.readline().strip()
         if line != banner:
@@ -155,15 +151,9 @@ def links_for(node_ids: list[str], measured: dict) -> list[pb.Link]:
             for i, a in enumerate(node_ids) for b in node_ids[i + 1:]]
 
 
-@contextmanager
-def emulated(hosts: int, profile: LinkProfile):
-    with EmulatedCluster(hosts, profile) as cluster:
-        yield cluster
-
-
 def fidelity(profile: LinkProfile, hosts: int = 2, count: int = 400, stream_bytes: int = 8 << 20) -> dict:
     """What the emulation delivers against what the profile asks for."""
-    with emulated(hosts, profile) as cluster:
+    with EmulatedCluster(hosts, profile) as cluster:
         got = cluster.measure(0, 1, count, stream_bytes)
     target_rtt = 2 * (profile.one_way_s + profile.jitter_s / 2)
     return {"profile": profile.name, "target_rtt_s": target_rtt or None, "rate": profile.rate or "unshaped",

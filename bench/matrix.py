@@ -28,7 +28,7 @@ from exod.placement.errors import PlanError
 from exod.proto import exod_pb2 as pb
 from exod.runner.launch import LocalInstance
 
-from .links import PROFILES, emulated, links_for
+from .links import PROFILES, EmulatedCluster, links_for
 from .runner import models_dir
 
 STRATEGIES = {"pipeline": pb.PIPELINE, "moe_tensor": pb.MOE_TENSOR, "tensor": pb.TENSOR}
@@ -104,7 +104,7 @@ def run(quick: bool = False, smallest: bool = False) -> dict:
     cells, choices, fidelity = [], [], []
     for profile_name in profiles:
         profile = PROFILES[profile_name]
-        with emulated(max(worlds), profile) as cluster:
+        with EmulatedCluster(max(worlds), profile) as cluster:
             link = cluster.measure(0, 1, 200 if quick or smallest else 400, 4 << 20)
             fidelity.append({"profile": profile_name, "description": profile.description, **link})
             for world in worlds:

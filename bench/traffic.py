@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .discovery import API, _full
+from .discovery import _start as discovery_start
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,10 +50,7 @@ TAIL_S = 1.0
 def _start(net, index: int, data: Path) -> subprocess.Popen:
     # The API listens on 127.0.0.1 by default; 0.0.0.0 lets the client host in
     # while discovery's loopback probes (_full) keep working. GET needs no token.
-    return net.run(index, [sys.executable, "-m", "exod.daemon.cli", "start", "--name", f"h{index}",
-                           "--api-host", "0.0.0.0", "--api-port", str(API), "--data-dir", str(data / f"h{index}"),
-                           "--cluster", "bench"],
-                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return discovery_start(net, index, data, ("--api-host", "0.0.0.0"))
 
 
 def _link_bytes(net) -> list[int]:

@@ -43,12 +43,11 @@ class Lab:
             _ip("ip", "link", "set", "lo", "up", ns=host)
             _ip("ip", "route", "add", "224.0.0.0/4", "dev", "eth0", ns=host)
 
-    def limit(self, index: int, rate: str = "20mbit") -> None:
+    def limit(self, index: int, rate: str = "20mbit", burst: str = "64kb") -> None:
         """Token-bucket both directions of one host's link (no netem here)."""
-        _ip("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb",
-            "latency", "50ms", ns=self.hosts[index])
-        _ip("tc", "qdisc", "replace", "dev", f"sw{index}{self.tag}", "root", "tbf", "rate", rate,
-            "burst", "64kb", "latency", "50ms", ns=self.switch)
+        for dev, ns in (("eth0", self.hosts[index]), (f"sw{index}{self.tag}", self.switch)):
+            _ip("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
+                "latency", "50ms", ns=ns)
 
     def run(self, index: int, args: list[str], **popen) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.hosts[index], *args], **popen)
