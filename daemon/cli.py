@@ -394,8 +394,10 @@ def _gb(value) -> str:
 
 def cmd_nodes(args) -> int:
     state = api_get(args, "/v1/state")
+    strangers = state.get("strangers", []) if args.all else []
     if args.json:
-        print(json.dumps(state.get("nodes", []), indent=2))
+        print(json.dumps({"nodes": state.get("nodes", []), "strangers": strangers} if args.all
+                         else state.get("nodes", []), indent=2))
         return 0
     print(f"{'NAME':16} {'STATUS':8} {'USABLE':>8} {'RESERVED':>9} {'FREE':>8} {'CORES':>5}  {'CHIP':28} ID")
     for n in state.get("nodes", []):
@@ -404,6 +406,9 @@ def cmd_nodes(args) -> int:
         print(f"{p.get('name', '')[:16]:16} {n.get('status', '?'):8} {_gb(p.get('memory_usable_bytes')):>7}G "
               f"{_gb(n.get('memory_reserved_bytes')):>8}G {_gb(n.get('memory_available_bytes')):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
               f"{p['node_id'][:12]}{me}")
+    for s in strangers:  # seen on the network, never sent anything beyond a TLS handshake
+        print(f"{'?':16} {'STRANGER':8} {s.get('address', '')}  seen, not a member: {s.get('reason', '')}"
+              f"{' (says it is ' + s['node_id'][:12] + ')' if s.get('node_id') else ''}")
     return 0
 
 
@@ -443,16 +448,36 @@ def cmd_start(args) -> int:
              "grpc_port": args.grpc_port, "peers": args.peer, "interfaces": args.interface,
              "data_dir": args.data_dir, "memory_limit": args.memory_limit, "cluster": args.cluster,
              "discovery": False if args.no_discovery else None, "down_after_s": args.down_after,
-             "prestart_runner": False if args.no_prestart else None}
+             "prestart_runner": False if args.no_prestart else None, "api_allowed_hosts": args.allow_host,
+             "cluster_key": args.cluster_key, "cluster_key_file": args.cluster_key_file}
     try:
         settings = load(flags, args.config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     logs.configure(args.log_level)
+    from .keys import ClusterKeyError
+
     try:
         asyncio.run(serve(settings))
+    except ClusterKeyError as e:
+        raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot start: {e}") from None
+    return 0
+
+
+def cmd_key(args) -> int:
+    from . import keys
+
+    if args.action == "new":
+        print(keys.new_cluster_key())
+        return 0
+    # The public fingerprint mDNS announces: compares two machines' keys without showing either.
+    try:
+        raw = keys.parse_cluster_key(sys.stdin.readline()) if args.file == "-" else keys.read_key_file(Path(args.file))
+    except keys.ClusterKeyError as e:
+        raise UsageError(str(e)) from None
+    print(keys.derive_ca(raw).fingerprint)
     return 0
 
 
@@ -522,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--api", help="the daemon's HTTP API (default $EXOD_API or http://127.0.0.1:52415)")
         p.add_argument("--json", action="store_true")
+        if name == "nodes":
+            p.add_argument("--all", action="store_true", help="also daemons seen that are not members")
         p.set_defaults(func=func)
 
     def api_parser(name, func, text):
@@ -556,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="node name (default: the host name)")
     p.add_argument("--api-host", help="HTTP API address (default 127.0.0.1)")
     p.add_argument("--api-port", type=int, help="HTTP API port (default 52415; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a Host name the HTTP API also answers, e.g. mybox.lan (repeatable; loopback names "
+                        "and this node's addresses are always allowed)")
     p.add_argument("--grpc-host", help="peer gRPC address (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, help="peer gRPC port (default 52416; 0 picks a free one)")
     p.add_argument("--peer", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
@@ -567,9 +597,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prestart", action="store_true",
                    help="start runner processes only when a rank is placed (saves ~80 MB, costs ~1 s per start)")
     p.add_argument("--down-after", type=float, help="seconds without heartbeats before a node is Down (3)")
+    p.add_argument("--cluster-key", help="the cluster's key (`exod key new`; or $EXOD_CLUSTER_KEY); "
+                   "default: --cluster-key-file, else one made in the data dir on first start")
+    p.add_argument("--cluster-key-file", help="a file holding the cluster's key")
     p.add_argument("--config", help="TOML config file (default: $XDG_CONFIG_HOME/exod/config.toml)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("key", help="cluster keys: make one, or show a key's public fingerprint")
+    p.add_argument("action", choices=["new", "fingerprint"])
+    p.add_argument("file", nargs="?", default="-", help="with fingerprint: the key file (- reads stdin)")
+    p.set_defaults(func=cmd_key)
 
     p = sub.add_parser("calibrate", help="measure this node's decode and collective costs for the planner")
     p.add_argument("--data-dir", help="where to keep calibration.json (default: the XDG data dir)")

@@ -12,7 +12,7 @@ from exod.placement.units import parse_bytes
 
 from .paths import data_dir
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: signed records, mutual TLS
 
 
 class ConfigError(Exception):
@@ -33,6 +33,7 @@ class Settings:
     cluster: str = "default"
     discovery: bool = True  # mDNS
     api_token: str = ""  # bearer token for mutations from other hosts (none: loopback only)
+    api_allowed_hosts: list = field(default_factory=list)  # Host names the HTTP API answers besides its own
     heartbeat_s: float = 0.5
     suspect_after_s: float = 1.5
     down_after_s: float = 3.0
@@ -41,6 +42,12 @@ class Settings:
     throughput_probe_s: float = 600.0  # a 2 MB transfer; RTT probes run every rtt_probe_s
     profile_refresh_s: float = 3.0
     prestart_runner: bool = True  # keep one runner process with MLX imported, ready for the next rank
+    # The secret every member of the cluster holds (`exod key new`). Unset:
+    # cluster_key_file, else the key made in the data dir on first start.
+    cluster_key: str = field(default="", repr=False)
+    cluster_key_file: str = ""
+    max_members: int = 64    # nodes in the view; more are refused, with a log line
+    max_runners: int = 16    # runner processes on this node at once
 
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else data_dir()
@@ -101,6 +108,8 @@ def load(flags: dict, config_path: Optional[str] = None) -> Settings:
             raise ConfigError(f"{port} must be 0-65535, got {getattr(settings, port)}")
     if not (0 < settings.suspect_after_s <= settings.down_after_s):
         raise ConfigError("suspect_after_s must be positive and at most down_after_s")
+    if settings.max_members < 2 or settings.max_runners < 1:
+        raise ConfigError("max_members must be at least 2 and max_runners at least 1")
     if not settings.cluster or len(settings.cluster) > 63:
         raise ConfigError("cluster must be 1-63 characters")
     for peer in settings.peers:

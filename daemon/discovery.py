@@ -1,7 +1,9 @@
 """mDNS: advertise `_exod._tcp.local.` and browse for other nodes with
 python-zeroconf's asyncio API. The TXT record carries only the node id, the
-gRPC port, the protocol version and the cluster id; profiles travel over
-gRPC. Nodes of another cluster or protocol are ignored with a log line."""
+gRPC port, the protocol version, the cluster id and the cluster key's public
+fingerprint; profiles travel over gRPC. Nodes of another cluster or protocol
+are ignored with a log line; a node of another cluster key (or none) is
+shown as seen, not a member, and never contacted."""
 
 import asyncio
 import ipaddress
@@ -20,6 +22,7 @@ SERVICE_TYPE = "_exod._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
 CLUSTER = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
 DIGITS = re.compile(r"^[0-9]{1,5}$")
+FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
 
 
 class Discovery:
@@ -37,7 +40,7 @@ class Discovery:
         return AsyncServiceInfo(
             SERVICE_TYPE, f"exod-{node.node_id}.{SERVICE_TYPE}", port=node.grpc_port, addresses=addresses,
             properties={"id": node.node_id, "grpc": str(node.grpc_port), "pv": str(PROTOCOL_VERSION),
-                        "cluster": node.settings.cluster},
+                        "cluster": node.settings.cluster, "ck": node.identity.ca.fingerprint},
         )
 
     async def start(self) -> None:
@@ -89,10 +92,14 @@ class Discovery:
         if isinstance(peer, str):
             log.warning("ignoring an mDNS record", service=name, reason=peer)
             return
-        node_id, port, protocol, cluster = peer
+        node_id, port, protocol, cluster, fingerprint = peer
         addresses = [f"{a}:{port}" for a in info.parsed_addresses(IPVersion.V4Only)]
         if node_id == self.node.node_id and set(addresses) <= set(self.node.grpc_addresses()):
             return  # ourselves (the same id elsewhere is a copied data dir: met, then told apart)
+        if fingerprint != self.node.identity.ca.fingerprint:
+            for address in addresses[:4]:
+                self.node.saw_stranger(address, "another cluster key" if fingerprint else "no cluster key", node_id)
+            return
         if cluster != self.node.settings.cluster:
             log.info("ignoring a node of another cluster", service=name, cluster=cluster)
             return
@@ -103,13 +110,15 @@ class Discovery:
             self.node.found(addresses, node_id)
 
 
-def parse_txt(properties: dict) -> tuple[str, int, int, str] | str:
-    """(node id, gRPC port, protocol version, cluster) or why the record is unusable."""
+def parse_txt(properties: dict) -> tuple[str, int, int, str, str] | str:
+    """(node id, gRPC port, protocol version, cluster, key fingerprint or "")
+    or why the record is unusable."""
     def text(key):
         value = properties.get(key.encode())
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else None
 
     node_id, port, protocol, cluster = text("id"), text("grpc"), text("pv"), text("cluster")
+    fingerprint = text("ck") or ""
     if node_id is None or not NODE_ID.match(node_id):
         return f"bad or missing node id {node_id!r}"
     if port is None or not DIGITS.match(port) or not 0 < int(port) < 65536:
@@ -118,4 +127,6 @@ def parse_txt(properties: dict) -> tuple[str, int, int, str] | str:
         return f"bad or missing protocol version {protocol!r}"
     if cluster is None or not CLUSTER.match(cluster):
         return f"bad or missing cluster id {cluster!r}"
-    return node_id, int(port), int(protocol), cluster
+    if fingerprint and not FINGERPRINT.match(fingerprint):
+        return f"bad cluster key fingerprint {fingerprint!r}"
+    return node_id, int(port), int(protocol), cluster, fingerprint

@@ -16,17 +16,18 @@ from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 from exod.runner.launch import free_ports
 
-from . import identity, profile, reservations, state
+from . import identity, keys, profile, reservations, signing, state, transport, trust
 from .config import PROTOCOL_VERSION, Settings
-from .peers import (CLIENT_OPTIONS, SERVER_OPTIONS, ClusterServicer, PeerServicer, WrongNode, gather_quietly,
-                    local_address_towards, measure_rtt, measure_throughput, now_ms, split_hostport,
-                    valid_address)
+from .peers import (ClusterServicer, PeerServicer, WrongNode, gather_quietly, local_address_towards, measure_rtt,
+                    measure_throughput, now_ms, split_hostport, valid_address)
 
 log = structlog.get_logger("exod")
 THROUGHPUT_PROBE_BYTES = 2 * 1024 * 1024
 UNKNOWN_EXPIRY_S = 60.0  # a discovered address that never answers is dropped
 RESERVATION_TTL_MS = 60_000  # an unconfirmed reservation lapses after this
 DOWN_HEARTBEAT_EVERY = 4  # rounds between heartbeats to a Down peer
+MAX_PENDING_ADDRESSES = 64  # discovered addresses not met yet
+MAX_STRANGERS = 64
 
 
 class Node:
@@ -40,7 +41,10 @@ class Node:
 
         self.work = Work(self)
         self.node_id = ""
+        self.identity: keys.NodeIdentity | None = None  # key pair and certificate; node_id is its hash
         self.incarnation = 0
+        self.strangers: dict[str, pb.Stranger] = {}  # address -> seen there, not a member
+        self._lock_fd = None
         self.record = pb.NodeRecord()
         self.view: state.View | None = None
         self.available_memory = 0
@@ -66,21 +70,49 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        """Start everything, or, when any part fails, stop what started and
+        raise: a failed start leaves no server, task or lock behind."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _cluster_key(self) -> bytes:
+        s = self.settings
+        if s.cluster_key:
+            return keys.parse_cluster_key(s.cluster_key)
+        if s.cluster_key_file:
+            return keys.read_key_file(s.cluster_key_file)
+        key, made = keys.load_or_generate(self.data_dir)
+        if made:
+            path = keys.generated_key_path(self.data_dir)
+            print(f"exod: no cluster key was given, so this node made one ({path}). Every other node of "
+                  f"this cluster needs the same key:\n  exod start --cluster-key {made}\n"
+                  f"or copy the file and use --cluster-key-file.", file=sys.stderr, flush=True)
+        return key
+
+    async def _start(self) -> None:
         self.started_at = time.monotonic()
         s = self.settings
-        self.node_id = await asyncio.to_thread(identity.load_or_create, self.data_dir)
+        self._lock_fd = await asyncio.to_thread(identity.lock, self.data_dir)
+        ca = await asyncio.to_thread(lambda: keys.derive_ca(self._cluster_key()))
+        node_key = await asyncio.to_thread(identity.load_or_create, self.data_dir)
+        self.identity = keys.issue(ca, node_key)
+        self.node_id = self.identity.node_id
         self.incarnation = now_ms()
         node_profile = await asyncio.to_thread(profile.collect, self.node_id, s.name, s.memory_limit,
                                                s.interfaces, self.data_dir)
         self.available_memory = node_profile.memory_available_bytes
 
-        self._grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._grpc_server = grpc.aio.server(options=transport.SERVER_OPTIONS)
         pb_grpc.add_PeerServiceServicer_to_server(PeerServicer(self), self._grpc_server)
         pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(self), self._grpc_server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc_server)
         try:
-            self.grpc_port = self._grpc_server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+            self.grpc_port = self._grpc_server.add_secure_port(f"{s.grpc_host}:{s.grpc_port}",
+                                                               transport.server_credentials(self.identity))
         except RuntimeError:
             self.grpc_port = 0
         if not self.grpc_port:
@@ -109,21 +141,29 @@ class Node:
                  usable_gb=round(node_profile.memory_usable_bytes / 1e9, 1))
 
     async def stop(self) -> None:
+        """Also undoes a start that failed halfway: each part is stopped only
+        if it started."""
         self.stopping = True
         await self.work.stop_all()
         await self._cancel_tasks()
-        leave = pb.LeaveRequest(node_id=self.node_id, incarnation=self.incarnation)
-        await gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
-                             timeout=0.7)
+        if self.view is not None:
+            leave = pb.LeaveRequest(node_id=self.node_id, incarnation=self.incarnation)
+            await gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
+                                 timeout=0.7)
         if self.discovery is not None:
             await self.discovery.stop()
         if self._http is not None:
             await self._http.cleanup()
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace=0.2)
+            self._grpc_server = None
         await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
         self._channels.clear()
-        log.info("stopped", node_id=self.node_id)
+        if self._lock_fd is not None:
+            identity.unlock(self._lock_fd)
+            self._lock_fd = None
+        if self.view is not None:
+            log.info("stopped", node_id=self.node_id)
 
     # ---------------------------------------------------------------- records
 
@@ -143,6 +183,7 @@ class Node:
         record.profile.version = version
         self.record = record  # grpc_addresses reads the interfaces from it
         record.grpc_addresses.extend(self.grpc_addresses())
+        signing.sign(self.identity, record)
         return record
 
     def known_records(self) -> tuple[list, list]:
@@ -152,19 +193,31 @@ class Node:
         return list(self.view.work.values())
 
     def absorb(self, sender: pb.NodeRecord, records, links, direct: bool, work=()) -> None:
+        """Records from an exchange. Each is applied only when it is newer
+        than what the view holds and its owner's signature verifies (checked
+        in that order: a stale record costs no verification)."""
         now = now_ms()
         if sender.profile.node_id == self.node_id and sender.incarnation != self.incarnation:
-            if direct:  # a live node with our id; second-hand, it is only our past life
+            # A live node with our key (a copied data dir); second-hand, it is only our past life.
+            if direct and trust.node_record_problem(sender, now) is None:
                 self._same_id(sender)
             return
         for record in [sender, *records]:
             self._learn(record, now)
         for link in links:
-            self.view = state.apply_link(self.view, link)
+            after = state.apply_link(self.view, link)
+            owner = self.view.member(link.link.from_node)
+            if after is not self.view and owner is not None \
+                    and trust.link_problem(link, owner.record.public_key, now) is None:
+                self.view = after
         for record in work:
-            if record.node_id != self.node_id and self.view.member(record.node_id) is not None:
-                self.view = state.apply_work(self.view, record)
-        if direct and sender.profile.node_id != self.node_id:
+            owner = self.view.member(record.node_id)
+            if record.node_id == self.node_id or owner is None:
+                continue
+            after = state.apply_work(self.view, record)
+            if after is not self.view and trust.work_problem(record, owner.record.public_key, now) is None:
+                self.view = after
+        if direct and sender.profile.node_id != self.node_id and self.view.member(sender.profile.node_id):
             self.view = state.heard_from(self.view, sender.profile.node_id, sender.incarnation, 0, now)
 
     def _learn(self, record: pb.NodeRecord, now: int) -> None:
@@ -172,13 +225,22 @@ class Node:
         if node_id == self.node_id:
             # Ours, our previous life's, or a twin's (a copied data dir): meet
             # whoever answers there, and the exchange tells twins apart.
-            if record.incarnation != self.incarnation:
+            if record.incarnation != self.incarnation and trust.node_record_problem(record, now) is None:
                 self.found([a for a in record.grpc_addresses if a not in self.grpc_addresses()])
             return
         if record.cluster_id != self.settings.cluster or record.protocol_version != PROTOCOL_VERSION:
             return
         before = self.view.member(node_id)
-        self.view = state.apply_record(self.view, record, now)
+        changed = state.apply_record(self.view, record, now)
+        if changed is self.view:
+            return
+        problem = trust.node_record_problem(record, now)
+        if problem is None and before is None and len(self.view.members) >= self.settings.max_members:
+            problem = f"the view holds {self.settings.max_members} members already (max_members)"
+        if problem is not None:
+            log.warning("refusing a node record", node_id=node_id[:32], reason=problem)
+            return
+        self.view = changed
         after = self.view.member(node_id)
         if after is not None and after is not before:
             self._candidates.setdefault(node_id, set()).update(a for a in record.grpc_addresses if valid_address(a))
@@ -190,8 +252,12 @@ class Node:
         """Two live nodes with one id (a copied data dir): the newer one takes a new id."""
         if other.incarnation >= self.incarnation:
             return  # the other is newer: it will move
-        old = self.node_id
-        self.node_id = identity.regenerate(self.data_dir)
+        old, old_identity = self.node_id, self.identity
+        self.identity = keys.issue(self.identity.ca, identity.regenerate(self.data_dir))
+        self.node_id = self.identity.node_id
+        # Channels present the old certificate: peers would take our calls for the old id's.
+        stale, self._channels = self._channels, {}
+        self._spawn(gather_quietly(*(c.close() for c in stale.values()), timeout=1.0))
         node_profile = pb.NodeProfile()
         node_profile.CopyFrom(self.record.profile)
         node_profile.node_id = self.node_id
@@ -202,22 +268,33 @@ class Node:
         log.warning("duplicate node id: another node started earlier with it; this node now has a new id",
                     old_id=old, new_id=self.node_id)
         # Whoever stored our record under the old id must let the earlier node have it back.
-        leave = pb.LeaveRequest(node_id=old, incarnation=self.incarnation)
-        # _spawn takes coroutines; a gRPC call object is awaitable but is not one.
-        self._spawn(gather_quietly(*(self._stub(a).Leave(leave, timeout=0.5) for a in self._peer_addresses()),
-                                   timeout=0.7))
+        # Only the old key may say the old id leaves: say it over channels that present it.
+        self._spawn(self._leave_as(old_identity, pb.LeaveRequest(node_id=old, incarnation=self.incarnation),
+                                   self._peer_addresses()))
         if self.discovery is not None:
             self._spawn(self.discovery.republish())
 
+    async def _leave_as(self, who: keys.NodeIdentity, leave: pb.LeaveRequest, addresses: list[str]) -> None:
+        channels = [transport.secure_channel(a, who) for a in addresses]
+        try:
+            await gather_quietly(*(transport.peer_stub(c).Leave(leave, timeout=0.5) for c in channels), timeout=0.7)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
     # ---------------------------------------------------------------- reservations
 
-    def reserve(self, reservation: pb.Reservation) -> pb.ReserveResponse:
-        """Admit or refuse on this node alone; the event loop runs one at a time."""
+    def reserve(self, reservation: pb.Reservation, owner: str = "") -> pb.ReserveResponse:
+        """Admit or refuse on this node alone; the event loop runs one at a
+        time. `owner` is the node that asked, as its certificate proved."""
         pending = pb.Reservation()
         pending.CopyFrom(reservation)
-        if not pending.expires_at_unix_ms:
-            pending.expires_at_unix_ms = now_ms() + RESERVATION_TTL_MS
+        pending.owner_node_id = owner or self.node_id
+        pending.expires_at_unix_ms = trust.clamp_expiry(pending.expires_at_unix_ms, now_ms(), RESERVATION_TTL_MS)
         usable = self.record.profile.memory_usable_bytes
+        problem = trust.reservation_problem(pending, usable)
+        if problem is not None:
+            return pb.ReserveResponse(admitted=False, reason=problem, usable_bytes=usable,
+                                      reserved_bytes=self.ledger.reserved_bytes())
         self.ledger, admitted, reason = reservations.admit(self.ledger, pending, usable)
         self._publish_reserved()
         port = free_ports(1, host="")[0] if admitted else 0
@@ -279,7 +356,12 @@ class Node:
         await self._stub(self._address_of(node_id)).StopInstance(
             pb.StopInstanceRequest(instance_id=instance_id), timeout=30)
 
-    def release(self, reservation_id: str) -> bool:
+    def release(self, reservation_id: str, asked_by: str | None = None) -> bool:
+        """This node releases what it holds when it likes; another node only
+        what it reserved itself (`asked_by`, the id its certificate proved)."""
+        held = self.ledger.held.get(reservation_id)
+        if held is None or (asked_by is not None and held.owner_node_id != asked_by):
+            return False
         self.ledger, released = reservations.release(self.ledger, reservation_id)
         self._publish_reserved()
         return released
@@ -292,6 +374,8 @@ class Node:
                      reserved: int = 0) -> None:
         if node_id == self.node_id:
             return  # a twin shows itself through an exchange, which compares ages
+        if incarnation > now_ms() + trust.MAX_SKEW_MS:
+            return
         member = self.view.member(node_id)
         if member is None or (incarnation, version) > member.key or (
                 member.status == pb.LEFT and incarnation != member.record.incarnation):
@@ -305,33 +389,50 @@ class Node:
         log.info("node left", node_id=node_id)
 
     def found(self, addresses: list[str], node_id: str = "") -> None:
-        """Discovery or a static peer: addresses to meet a node at."""
-        addresses = [a for a in addresses if valid_address(a)]
+        """Discovery or a static peer: addresses to meet a node at. At most
+        MAX_PENDING_ADDRESSES wait to be met; more are dropped until some are."""
+        addresses = [a for a in addresses if valid_address(a)][:trust.MAX_ADDRESSES]
         if node_id and node_id in self._candidates and node_id != self.node_id:
             self._candidates[node_id].update(addresses)
             return
-        fresh = set(addresses) - self._unknown
-        self._unknown.update(addresses)
+        fresh = [a for a in dict.fromkeys(addresses) if a not in self._unknown]
+        room = MAX_PENDING_ADDRESSES - len(self._unknown)
+        if len(fresh) > room:
+            log.warning("too many addresses waiting to be met; dropping some", dropped=len(fresh) - max(room, 0))
+            fresh = fresh[:max(room, 0)]
+        self._unknown.update(fresh)
         for address in fresh:  # meet at once; the meet loop retries
             self._spawn(self._exchange(address))
 
+    def saw_stranger(self, address: str, reason: str, node_id: str = "") -> None:
+        """A daemon that is not a member (another key, none, no TLS): kept to
+        show people, bounded, and never sent anything."""
+        now = now_ms()
+        seen = self.strangers.get(address)
+        if seen is None:
+            if len(self.strangers) >= MAX_STRANGERS:
+                oldest = min(self.strangers.values(), key=lambda s: s.last_seen_unix_ms)
+                del self.strangers[oldest.address]
+            log.info("seen, not a member", address=address, reason=reason)
+            seen = self.strangers[address] = pb.Stranger(address=address, first_seen_unix_ms=now)
+        seen.node_id, seen.reason, seen.last_seen_unix_ms = node_id[:32], reason[:200], now
+
     def cluster_state(self) -> pb.ClusterState:
-        return state.to_proto(self.view)
+        cluster = state.to_proto(self.view)
+        cluster.strangers.extend(self.strangers[a] for a in sorted(self.strangers))
+        return cluster
 
     # ---------------------------------------------------------------- peers
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+            channel = transport.secure_channel(address, self.identity)
             self._channels[address] = channel
         return channel
 
     def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
         return pb_grpc.PeerServiceStub(self._channel(address))
-
-    def cluster_stub(self, node_id: str) -> pb_grpc.ClusterServiceStub:
-        return pb_grpc.ClusterServiceStub(self._channel(self._address_of(node_id)))
 
     def _address_of(self, node_id: str) -> str | None:
         route = self._route.get(node_id)
@@ -359,7 +460,10 @@ class Node:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.info("ignoring a node of another cluster", address=address, detail=e.details())
+            elif transport.handshake_refused(e):
+                self.saw_stranger(address, "TLS handshake refused: another cluster key, or none")
             return None
+        self.strangers.pop(address, None)
         responder = response.responder
         if responder.cluster_id != self.settings.cluster or responder.protocol_version != PROTOCOL_VERSION:
             log.info("ignoring node", address=address, cluster=responder.cluster_id,
@@ -554,7 +658,9 @@ class Node:
                        from_address=f"{local}:{self.grpc_port}" if local else "", to_address=best.address,
                        rtt_s=best.rtt_s, bandwidth_bytes_per_s=bandwidth, measured_at_unix_ms=now_ms(),
                        probes=probes)
-        self.view = state.apply_link(self.view, pb.LinkRecord(link=link, version=version))
+        record = pb.LinkRecord(link=link, version=version)
+        signing.sign(self.identity, record)
+        self.view = state.apply_link(self.view, record)
 
 
 async def serve(settings: Settings, ready_line: bool = True) -> None:

@@ -12,33 +12,12 @@ import grpc
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+from .transport import caller_id
+
 MAX_PING_PAYLOAD = 1024
 THROUGHPUT_CHUNK = 64 * 1024
 THROUGHPUT_LIMIT = 64 * 1024 * 1024  # per probe, server side
-MAX_RECORDS = 1024  # node records per exchange: far above any real cluster
-
-# Clients ping every 10 s when idle; the server allows one every 5 s, so it
-# never answers with GOAWAY too_many_pings.
-CLIENT_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.enable_retries", 0),
-]
-SERVER_OPTIONS = [
-    ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 2),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+MAX_RECORDS = 256  # node records per exchange: far above any real cluster (max_members is 64)
 
 
 def now_ms() -> int:
@@ -46,29 +25,54 @@ def now_ms() -> int:
 
 
 class PeerServicer(pb_grpc.PeerServiceServicer):
+    """Every caller has proven a certificate of the cluster CA (the server
+    refuses the handshake otherwise), and which node it is: the hash of
+    that certificate's key. Whatever a request says about who sends it must
+    be that node; what changes another node's state must come from a member
+    the view holds, and from the node that owns what it touches."""
+
     def __init__(self, node):
         self.node = node
 
-    async def _check_cluster(self, cluster_id: str, context) -> None:
-        if self.node.view is None:
+    async def _caller(self, context, member: bool = True) -> str:
+        """The proven id of the caller, which must be a member when `member`."""
+        if self.node.view is None or self.node.identity is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
+        caller = caller_id(context)
+        if not caller:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        if member and caller != self.node.node_id and self.node.view.member(caller) is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a member of this node's view")
+        return caller
+
+    async def _check_cluster(self, cluster_id: str, context) -> None:
         if cluster_id != self.node.settings.cluster:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"cluster {cluster_id!r} is not this node's cluster {self.node.settings.cluster!r}")
 
+    async def _claims(self, caller: str, node_id: str, context) -> None:
+        if node_id != caller:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"speaks for node {node_id[:32]!r} but proved {caller}")
+
     async def Exchange(self, request, context):
+        caller = await self._caller(context, member=False)  # how a new member is met
         await self._check_cluster(request.sender.cluster_id, context)
-        if len(request.nodes) > MAX_RECORDS or len(request.links) > 4 * MAX_RECORDS:
+        if len(request.nodes) > MAX_RECORDS or len(request.links) > 4 * MAX_RECORDS \
+                or len(request.work) > MAX_RECORDS:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {MAX_RECORDS} records in one exchange")
         if not request.sender.profile.node_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sender has no node id")
+        await self._claims(caller, request.sender.profile.node_id, context)
         self.node.absorb(request.sender, request.nodes, request.links, direct=True, work=request.work)
         records, links = self.node.known_records()
         return pb.ExchangeResponse(responder=self.node.record, nodes=records, links=links,
                                    work=self.node.known_work())
 
     async def Heartbeat(self, request, context):
+        caller = await self._caller(context, member=False)
         await self._check_cluster(request.cluster_id, context)
+        await self._claims(caller, request.node_id, context)
         self.node.on_heartbeat(request.node_id, request.incarnation, request.version,
                                request.memory_available_bytes, request.memory_reserved_bytes)
         return pb.HeartbeatResponse(node_id=self.node.node_id, incarnation=self.node.incarnation,
@@ -77,32 +81,40 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
                                     memory_reserved_bytes=self.node.ledger.reserved_bytes())
 
     async def Reserve(self, request, context):
-        if self.node.view is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
-        return self.node.reserve(request.reservation)
+        caller = await self._caller(context)
+        return self.node.reserve(request.reservation, owner=caller)
 
     async def StartRunner(self, request, context):
-        if self.node.view is None or self.node.stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting or stopping")
-        return await self.node.work.start_runner(request)
+        caller = await self._caller(context)
+        if self.node.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is stopping")
+        return await self.node.work.start_runner(request, asked_by=caller)
 
     async def Generate(self, request, context):
+        await self._caller(context)
         async for chunk in self.node.work.generate_here(request.instance_id, request.request):
             yield chunk
 
     async def Cancel(self, request, context):
+        await self._caller(context)
         process = self.node.work.processes.get((request.instance_id, 0))
         if process is not None:
             process.send(pb.RunnerCommand(cancel=pb.CancelRequest(request_id=request.request.request_id)))
         return pb.CancelResponse()
 
     async def StopInstance(self, request, context):
-        return pb.StopInstanceResponse(stopped=await self.node.work.stop_instance(request.instance_id))
+        caller = await self._caller(context)
+        return pb.StopInstanceResponse(stopped=await self.node.work.stop_instance(request.instance_id, asked_by=caller))
 
     async def Release(self, request, context):
-        if self.node.view is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
-        return pb.ReleaseResponse(released=self.node.release(request.reservation_id))
+        caller = await self._caller(context)
+        return pb.ReleaseResponse(released=self.node.release(request.reservation_id, asked_by=caller))
+
+    async def DeleteInstance(self, request, context):
+        await self._caller(context)  # any member may pass on a delete its user was allowed to ask for
+        if not await self.node.work.delete(request.instance_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node owns no instance {request.instance_id[:64]!r}")
+        return pb.DeleteInstanceResponse(deleted=request.instance_id)
 
     async def Ping(self, request, context):
         if len(request.payload) > MAX_PING_PAYLOAD:
@@ -110,6 +122,7 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         return pb.PingResponse(payload=request.payload, node_id=self.node.node_id)
 
     async def Throughput(self, request_iterator, context):
+        await self._caller(context, member=False)
         total = 0
         async for chunk in request_iterator:
             total += len(chunk.data)
@@ -118,6 +131,8 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         return pb.ThroughputResult(bytes=total)
 
     async def Leave(self, request, context):
+        caller = await self._caller(context, member=False)
+        await self._claims(caller, request.node_id, context)
         self.node.on_leave(request.node_id, request.incarnation)
         return pb.LeaveResponse()
 
@@ -200,12 +215,30 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         if not request.model.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        await self._local_paths_only(request.model, context)
         try:
             return await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
         except placement_api.ModelError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def _local_paths_only(self, model: str, context) -> None:
+        """Another host names models by id: a path would let it probe this
+        node's disk and make it parse any config.json it names."""
+        import ipaddress
+
+        from .access import grpc_peer_ip
+
+        if not model.startswith(("/", "~", ".")):
+            return
+        try:
+            local = ipaddress.ip_address(grpc_peer_ip(context.peer())).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "from another host, models are named by id, not by a path")
 
     async def _may_mutate(self, context) -> None:
         from .access import grpc_peer_ip, may_mutate
@@ -225,6 +258,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         if not request.model.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        await self._local_paths_only(request.model, context)
         try:
             return await self.node.work.create(request)
         except placement_api.ModelError as e:

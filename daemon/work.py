@@ -4,6 +4,8 @@ placed on it; both travel to every node in its versioned WorkRecord."""
 
 import asyncio
 import json
+import re
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -12,7 +14,7 @@ import structlog
 
 from exod.proto import exod_pb2 as pb
 
-from . import placement_api, reservations, state
+from . import placement_api, reservations, signing, state, trust
 
 log = structlog.get_logger("exod.work")
 RESERVATION_HOLD_MS = 120_000  # from reserve to the runner's start
@@ -29,6 +31,19 @@ class Refused(Exception):
     pass
 
 
+# A model id that names a folder of the node's store: "name" or "org/name".
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def store_path(models_dir: Path, model: str) -> "Path | None":
+    """Where the node's store keeps `model`, if it is an id and the folder
+    holds a config.json; never a path outside the store."""
+    if not MODEL_ID.match(model) or ".." in model:
+        return None
+    path = models_dir / model
+    return path if (path / "config.json").is_file() else None
+
+
 class Work:
     def __init__(self, node):
         self.node = node
@@ -36,6 +51,7 @@ class Work:
         self.processes: dict = {}   # (instance, rank) -> RankProcess on this node
         self.statuses: dict = {}    # (instance, rank) -> RunnerStatus
         self.held: dict = {}        # (instance, rank) -> reservation id
+        self.owners: dict = {}      # (instance, rank) -> the node that placed it (may stop it)
         self.owned: dict = {}       # instance id -> Instance placed through this node
         self._push_scheduled = False
         self.streams: dict = {}     # request id -> asyncio.Queue of GenerationChunk (rank 0 here)
@@ -45,9 +61,11 @@ class Work:
     # ---------------------------------------------------------------- the record
 
     def record(self) -> pb.WorkRecord:
-        return pb.WorkRecord(node_id=self.node.node_id, version=self.version,
-                             runners=[self.statuses[k] for k in sorted(self.statuses)],
-                             instances=[self.owned[k] for k in sorted(self.owned)])
+        record = pb.WorkRecord(node_id=self.node.node_id, version=self.version,
+                               runners=[self.statuses[k] for k in sorted(self.statuses)],
+                               instances=[self.owned[k] for k in sorted(self.owned)])
+        signing.sign(self.node.identity, record)
+        return record
 
     def changed(self) -> None:
         self.version = max(self.version + 1, int(time.time() * 1000))
@@ -130,24 +148,59 @@ class Work:
         if spare is not None:
             await asyncio.to_thread(spare.close)
 
-    async def start_runner(self, request: pb.StartRunnerRequest) -> pb.StartRunnerResponse:
+    def _start_problem(self, request: pb.StartRunnerRequest, owner: str) -> "str | None":
+        """Why this node must not start the runner: a runner starts only for a
+        reservation this node admitted for that rank, asked for by its owner."""
+        spec = request.spec
+        problem = trust.spec_problem(spec)
+        if problem is not None:
+            return problem
+        if (spec.instance_id, spec.rank) in self.processes:
+            return f"rank {spec.rank} of {spec.instance_id} runs here already"
+        if len(self.processes) >= self.node.settings.max_runners:
+            return f"this node runs {len(self.processes)} runners already (max_runners)"
+        held = self.node.ledger.held.get(request.reservation_id)
+        if held is None or held.owner_node_id != owner or held.instance_id != spec.instance_id \
+                or held.rank != spec.rank:
+            return f"no reservation here for rank {spec.rank} of {spec.instance_id} from this node"
+        return None
+
+    async def _model_dir(self, model: str, local: bool) -> "Path | None":
+        """The model's files on this node: a built-in model (built on
+        demand), a folder of the node's store, or (only when this node's own
+        user placed it) a local directory."""
         from exod.models import synthetic
+
+        if model in synthetic.NAMED:
+            return await asyncio.to_thread(synthetic.ensure_named, model, self.node.models_dir)
+        found = await asyncio.to_thread(store_path, self.node.models_dir, model)
+        if found is None and local and (Path(model).expanduser() / "config.json").is_file():
+            found = Path(model).expanduser()
+        return found
+
+    async def start_runner(self, request: pb.StartRunnerRequest, asked_by: "str | None" = None) -> pb.StartRunnerResponse:
+        """`asked_by`: the node that asked, as its certificate proved (None: this node)."""
         from exod.runner.launch import RankProcess
 
+        owner = asked_by or self.node.node_id
+        problem = self._start_problem(request, owner)
+        if problem is not None:
+            return pb.StartRunnerResponse(started=False, reason=problem)
         spec = pb.RunnerSpec()
         spec.CopyFrom(request.spec)
         key = (spec.instance_id, spec.rank)
-        if key in self.processes:
-            return pb.StartRunnerResponse(started=False, reason=f"rank {spec.rank} of {spec.instance_id} runs here already")
-        if request.model in synthetic.NAMED:
-            path = await asyncio.to_thread(synthetic.ensure_named, request.model, self.node.models_dir)
-            spec.model_dir = str(path)
-        elif not (Path(spec.model_dir) / "config.json").is_file():
+        path = await self._model_dir(request.model, local=asked_by is None)
+        if path is None:
             return pb.StartRunnerResponse(started=False, reason=(
-                f"model {request.model!r} is not on node {self.node.record.profile.name} ({spec.model_dir})"))
+                f"model {request.model[:200]!r} is not on node {self.node.record.profile.name}: models come "
+                f"from a store (built-in names, or folders under {self.node.models_dir})"))
+        if key in self.processes:  # started meanwhile
+            return pb.StartRunnerResponse(started=False, reason=f"rank {spec.rank} of {spec.instance_id} runs here already")
+        spec.model_dir = str(path)
         spec.node_id = self.node.node_id
         self.node.ledger = reservations.confirm(self.node.ledger, request.reservation_id)
         self.held[key] = request.reservation_id
+        self.owners[key] = owner
         loop = asyncio.get_running_loop()
         logs = self.node.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -221,8 +274,11 @@ class Work:
             if process.process.poll() is None:
                 process.send(pb.RunnerCommand(cancel=pb.CancelRequest(request_id=request.request_id)))
 
-    async def stop_instance(self, instance_id: str) -> int:
-        keys = [k for k in self.processes if k[0] == instance_id]
+    async def stop_instance(self, instance_id: str, asked_by: "str | None" = None) -> int:
+        """Stop this node's ranks of an instance; another node may stop only
+        the ranks it placed (`asked_by`, as proven)."""
+        keys = [k for k in self.processes if k[0] == instance_id
+                and (asked_by is None or self.owners.get(k) == asked_by)]
         for key in keys:
             self.processes[key].send(pb.RunnerCommand(shutdown=pb.ShutdownRequest()))
 
@@ -237,6 +293,7 @@ class Work:
         for key in keys:
             self.processes.pop(key, None)
             self.statuses.pop(key, None)
+            self.owners.pop(key, None)
             if key in self.held:
                 self.node.release(self.held.pop(key))
         if keys:
@@ -278,11 +335,13 @@ class Work:
         self.changed()
         strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
         split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
+        # Travels only inside StartRunner, over the authenticated peer plane.
+        rendezvous_secret = secrets.token_hex(32)
         starts = []
         for rank, (node_id, reservation_id) in zip(chosen.ranks, admitted):
             spec = pb.RunnerSpec(instance_id=instance_id, node_id=node_id, rank=rank.rank,
                                  world_size=len(chosen.ranks), backend=chosen.backend, hosts=hosts,
-                                 model_dir=request.model, strategy=strategy, pipeline_layers=split,
+                                 strategy=strategy, pipeline_layers=split, rendezvous_secret=rendezvous_secret,
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length)
             starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
                 spec=spec, reservation_id=reservation_id, model=request.model)))
@@ -359,10 +418,9 @@ class Work:
         owner = self.owner_of(instance_id)
         if owner is None or self.node._address_of(owner) is None:
             return False
-        token = self.node.settings.api_token
-        await self.node.cluster_stub(owner).DeleteInstance(
-            pb.InstanceRef(instance_id=instance_id), timeout=60,
-            metadata=[("authorization", f"Bearer {token}")] if token else None)
+        # Over the peer plane, as this node: the user's token never leaves it.
+        await self.node._stub(self.node._address_of(owner)).DeleteInstance(
+            pb.InstanceRef(instance_id=instance_id), timeout=60)
         return True
 
     async def _stop_when_reachable(self, instance: pb.Instance, patience_s: float = 60.0) -> None:

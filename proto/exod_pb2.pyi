@@ -545,7 +545,7 @@ class RunnerDeadlines(_message.Message):
     def __init__(self, connect_s: _Optional[float] = ..., load_s: _Optional[float] = ..., warmup_s: _Optional[float] = ..., peer_s: _Optional[float] = ...) -> None: ...
 
 class RunnerSpec(_message.Message):
-    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length")
+    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -560,6 +560,7 @@ class RunnerSpec(_message.Message):
     DEADLINES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_SECRET_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     rank: int
@@ -574,7 +575,8 @@ class RunnerSpec(_message.Message):
     deadlines: RunnerDeadlines
     estimated_bytes: int
     context_length: int
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    rendezvous_secret: str
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -697,7 +699,7 @@ class RunnerEvent(_message.Message):
     def __init__(self, status: _Optional[_Union[RunnerStatus, _Mapping]] = ..., chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ...) -> None: ...
 
 class NodeRecord(_message.Message):
-    __slots__ = ("profile", "version", "incarnation", "cluster_id", "protocol_version", "grpc_addresses", "api_address")
+    __slots__ = ("profile", "version", "incarnation", "cluster_id", "protocol_version", "grpc_addresses", "api_address", "public_key", "signature")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -705,6 +707,8 @@ class NodeRecord(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     API_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     profile: NodeProfile
     version: int
     incarnation: int
@@ -712,15 +716,19 @@ class NodeRecord(_message.Message):
     protocol_version: int
     grpc_addresses: _containers.RepeatedScalarFieldContainer[str]
     api_address: str
-    def __init__(self, profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., version: _Optional[int] = ..., incarnation: _Optional[int] = ..., cluster_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., api_address: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    signature: bytes
+    def __init__(self, profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., version: _Optional[int] = ..., incarnation: _Optional[int] = ..., cluster_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., api_address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class LinkRecord(_message.Message):
-    __slots__ = ("link", "version")
+    __slots__ = ("link", "version", "signature")
     LINK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     link: Link
     version: int
-    def __init__(self, link: _Optional[_Union[Link, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, link: _Optional[_Union[Link, _Mapping]] = ..., version: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class NodeState(_message.Message):
     __slots__ = ("record", "status", "last_seen_unix_ms", "memory_available_bytes", "memory_reserved_bytes")
@@ -737,18 +745,34 @@ class NodeState(_message.Message):
     def __init__(self, record: _Optional[_Union[NodeRecord, _Mapping]] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., last_seen_unix_ms: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("cluster_id", "self_id", "nodes", "links", "instances")
+    __slots__ = ("cluster_id", "self_id", "nodes", "links", "instances", "strangers")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SELF_ID_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    STRANGERS_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     self_id: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
     links: _containers.RepeatedCompositeFieldContainer[Link]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, cluster_id: _Optional[str] = ..., self_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    strangers: _containers.RepeatedCompositeFieldContainer[Stranger]
+    def __init__(self, cluster_id: _Optional[str] = ..., self_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., strangers: _Optional[_Iterable[_Union[Stranger, _Mapping]]] = ...) -> None: ...
+
+class Stranger(_message.Message):
+    __slots__ = ("address", "node_id", "reason", "first_seen_unix_ms", "last_seen_unix_ms")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    node_id: str
+    reason: str
+    first_seen_unix_ms: int
+    last_seen_unix_ms: int
+    def __init__(self, address: _Optional[str] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ExchangeRequest(_message.Message):
     __slots__ = ("sender", "nodes", "links", "work")
@@ -805,18 +829,20 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., version: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("reservation_id", "instance_id", "rank", "bytes", "expires_at_unix_ms")
+    __slots__ = ("reservation_id", "instance_id", "rank", "bytes", "expires_at_unix_ms", "owner_node_id")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     instance_id: str
     rank: int
     bytes: int
     expires_at_unix_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ...) -> None: ...
+    owner_node_id: str
+    def __init__(self, reservation_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., bytes: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ..., owner_node_id: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("reservation",)
@@ -881,16 +907,18 @@ class CancelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkRecord(_message.Message):
-    __slots__ = ("node_id", "version", "runners", "instances")
+    __slots__ = ("node_id", "version", "runners", "instances", "signature")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNNERS_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: int
     runners: _containers.RepeatedCompositeFieldContainer[RunnerStatus]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[int] = ..., runners: _Optional[_Iterable[_Union[RunnerStatus, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id",)

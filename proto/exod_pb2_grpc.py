@@ -89,6 +89,11 @@ class PeerServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.DeleteInstance = channel.unary_unary(
+                '/exod.v1.PeerService/DeleteInstance',
+                request_serializer=exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -161,6 +166,13 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteInstance(self, request, context):
+        """To an instance's owner: a member passes on a delete its user asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +230,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.GenerateOnInstance.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.CancelResponse.SerializeToString,
+            ),
+            'DeleteInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteInstance,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.InstanceRef.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,6 +534,33 @@ class PeerService:
             '/exod.v1.PeerService/Cancel',
             exod_dot_proto_dot_exod__pb2.GenerateOnInstance.SerializeToString,
             exod_dot_proto_dot_exod__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exod.v1.PeerService/DeleteInstance',
+            exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,10 @@
 """Joining the instance's MLX group with MLX's own backends."""
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -72,11 +75,22 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _proof(spec: pb.RunnerSpec, rank: int, nonce: bytes) -> bytes:
+    message = f"exod rendezvous {spec.instance_id} {rank} ".encode() + nonce
+    return hmac.new(spec.rendezvous_secret.encode(), message, hashlib.sha256).hexdigest().encode()
+
+
 def gather_at_rank0(spec: pb.RunnerSpec) -> None:
     """A barrier before MLX's ring init, on rank 0's own ring port (released
     again before MLX binds it). It waits until every rank is there; the phase
-    deadline bounds it, as it bounds the init itself."""
-    hello = f"exod {spec.instance_id} {spec.rank}\n".encode()
+    deadline bounds it, as it bounds the init itself.
+
+    Instance ids are public, so a rank proves it holds the instance's
+    rendezvous secret: rank 0 sends a fresh nonce, the rank answers its rank
+    and an HMAC-SHA256 of it under the secret. A stranger, or a recorded
+    answer replayed, cannot take a rank's place at the barrier."""
+    if len(spec.rendezvous_secret) < 32:
+        raise GroupError("the spec has no rendezvous secret (its owner hands one out per instance)")
     address = _split(spec.hosts[0])
     if spec.rank == 0:
         _gather(address, spec)
@@ -84,7 +98,8 @@ def gather_at_rank0(spec: pb.RunnerSpec) -> None:
     while True:
         try:
             with socket.create_connection(address, timeout=1.0) as conn:
-                conn.sendall(hello)
+                nonce = _read_line(conn, NONCE_BYTES * 2 + 1)
+                conn.sendall(f"{spec.rank} ".encode() + _proof(spec, spec.rank, nonce) + b"\n")
                 conn.settimeout(None)  # the watchdog bounds the wait for the others
                 if conn.recv(16).startswith(b"go"):
                     break
@@ -95,27 +110,45 @@ def gather_at_rank0(spec: pb.RunnerSpec) -> None:
         time.sleep(LISTEN_MARGIN_S)
 
 
+NONCE_BYTES = 16
+
+
+def _read_line(conn: socket.socket, limit: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data.strip()
+
+
 def _gather(address: tuple[str, int], spec: pb.RunnerSpec) -> None:
-    expected = {f"exod {spec.instance_id} {r}".encode() for r in range(1, spec.world_size)}
-    arrived: dict[bytes, socket.socket] = {}
+    arrived: dict[int, socket.socket] = {}
     listener = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind(address)
         listener.listen(spec.world_size)
-        while set(arrived) != expected:
+        while len(arrived) < spec.world_size - 1:
             conn, _ = listener.accept()
             conn.settimeout(1.0)  # a stranger on the port cannot hold the barrier
+            rank = None
             try:
-                line = conn.recv(256).strip()
-            except OSError:
-                line = b""
-            if line in expected:
-                if line in arrived:
-                    arrived[line].close()  # a rank that tried again
-                arrived[line] = conn
-            else:
+                nonce = secrets.token_hex(NONCE_BYTES).encode()
+                conn.sendall(nonce + b"\n")
+                claimed, _, proof = _read_line(conn, 80).partition(b" ")
+                if claimed.isdigit() and 0 < int(claimed) < spec.world_size \
+                        and hmac.compare_digest(proof, _proof(spec, int(claimed), nonce)):
+                    rank = int(claimed)
+            except (OSError, ConnectionError):
+                pass
+            if rank is None:
                 conn.close()
+                continue
+            if rank in arrived:
+                arrived[rank].close()  # a rank that tried again
+            arrived[rank] = conn
         for conn in arrived.values():
             try:
                 conn.sendall(b"go\n")

@@ -4,6 +4,7 @@ LocalInstance runs every rank of an instance on this machine over loopback
 (tests, benchmarks, `exod run`); the daemon uses RankProcess per rank."""
 
 import itertools
+import secrets
 import os
 import queue
 import signal
@@ -241,8 +242,10 @@ class LocalInstance:
         self.statuses: list[list[pb.RunnerStatus]] = [[] for _ in range(world_size)]
         self._chunks: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
+        secret = secrets.token_hex(32)  # the rendezvous proof, as an owner hands one out
         self.specs = [
             pb.RunnerSpec(instance_id=self.instance_id, node_id="local", rank=r, world_size=world_size,
+                          rendezvous_secret=secret,
                           backend=pb.RING, hosts=rank_hosts[r] if rank_hosts else self.hosts, model_dir=str(model_dir), strategy=strategy,
                           pipeline_layers=pipeline_layers or [], deadlines=deadlines,
                           context_length=context_length,

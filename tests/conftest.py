@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,11 @@ import pytest
 from exod.models import synthetic
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Every daemon a test starts, in-process or as `exod start` (also inside
+# network namespaces), joins this cluster unless the test says otherwise.
+TEST_CLUSTER_KEY = "exod1-" + "dGVzdC1jbHVzdGVyLWtleS1ub3QtYS1zZWNyZXQtISE"
+os.environ["EXOD_CLUSTER_KEY"] = TEST_CLUSTER_KEY
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,14 @@
 import asyncio
 import time
 
+import grpc
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from exod.daemon import keys, transport
 from exod.daemon.config import Settings
+
+from .conftest import TEST_CLUSTER_KEY
 from exod.daemon.node import Node
 
 
@@ -12,9 +19,44 @@ def settings(tmp_path, name, peers=(), **overrides) -> Settings:
                 peers=list(peers), data_dir=str(tmp_path / name), discovery=False, rtt_probe_s=0.5,
                 throughput_probe_s=5.0, exchange_s=1.0,
                 # A spare runner costs a second of CPU per daemon; tests that start runners turn it on.
-                prestart_runner=False)
+                prestart_runner=False, cluster_key=TEST_CLUSTER_KEY)
     base.update(overrides)
     return Settings(**base)
+
+
+def member_identity(cluster_key: str = TEST_CLUSTER_KEY) -> keys.NodeIdentity:
+    """A fresh key pair with a certificate of the cluster CA: what a member
+    (or anyone holding the cluster key) presents."""
+    return keys.issue(keys.derive_ca(keys.parse_cluster_key(cluster_key)), ec.generate_private_key(ec.SECP256R1()))
+
+
+def member_channel(address: str, identity: keys.NodeIdentity | None = None):
+    """An asyncio gRPC channel to a daemon, as a member."""
+    return transport.secure_channel(address, identity or member_identity())
+
+
+def member_channel_sync(address: str, identity: keys.NodeIdentity | None = None):
+    identity = identity or member_identity()
+    return grpc.secure_channel(address, transport.channel_credentials(identity), options=transport.CLIENT_OPTIONS)
+
+
+async def join_as_member(nodes, identity: keys.NodeIdentity, name: str = "client", cluster: str = "default"):
+    """Exchange a signed record of `identity` with each node, as a new node
+    does: the nodes then hold it as a member (one that no one can reach)."""
+    from exod.daemon import signing
+    from exod.daemon.config import PROTOCOL_VERSION
+    from exod.proto import exod_pb2 as pb
+
+    record = pb.NodeRecord(profile=pb.NodeProfile(node_id=identity.node_id, name=name), version=1,
+                           incarnation=int(time.time() * 1000), cluster_id=cluster, protocol_version=PROTOCOL_VERSION)
+    signing.sign(identity, record)
+    for node in nodes:
+        channel = member_channel(f"127.0.0.1:{node.grpc_port}", identity)
+        try:
+            await transport.peer_stub(channel).Exchange(pb.ExchangeRequest(sender=record), timeout=5)
+        finally:
+            await channel.close()
+    return record
 
 
 async def started(s: Settings) -> Node:

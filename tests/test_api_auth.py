@@ -22,8 +22,9 @@ def curl(net, url, *extra):
 GRPC_CLIENT = """
 import sys, grpc
 from exod.proto import exod_pb2 as pb, exod_pb2_grpc as pb_grpc
+from tests.daemon_helpers import member_channel_sync
 address, token = sys.argv[1], sys.argv[2]
-stub = pb_grpc.ClusterServiceStub(grpc.insecure_channel(address))
+stub = pb_grpc.ClusterServiceStub(member_channel_sync(address))  # holds the key, not the API token
 metadata = [("authorization", "Bearer " + token)] if token else None
 for call, request in ((stub.CreateInstance, pb.PlacementRequest(model=" ")),
                       (stub.DeleteInstance, pb.InstanceRef(instance_id="nope"))):

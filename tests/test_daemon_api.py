@@ -56,7 +56,9 @@ def test_malformed_txt_records_are_refused_with_a_reason(txt, reason):
 
 
 def test_a_good_txt_record_parses():
-    assert parse_txt({b"id": b"a" * 32, b"grpc": b"5000", b"pv": b"1", b"cluster": b"lab"}) == ("a" * 32, 5000, 1, "lab")
+    assert parse_txt({b"id": b"a" * 32, b"grpc": b"5000", b"pv": b"1", b"cluster": b"lab"}) == ("a" * 32, 5000, 1, "lab", "")
+    assert parse_txt({b"id": b"a" * 32, b"grpc": b"5000", b"pv": b"2", b"cluster": b"lab", b"ck": b"b" * 32})[4] == "b" * 32
+    assert "fingerprint" in parse_txt({b"id": b"a" * 32, b"grpc": b"5000", b"pv": b"2", b"cluster": b"lab", b"ck": b"zz"})
 
 
 @pytest.fixture

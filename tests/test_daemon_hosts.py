@@ -18,14 +18,32 @@ from .netns import lab, leftover_namespaces
 API = 52415
 GRPC = 52416
 FAST_PROBES = {"EXOD_RTT_PROBE_S": "0.5", "EXOD_THROUGHPUT_PROBE_S": "2"}
-IDS = ["00000000000000000000000000000001", "00000000000000000000000000000002",
-       "00000000000000000000000000000003", "00000000000000000000000000000004"]
+
+
+def _keys_in_id_order(count):
+    """Node keys whose ids (hashes of the keys) sort as the hosts do: h0 has
+    the lowest id, so it is the one that probes its links."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from exod.daemon import keys
+
+    made = [ec.generate_private_key(ec.SECP256R1()) for _ in range(count)]
+    made.sort(key=lambda k: keys.node_id_of(keys.spki(k.public_key())))
+    return [(keys.node_id_of(keys.spki(k.public_key())),
+             k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())) for k in made]
+
+
+KEYS = _keys_in_id_order(4)
+IDS = [node_id for node_id, _ in KEYS]
 
 
 def start(net, index, tmp_path, cluster="lab", extra=()):
     data = tmp_path / f"h{index}"
     data.mkdir(exist_ok=True)
-    (data / "node_id").write_text(IDS[index] + "\n")
+    if not (data / "node_key.pem").exists():
+        (data / "node_key.pem").write_bytes(KEYS[index][1])
     log = open(tmp_path / f"h{index}.log", "ab")
     return net.run(index, [sys.executable, "-m", "exod.daemon.cli", "start", "--name", f"h{index}",
                            "--api-port", str(API), "--grpc-port", str(GRPC), "--data-dir", str(data),

@@ -11,7 +11,9 @@ import grpc
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-from .daemon_helpers import DelayRelay, settings, started, statuses, until
+from exod.daemon import transport
+
+from .daemon_helpers import DelayRelay, member_channel, member_identity, settings, started, statuses, until
 
 
 def run(coro):
@@ -142,11 +144,11 @@ def test_bad_peers_never_hang_or_crash_the_daemon(tmp_path):
 
         silent = grpc.aio.server()
         pb_grpc.add_PeerServiceServicer_to_server(Silent(), silent)
-        silent_port = silent.add_insecure_port("127.0.0.1:0")
+        silent_port = silent.add_secure_port("127.0.0.1:0", transport.server_credentials(member_identity()))
         await silent.start()
         a.found([f"127.0.0.1:{silent_port}"])
         try:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}")
+            channel = member_channel(f"127.0.0.1:{a.grpc_port}")
             stub = pb_grpc.PeerServiceStub(channel)
             # Garbage bytes on the gRPC port.
             reader, writer = await asyncio.open_connection("127.0.0.1", a.grpc_port)

@@ -9,7 +9,7 @@ import grpc
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-from .daemon_helpers import settings, started, statuses, until
+from .daemon_helpers import member_channel, settings, started, statuses, until
 from .test_instances import call
 
 GB = 10**9
@@ -19,7 +19,7 @@ def test_create_list_get_and_delete_over_grpc_from_any_node(tmp_path):
     async def scenario():
         a = await started(settings(tmp_path, "a", memory_limit=4 * GB))
         b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{n.grpc_port}") for n in (a, b)]
+        channels = [member_channel(f"127.0.0.1:{n.grpc_port}") for n in (a, b)]
         on_a, on_b = (pb_grpc.ClusterServiceStub(c) for c in channels)
         try:
             await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 10)

@@ -11,7 +11,7 @@ import grpc
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-from .daemon_helpers import settings, started, statuses, until
+from .daemon_helpers import member_channel, settings, started, statuses, until
 
 GB = 10**9
 
@@ -52,7 +52,7 @@ def test_preview_plans_on_the_live_view_over_http_and_grpc(tmp_path):
             assert status == 200 and plan["chosen"]["strategy"] == "MOE_TENSOR"
 
             # The same over gRPC.
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}")
+            channel = member_channel(f"127.0.0.1:{a.grpc_port}")
             stub = pb_grpc.ClusterServiceStub(channel)
             answer = await stub.Preview(pb.PlacementRequest(model="qwen3-30b-a3b-4bit"), timeout=30)
             assert answer.chosen.fits and len(answer.chosen.ranks) == 2

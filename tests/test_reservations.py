@@ -11,7 +11,7 @@ from exod.daemon import reservations, state
 from exod.proto import exod_pb2 as pb
 from exod.proto import exod_pb2_grpc as pb_grpc
 
-from .daemon_helpers import settings, started, statuses, until
+from .daemon_helpers import join_as_member, member_channel, member_identity, settings, started, statuses, until
 
 GB = 10**9
 
@@ -68,12 +68,17 @@ def test_twenty_racing_placements_never_overcommit_a_node(tmp_path):
         try:
             await until(lambda: statuses(b).get("a") == pb.UP, 10)
             # 20 placements, each wanting 1.5 GB on both nodes, racing over many connections.
-            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{n.grpc_port}") for n in (a, b) for _ in range(5)]
+            # The placing node is a member of both views, with a key of its own.
+            owner = member_identity()
+            await join_as_member([a, b], owner)
+            channels = [member_channel(f"127.0.0.1:{n.grpc_port}", owner) for n in (a, b) for _ in range(5)]
             stubs = [pb_grpc.PeerServiceStub(c) for c in channels]
 
             async def place(i):
-                wanted = [(stubs[random.randrange(5)], f"p{i}-a"), (stubs[5 + random.randrange(5)], f"p{i}-b")]
-                answers = await asyncio.gather(*(stub.Reserve(pb.ReserveRequest(reservation=res(rid, 1.5)), timeout=5)
+                iid = f"{i:012x}"
+                wanted = [(stubs[random.randrange(5)], f"{iid}-0"), (stubs[5 + random.randrange(5)], f"{iid}-1")]
+                answers = await asyncio.gather(*(stub.Reserve(pb.ReserveRequest(reservation=pb.Reservation(
+                    reservation_id=rid, instance_id=iid, rank=int(rid[-1]), bytes=int(1.5 * GB))), timeout=5)
                                                  for stub, rid in wanted))
                 if all(x.admitted for x in answers):
                     return True, ""
