@@ -23,6 +23,13 @@ def parse_cluster(text: str) -> pb.Cluster:
             node.name = node.node_id
         if not node.name:
             raise PlanError("cluster JSON: a node has neither name nor node_id")
+    # A file is written by a person: a name given twice is a mistake to point
+    # at, not a node to leave out as the planner does with a live view.
+    for key in ("name", "node_id"):
+        values = [getattr(n, key) for n in cluster.nodes]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise PlanError(f"cluster JSON: duplicate node {twice[0]!r}")
     names = {n.node_id for n in cluster.nodes} | {n.name for n in cluster.nodes}
     for link in cluster.links:
         for end in (link.from_node, link.to_node):

@@ -26,7 +26,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
          model: ModelProfile | None = None) -> pb.Plan:
     model = model or profile(spec)
     settings = _settings(model, request)
-    nodes = _select_nodes(cluster, request)
+    nodes, skipped = _select_nodes(cluster, request)
     links = {(link.from_node, link.to_node): link for link in cluster.links}
     strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR]
 
@@ -52,7 +52,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     if request.strategy and all(impossible):
         why = candidates[-1].reasons[0] if candidates else "no candidate"
         raise PlanError(f"impossible strategy: {why}")
-    result = pb.Plan(candidates=candidates)
+    result = pb.Plan(candidates=candidates, reasons=skipped)
     chosen = choose(candidates)
     if chosen is not None:
         result.chosen.CopyFrom(chosen)
@@ -74,27 +74,36 @@ def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
     return Settings(context, request.concurrency or constants.DEFAULT_CONCURRENCY, headroom)
 
 
-def _select_nodes(cluster: pb.Cluster, request: pb.PlacementRequest) -> list[pb.NodeProfile]:
-    nodes = list(cluster.nodes)
-    if not nodes:
+def _select_nodes(cluster: pb.Cluster, request: pb.PlacementRequest) -> tuple[list[pb.NodeProfile], list[str]]:
+    """The nodes a plan may use, and why each other node is left out. One
+    odd node (a name taken twice, no memory free, no bandwidth) never stops
+    the rest of the cluster from being planned."""
+    if not cluster.nodes:
         raise PlanError("the cluster has no nodes")
-    seen_names, seen_ids = set(), set()
-    for node in nodes:
+    nodes, skipped, seen_names, seen_ids = [], [], set(), set()
+    for node in cluster.nodes:
+        label = node.name or node.node_id
         if node.name in seen_names or node.node_id in seen_ids:
-            raise PlanError(f"duplicate node {node.name or node.node_id!r} in the cluster")
+            skipped.append(f"node {label!r} left out: another node has its name or id")
+        elif node.memory_usable_bytes <= 0:
+            skipped.append(f"node {label!r} left out: no usable memory")
+        elif not node.memory_bandwidth_bytes_per_s > 0:
+            skipped.append(f"node {label!r} left out: no memory bandwidth")
+        else:
+            nodes.append(node)
         seen_names.add(node.name)
         seen_ids.add(node.node_id)
-        if node.memory_usable_bytes <= 0:
-            raise PlanError(f"node {node.name!r} has no usable memory")
-        if node.memory_bandwidth_bytes_per_s <= 0:
-            raise PlanError(f"node {node.name!r} has no memory bandwidth")
+    if not nodes:
+        raise PlanError("no node can be planned onto: " + "; ".join(skipped))
     if request.nodes:
         wanted = list(request.nodes)
         unknown = [w for w in wanted if w not in seen_names and w not in seen_ids]
         if unknown:
             raise PlanError(f"unknown node(s): {', '.join(unknown)}")
         nodes = [n for n in nodes if n.name in wanted or n.node_id in wanted]
-    return nodes
+        if not nodes:
+            raise PlanError("every node asked for is left out: " + "; ".join(skipped))
+    return nodes, skipped
 
 
 def _backends(order: list[pb.NodeProfile], links: dict, forced: int) -> list[int]:

@@ -122,6 +122,17 @@ def test_bad_cluster_files(tmp_path):
     zero.write_text(json.dumps({"nodes": [{"name": "a", "memory_bandwidth_bytes_per_s": 1e11}]}))
     proc = exod("plan", "qwen3-30b-a3b-4bit", "--cluster", str(zero))
     assert proc.returncode == 2 and "no usable memory" in proc.stderr
+    # One node without memory is left out, with the reason; the others are planned.
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"nodes": [
+        {"name": "a", "memory_bandwidth_bytes_per_s": 1e11},
+        {"name": "b", "memory_usable_bytes": "100000000000", "memory_bandwidth_bytes_per_s": 1e11},
+        {"name": "c", "memory_usable_bytes": "100000000000", "memory_bandwidth_bytes_per_s": 0}]}))
+    proc = exod("plan", "qwen3-30b-a3b-4bit", "--cluster", str(mixed), "--json")
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert {r["node_name"] for r in answer["chosen"]["ranks"]} == {"b"}
+    assert answer["reasons"] == ["node 'a' left out: no usable memory", "node 'c' left out: no memory bandwidth"]
 
 
 def test_console_script_is_installed():
