@@ -213,15 +213,34 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
 
         if self.node.view is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
-        if not request.model.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        await self._local_paths_only(request.model, context)
+        await self._check_request(request, context)
         try:
             return await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
         except placement_api.ModelError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def _check_request(self, request: pb.PlacementRequest, context) -> None:
+        """What the HTTP API's JSON parser guarantees, for requests that
+        arrive as protos: known enums, and every figure and list bounded."""
+        problems = []
+        if not request.model.strip() or len(request.model) > 512:
+            problems.append("model is required, at most 512 characters")
+        for field, enum in (("strategy", pb.Strategy), ("backend", pb.Backend), ("restart_policy", pb.RestartPolicy)):
+            if getattr(request, field) not in enum.values():
+                problems.append(f"unknown {field} {getattr(request, field)}")
+        if request.ranks > 64 or request.concurrency > 4096 or request.max_restarts > 100:
+            problems.append("ranks (64), concurrency (4096) and max_restarts (100) are bounded")
+        if len(request.nodes) > 64 or any(len(n) > 256 for n in request.nodes):
+            problems.append("at most 64 nodes of at most 256 characters")
+        if request.HasField("headroom_fraction") and not 0 <= request.headroom_fraction < 1:
+            problems.append("headroom_fraction must be in [0, 1)")
+        if request.max_restarts and request.restart_policy != pb.RESTART_REPLACE:
+            problems.append("max_restarts needs restart_policy RESTART_REPLACE")
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        await self._local_paths_only(request.model, context)
 
     async def _local_paths_only(self, model: str, context) -> None:
         """Another host names models by id: a path would let it probe this
@@ -256,9 +275,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         await self._may_mutate(context)
         if self.node.view is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
-        if not request.model.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        await self._local_paths_only(request.model, context)
+        await self._check_request(request, context)
         try:
             return await self.node.work.create(request)
         except placement_api.ModelError as e:
