@@ -10,6 +10,8 @@ report (bench/report.json, or --out) and a short summary on stderr.
   traffic    per-node bytes/s idle and with 50 dashboards polling at 1 Hz
   matrix     link profile x world size x strategy: predicted against measured
              decode tokens/s, and whether the planner's choice was fastest
+  security   the peer plane with and without mutual TLS: heartbeat round
+             trip, a streamed 64-token answer, bulk throughput
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -22,11 +24,11 @@ import time
 import traceback
 from pathlib import Path
 
-from . import discovery, matrix, memory, planning, ready, runner, traffic
+from . import discovery, matrix, memory, planning, ready, runner, security, traffic
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
-    "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run,
+    "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run, "security": security.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 
