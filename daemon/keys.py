@@ -220,12 +220,13 @@ def generated_key_path(data_dir: Path) -> Path:
     return data_dir / "cluster_key"
 
 
-def load_or_generate(data_dir: Path) -> tuple[bytes, str | None]:
-    """The key kept in the data dir, made on first use. Returns (key, the
-    new key's text when it was just made, else None)."""
+def load_generated(data_dir: Path) -> bytes | None:
+    """The key an earlier first start made in the data dir, if any."""
     path = generated_key_path(data_dir)
-    if path.is_file():
-        return read_key_file(path), None
-    text = new_cluster_key()
+    return read_key_file(path) if path.is_file() else None
+
+
+def save_generated(data_dir: Path, text: str) -> Path:
+    path = generated_key_path(data_dir)
     _write_private(path, (text + "\n").encode())
-    return parse_cluster_key(text), text
+    return path

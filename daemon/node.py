@@ -45,6 +45,7 @@ class Node:
         self.incarnation = 0
         self.strangers: dict[str, pb.Stranger] = {}  # address -> seen there, not a member
         self._lock_fd = None
+        self._made_key: str | None = None  # a cluster key this start made: saved only if the start succeeds
         self.record = pb.NodeRecord()
         self.view: state.View | None = None
         self.available_memory = 0
@@ -84,13 +85,20 @@ class Node:
             return keys.parse_cluster_key(s.cluster_key)
         if s.cluster_key_file:
             return keys.read_key_file(s.cluster_key_file)
-        key, made = keys.load_or_generate(self.data_dir)
-        if made:
-            path = keys.generated_key_path(self.data_dir)
-            print(f"exod: no cluster key was given, so this node made one ({path}). Every other node of "
-                  f"this cluster needs the same key:\n  exod start --cluster-key {made}\n"
-                  f"or copy the file and use --cluster-key-file.", file=sys.stderr, flush=True)
+        key = keys.load_generated(self.data_dir)
+        if key is None:  # kept, and shown, once the start has succeeded
+            self._made_key = keys.new_cluster_key()
+            key = keys.parse_cluster_key(self._made_key)
         return key
+
+    def _keep_made_key(self) -> None:
+        if self._made_key is None:
+            return
+        path = keys.save_generated(self.data_dir, self._made_key)
+        print(f"exod: no cluster key was given, so this node made one ({path}). Every other node of "
+              f"this cluster needs the same key:\n  exod start --cluster-key {self._made_key}\n"
+              f"or copy the file and use --cluster-key-file.", file=sys.stderr, flush=True)
+        self._made_key = None
 
     async def _start(self) -> None:
         self.started_at = time.monotonic()
@@ -136,6 +144,7 @@ class Node:
                          self._refresh_round, self._meet_round):
             self._tasks.append(asyncio.create_task(self._forever(round_fn), name=f"exod-{round_fn.__name__}"))
         self._spawn(self.work.prestart())
+        self._keep_made_key()
         log.info("started", node_id=self.node_id, name=self.record.profile.name, cluster=s.cluster,
                  grpc=self.grpc_addresses(), api=f"{s.api_host}:{self.api_port}",
                  usable_gb=round(node_profile.memory_usable_bytes / 1e9, 1))

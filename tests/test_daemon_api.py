@@ -2,6 +2,7 @@
 config precedence, free ports, and a clean, quick stop."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -128,12 +129,28 @@ def test_start_refuses_bad_flags_in_one_line(tmp_path):
 
 def test_a_taken_port_is_a_one_line_error(tmp_path, daemon):
     _, line = daemon
-    proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "start", "--data-dir", str(tmp_path / "x"),
-                           "--no-discovery", "--grpc-host", "127.0.0.1", "--grpc-port", str(line["grpc_port"]),
-                           "--api-port", "0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    api_port = int(line["api"].rsplit(":", 1)[1])
+    # No key given: a start that fails must not leave a made key behind (nor print it).
+    env = {k: v for k, v in os.environ.items() if k != "EXOD_CLUSTER_KEY"}
+    for taken in (["--grpc-host", "127.0.0.1", "--grpc-port", str(line["grpc_port"]), "--api-port", "0"],
+                  ["--grpc-port", "0", "--api-port", str(api_port)]):  # gRPC already listening when the API fails
+        data = tmp_path / f"x{len(taken)}{taken[-1]}"
+        proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "start", "--data-dir", str(data),
+                               "--no-discovery", *taken], cwd=REPO, capture_output=True, text=True, timeout=30, env=env)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("exod: error: cannot start"), proc.stderr
+        assert not (data / "cluster_key").exists()
+
+
+def test_a_second_daemon_on_a_data_dir_names_the_first(tmp_path, daemon):
+    proc_first, _ = daemon
+    data = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "start", "--data-dir", str(data), "--no-discovery",
+                           "--api-port", "0", "--grpc-port", "0"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("exod: error: cannot start"), proc.stderr
+    assert len(lines) == 1 and f"in use by exod pid {proc_first.pid}" in lines[0], proc.stderr
 
 
 def test_cli_without_a_daemon_says_so_in_one_line():
