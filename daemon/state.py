@@ -99,10 +99,12 @@ def apply_work(view: View, record: pb.WorkRecord) -> View:
 
 def instances(view: View) -> list[pb.Instance]:
     """Every owned instance, with each rank's latest status from the node that runs it."""
+    # A rank's status counts only from the node its placement put it on: a
+    # member cannot fail (or ready) a rank that runs elsewhere.
     statuses = {}
-    for record in view.work.values():
+    for node_id, record in view.work.items():
         for runner in record.runners:
-            statuses[(runner.instance_id, runner.rank)] = runner
+            statuses[(runner.instance_id, runner.rank, node_id)] = runner
     found = []
     for node_id in sorted(view.work):
         for owned in view.work[node_id].instances:
@@ -112,7 +114,7 @@ def instances(view: View) -> list[pb.Instance]:
             # A rank without a status has not started yet, or was stopped with its instance.
             absent = pb.SHUTDOWN if owned.state in (pb.INSTANCE_FAILED, pb.INSTANCE_STOPPED) else pb.IDLE
             for rank in owned.placement.ranks:
-                status = statuses.get((owned.instance_id, rank.rank))
+                status = statuses.get((owned.instance_id, rank.rank, rank.node_id))
                 instance.runners.append(status or pb.RunnerStatus(instance_id=owned.instance_id, rank=rank.rank,
                                                                   node_id=rank.node_id, state=absent))
             found.append(instance)

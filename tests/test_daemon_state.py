@@ -94,3 +94,21 @@ def test_long_gone_nodes_are_forgotten_with_their_links():
     assert state.tick(view, 9000, timing).member("b") is not None
     gone = state.tick(view, 10_000, timing)
     assert gone.member("b") is None and not gone.links and gone.member("a") is not None
+
+
+def test_a_rank_status_counts_only_from_the_node_that_runs_it():
+    from exod.daemon import state as cluster
+
+    view = cluster.View("a", "c")
+    placement = pb.Placement(ranks=[pb.RankPlacement(rank=0, node_id="b"), pb.RankPlacement(rank=1, node_id="a")])
+    owned = pb.WorkRecord(node_id="a", version=1, instances=[pb.Instance(instance_id="i", placement=placement)],
+                          runners=[pb.RunnerStatus(instance_id="i", rank=1, node_id="a", state=pb.READY)])
+    view = cluster.apply_work(view, owned)
+    honest = pb.WorkRecord(node_id="b", version=1,
+                           runners=[pb.RunnerStatus(instance_id="i", rank=0, node_id="b", state=pb.READY)])
+    view = cluster.apply_work(view, honest)
+    # A third member's own record claims rank 0 failed (and that it runs it).
+    liar = pb.WorkRecord(node_id="m", version=9,
+                         runners=[pb.RunnerStatus(instance_id="i", rank=0, node_id="m", state=pb.FAILED)])
+    view = cluster.apply_work(view, liar)
+    assert [r.state for r in cluster.instance(view, "i").runners] == [pb.READY, pb.READY]
