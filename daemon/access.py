@@ -6,13 +6,20 @@ import hmac
 import ipaddress
 
 
-def may_mutate(remote_ip: str, authorization: str, token: str) -> bool:
+def is_loopback(remote_ip: str) -> bool:
     try:
-        if ipaddress.ip_address(remote_ip).is_loopback:
-            return True
+        return ipaddress.ip_address(remote_ip).is_loopback
     except ValueError:
-        pass
-    return bool(token) and hmac.compare_digest(authorization or "", f"Bearer {token}")
+        return False
+
+
+def may_mutate(remote_ip: str, authorization: str, token: str) -> bool:
+    if is_loopback(remote_ip):
+        return True
+    # Bytes, not str: compare_digest refuses non-ASCII str (a TypeError, so a
+    # 500), and HTTP servers hand over odd header bytes as surrogate escapes.
+    presented = (authorization or "").encode("utf-8", "surrogateescape")
+    return bool(token) and hmac.compare_digest(presented, f"Bearer {token}".encode("utf-8", "surrogateescape"))
 
 
 def grpc_peer_ip(peer: str) -> str:

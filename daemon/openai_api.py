@@ -1,7 +1,8 @@
 """The OpenAI-compatible chat API: POST /v1/chat/completions (streaming as
 server-sent events, or not) and GET /v1/models. Requests go to a Ready
 instance of the model, through the node that runs its rank 0. Errors use
-OpenAI's shape."""
+OpenAI's shape, including the refusals of http_api's guard on these paths.
+Bodies are parsed as strictly as the rest of the API (http_api.json_body)."""
 
 import json
 import time
@@ -22,6 +23,10 @@ class InvalidRequest(Exception):
         super().__init__(message)
         self.param = param
         self.status = status
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/chat/") or path == "/v1/models"
 
 
 def openai_error(status: int, message: str, param=None, kind="invalid_request_error") -> web.Response:
@@ -45,7 +50,8 @@ def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
         raise InvalidRequest("messages must be a non-empty list", "messages")
     request = pb.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                or not isinstance(m.get("content"), str):
             raise InvalidRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and text content",
                                  f"messages[{i}]")
         request.messages.append(pb.ChatMessage(role=m["role"], content=m["content"]))
@@ -98,10 +104,12 @@ def add_routes(app: web.Application, node) -> None:
             {"id": m, "object": "model", "created": 0, "owned_by": "exod"} for m in seen]})
 
     async def chat(request):
+        from .http_api import BadBody, json_body
+
         try:
-            body = await request.json()
-        except ValueError:
-            return openai_error(400, "the body is not JSON")
+            body = await json_body(request)
+        except BadBody as e:
+            return openai_error(e.status, str(e))
         try:
             model, generate, stream = parse_chat(body)
         except InvalidRequest as e:

@@ -243,21 +243,18 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         await self._local_paths_only(request.model, context)
 
     async def _local_paths_only(self, model: str, context) -> None:
-        """Another host names models by id: a path would let it probe this
-        node's disk and make it parse any config.json it names."""
-        import ipaddress
+        """Another host names models by id, as over HTTP (placement_api.check_remote_model)."""
+        from . import placement_api
+        from .access import grpc_peer_ip, is_loopback
 
-        from .access import grpc_peer_ip
-
-        if not model.startswith(("/", "~", ".")):
+        if is_loopback(grpc_peer_ip(context.peer())):
             return
         try:
-            local = ipaddress.ip_address(grpc_peer_ip(context.peer())).is_loopback
-        except ValueError:
-            local = False
-        if not local:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "from another host, models are named by id, not by a path")
+            placement_api.check_remote_model(model)
+        except placement_api.BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except placement_api.ModelError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
     async def _may_mutate(self, context) -> None:
         from .access import grpc_peer_ip, may_mutate

@@ -36,7 +36,7 @@ def parse_request(body) -> pb.PlacementRequest:
             setattr(request, name, value)
     strategy = body.get("strategy")
     if strategy is not None:
-        if strategy not in STRATEGY_BY_NAME:
+        if not isinstance(strategy, str) or strategy not in STRATEGY_BY_NAME:
             raise BadRequest(f"strategy must be one of {', '.join(STRATEGY_BY_NAME)}, got {strategy!r}")
         request.strategy = STRATEGY_BY_NAME[strategy]
     nodes = body.get("nodes")
@@ -46,12 +46,33 @@ def parse_request(body) -> pb.PlacementRequest:
         request.nodes.extend(nodes)
     policy = body.get("restart_policy")
     if policy is not None:
-        if policy not in RESTART_POLICIES:
+        if not isinstance(policy, str) or policy not in RESTART_POLICIES:
             raise BadRequest(f"restart_policy must be one of {', '.join(RESTART_POLICIES)}, got {policy!r}")
         request.restart_policy = RESTART_POLICIES[policy]
     if request.max_restarts and request.restart_policy != pb.RESTART_REPLACE:
         raise BadRequest("max_restarts needs restart_policy \"replace\"")
     return request
+
+
+PATH_STARTS = ("/", "~", ".", "\\")
+
+
+def check_remote_model(model: str) -> None:
+    """From another host a model is named by id (a catalog id or a built-in
+    model), never by a path: a path would let a LAN client make this daemon
+    read any directory it can read, and learn which exist. The rule: a known
+    id passes; a name that starts like a path (/, ~, . or \\) is BadRequest;
+    anything else is an unknown model (ModelError). The filesystem is never
+    asked, so the answer tells nothing about which directories exist.
+    Loopback clients may still name any model directory."""
+    from exod.models import catalog, synthetic
+
+    if model in synthetic.NAMED or model in catalog.cards():
+        return
+    if model.startswith(PATH_STARTS):
+        raise BadRequest(f"models are named by id from other hosts; {model!r} is a path")
+    raise ModelError(f"unknown model {model!r}: not a catalog id (see `exod models`) nor a built-in model "
+                     "(model directories are named from this machine only)")
 
 
 def spec_for(model: str, models_dir: Path) -> pb.ModelSpec:
@@ -74,4 +95,5 @@ def preview(view: state.View, request: pb.PlacementRequest, models_dir: Path) ->
     return plan(spec_for(request.model, models_dir), state.cluster_for_planner(view), request)
 
 
-__all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "parse_request", "preview", "spec_for"]
+__all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "check_remote_model", "parse_request", "preview",
+           "spec_for"]

@@ -59,10 +59,11 @@ def browse(url, shots, kill_runner):
         page.click("#place-button")
         page.wait_for_selector("#instances tr[data-instance]", timeout=30000)
         # The runners report Ready before the owner marks the instance Ready: wait for both.
-        page.wait_for_function(
-            "document.querySelectorAll('#instances .rank .READY').length === 2"
-            " && document.querySelector('#instances td.state').textContent.includes('ready')",
-            timeout=120000)
+        # (Selectors, not wait_for_function: Playwright evals its string, which the page's CSP forbids.)
+        page.wait_for_selector("#instances td.INSTANCE_READY", timeout=120000)
+        page.wait_for_selector('#instances .rank[data-rank="1"] .READY', timeout=15000)
+        assert page.locator("#instances .rank .READY").count() == 2
+        assert "ready" in page.text_content("#instances td.state")
         page.screenshot(path=shots[1], full_page=True)
 
         kill_runner()

@@ -1,0 +1,169 @@
+// The dashboard: polls /v1/state every second and draws it. Every string
+// that comes from the cluster (node names, instance ids, models, reasons)
+// was written by some peer, so it only ever reaches the page as text: DOM
+// nodes and textContent, never parsed as HTML, no inline handlers. The page
+// runs under a CSP without inline script (see daemon/http_api.py).
+"use strict";
+
+const token = document.querySelector('meta[name="exod-page-token"]').content;
+const gb = b => (Number(b || 0) / 1e9).toFixed(1) + " GB";
+const mb = b => (Number(b || 0) / 1e6).toFixed(0) + " MB";
+const word = s => String(s || "").replace(/^INSTANCE_/, "").toLowerCase().replace(/_/g, " ");
+const plainWords = {READY: "Ready", FAILED: "Failed", LOADING: "Loading", WARMING_UP: "Warming up", CONNECTING: "Connecting",
+  CONNECTED: "Connected", LOADED: "Loaded", IDLE: "Idle", RUNNING: "Running", SHUTTING_DOWN: "Shutting down", SHUTDOWN: "Shut down"};
+const $ = selector => document.querySelector(selector);
+
+// el("td", {className: "state", data: {rank: 1}}, "text", child, ...): children are text or nodes.
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === "data") for (const [name, v] of Object.entries(value)) node.setAttribute(`data-${name}`, String(v));
+    else if (key === "style") Object.assign(node.style, value);
+    else node[key] = value;
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function nodeRow(n, self) {
+  const p = n.record.profile, total = Number(p.memory_total_bytes || 0) || 1;
+  const free = Number(n.memory_available_bytes || p.memory_available_bytes || 0);
+  const reserved = Number(n.memory_reserved_bytes || 0);
+  const used = Math.max(0, total - free - reserved);
+  const pct = v => (100 * v / total).toFixed(1) + "%";
+  return el("tr", {data: {node: p.name || ""}},
+    el("td", {}, p.name, p.node_id === self ? [" ", el("span", {className: "muted"}, "(this node)")] : null),
+    el("td", {className: `state ${n.status}`}, word(n.status)),
+    el("td", {},
+      el("div", {className: "bar", title: `used ${gb(used)}, reserved ${gb(reserved)}, free ${gb(free)}`},
+        el("span", {className: "used", style: {width: pct(used)}}),
+        el("span", {className: "reserved", style: {width: pct(reserved)}}),
+        el("span", {className: "free", style: {width: pct(free)}})),
+      el("span", {className: "muted"}, `${gb(used)} · ${gb(reserved)} · ${gb(free)}`)),
+    el("td", {}, gb(p.memory_usable_bytes)),
+    el("td", {}, p.chip));
+}
+
+function rankLine(r, p, names) {
+  const rp = (p.ranks || []).find(x => (x.rank || 0) === (r.rank || 0)) || {};
+  const progress = r.state === "LOADING" ? ` ${r.layers_loaded || 0}/${r.total_layers || "?"}` : "";
+  const measured = r.peak_rss_bytes ? mb(r.peak_rss_bytes) : "—";
+  return el("div", {className: "rank", data: {rank: r.rank || 0}},
+    `rank ${r.rank || 0} · ${rp.node_name || names[r.node_id] || "?"} · `,
+    el("span", {className: `state ${r.state}`}, (plainWords[r.state] || word(r.state)) + progress),
+    ` · ${mb(r.estimated_bytes || (rp.memory || {}).total_bytes)} / ${measured} `,
+    r.reason ? el("div", {className: "reason"}, r.reason) : null);
+}
+
+function instanceRow(i, names) {
+  const p = i.placement || {};
+  return el("tr", {data: {instance: i.instance_id || ""}},
+    el("td", {}, i.instance_id),
+    el("td", {}, p.model_id),
+    el("td", {}, `${word(p.strategy)} · ${word(p.backend)}`),
+    el("td", {className: `state ${i.state}`}, word(i.state),
+      i.reason ? el("div", {className: "reason"}, i.reason) : null,
+      i.replaced_by ? el("div", {className: "muted"}, `replaced by ${i.replaced_by}`) : null,
+      i.replaces ? el("div", {className: "muted"}, `restart ${i.restarts} of ${i.replaces}`) : null),
+    el("td", {}, (i.runners || []).map(r => rankLine(r, p, names))),
+    el("td", {}, el("button", {type: "button", data: {action: "delete"}}, "Delete")));
+}
+
+function linkRow(l, names) {
+  return el("tr", {},
+    el("td", {}, `${names[l.from_node] || ""} – ${names[l.to_node] || ""}`),
+    el("td", {}, `${(1000 * (l.rtt_s || 0)).toFixed(2)} ms`),
+    el("td", {}, `${((l.bandwidth_bytes_per_s || 0) / 1e6).toFixed(0)} MB/s`),
+    el("td", {className: "muted"}, `${l.from_address || ""} → ${l.to_address || ""}`));
+}
+
+// A daemon seen on the network that is not a member (another cluster key,
+// or none): shown so that people notice, never contacted beyond a handshake.
+function strangerRow(x) {
+  return el("tr", {data: {stranger: x.address || ""}},
+    el("td", {}, x.address || ""),
+    el("td", {}, x.reason || ""),
+    el("td", {className: "muted"}, (x.node_id || "").slice(0, 12)),
+    el("td", {className: "muted"}, x.last_seen_unix_ms ? new Date(Number(x.last_seen_unix_ms)).toLocaleTimeString() : ""));
+}
+
+async function refresh() {
+  try {
+    const s = await (await fetch("/v1/state")).json();
+    const nodes = s.nodes || [];
+    const names = Object.fromEntries(nodes.map(n => [n.record.profile.node_id, n.record.profile.name]));
+    const up = nodes.filter(n => n.status === "UP").length;
+    $("#summary").textContent = `cluster ${s.cluster_id} · ${up} of ${nodes.length} nodes up · updated ${new Date().toLocaleTimeString()}`;
+    $("#nodes tbody").replaceChildren(...nodes.map(n => nodeRow(n, s.self_id)));
+    $("#links tbody").replaceChildren(...(s.links || []).map(l => linkRow(l, names)));
+    const strangers = s.strangers || [];
+    $("#strangers").hidden = strangers.length === 0;
+    $("#strangers tbody").replaceChildren(...strangers.map(strangerRow));
+    $("#instances tbody").replaceChildren(...(s.instances || []).map(i => instanceRow(i, names)));
+  } catch (e) {
+    $("#summary").textContent = "the daemon does not answer: " + e;
+  }
+}
+
+function body() {
+  const b = {model: $("#model").value.trim()};
+  const strategy = $("#strategy").value, ranks = Number($("#ranks").value), context = Number($("#context").value);
+  if (strategy) b.strategy = strategy;
+  if (ranks > 0) b.ranks = ranks;
+  if (context > 0) b.context_length = context;
+  return b;
+}
+
+// Changes carry the page token; the daemon refuses a browser's change without it.
+async function send(method, path, payload) {
+  const headers = {"X-Exod-Page-Token": token};
+  if (payload !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, {method, headers, body: payload === undefined ? undefined : JSON.stringify(payload)});
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error ? data.error.message : r.statusText);
+  return data;
+}
+
+function candidateRow(c) {
+  return el("tr", {},
+    el("td", {}, word(c.strategy)),
+    el("td", {}, c.ranks.map(r => `${r.rank || 0}→${r.node_name}`).join(", ")),
+    el("td", {}, c.ranks.map(r => gb(r.memory.total_bytes)).join(" / ")),
+    el("td", {}, `${(c.predicted_decode_tokens_per_s || 0).toFixed(1)} tok/s`),
+    el("td", {className: c.fits ? "fits" : "nofit"}, c.fits ? "fits" : "does not fit",
+      (c.reasons || []).map(r => el("div", {className: "muted"}, r))));
+}
+
+$("#place").addEventListener("submit", e => e.preventDefault());
+
+$("#preview-button").addEventListener("click", async () => {
+  const table = $("#candidates"), msg = $("#message");
+  try {
+    const plan = await send("POST", "/v1/placements/preview", body());
+    table.hidden = false;
+    table.querySelector("tbody").replaceChildren(...(plan.candidates || []).map(candidateRow));
+    msg.textContent = plan.chosen ? `the planner would choose ${word(plan.chosen.strategy)} on ${plan.chosen.ranks.length} rank(s)`
+                                  : (plan.reasons || []).join("; ");
+  } catch (e) { msg.textContent = e.message; }
+});
+
+$("#place-button").addEventListener("click", async () => {
+  const msg = $("#message");
+  try { const i = await send("POST", "/v1/instances", body()); msg.textContent = `placed ${i.instance_id}`; refresh(); }
+  catch (e) { msg.textContent = e.message; }
+});
+
+// One listener for every Delete button: the row says which instance.
+$("#instances").addEventListener("click", async e => {
+  const button = e.target.closest('button[data-action="delete"]');
+  if (!button) return;
+  const id = button.closest("tr").getAttribute("data-instance");
+  try { await send("DELETE", `/v1/instances/${encodeURIComponent(id)}`); $("#message").textContent = `deleted ${id}`; }
+  catch (err) { $("#message").textContent = err.message; }
+  refresh();
+});
+
+refresh();
+setInterval(refresh, 1000);
