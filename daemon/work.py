@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import structlog
 
 from exod.proto import exod_pb2 as pb
@@ -19,12 +20,17 @@ from . import placement_api, reservations, signing, state, trust
 log = structlog.get_logger("exod.work")
 RESERVATION_HOLD_MS = 120_000  # from reserve to the runner's start
 TERMINAL = (pb.FAILED, pb.SHUTDOWN)
+MAX_HISTORY = 32  # state changes kept per rank status (the first and the latest)
 
 
 DEFAULT_MAX_RESTARTS = 3
 # Long enough for the views to agree on which node is gone, and for the failed
 # instance's memory to be released everywhere.
 REPLACE_AFTER_S = 1.0
+# A re-placement that finds no candidate (the nodes it needs are cut off)
+# tries again, backing off to REPLACE_MAX_PAUSE_S, for this long.
+REPLACE_PATIENCE_S = 600.0
+REPLACE_MAX_PAUSE_S = 15.0
 
 
 class Refused(Exception):
@@ -227,6 +233,12 @@ class Work:
         copy.CopyFrom(status)
         copy.node_id = self.node.node_id
         copy.diagnostics = ""  # stays in the rank's log; the record travels everywhere
+        copy.history.extend(self.statuses[key].history)
+        if not copy.history or copy.history[-1].state != copy.state:
+            copy.history.append(pb.StateChange(state=copy.state,
+                                               at_unix_ms=copy.changed_at_unix_ms or int(time.time() * 1000)))
+            if len(copy.history) > MAX_HISTORY:
+                del copy.history[1:len(copy.history) - MAX_HISTORY + 1]
         self.statuses[key] = copy
         if copy.state in TERMINAL and key in self.held:
             self.node.release(self.held.pop(key))
@@ -319,7 +331,11 @@ class Work:
                 reservation = pb.Reservation(
                     reservation_id=f"{instance_id}-{rank.rank}", instance_id=instance_id, rank=rank.rank,
                     bytes=rank.memory.total_bytes, expires_at_unix_ms=int(time.time() * 1000) + RESERVATION_HOLD_MS)
-                answer = await self.node.reserve_on(rank.node_id, reservation)
+                try:
+                    answer = await self.node.reserve_on(rank.node_id, reservation)
+                except grpc.aio.AioRpcError as e:
+                    raise Refused(f"node {rank.node_name} did not answer for rank {rank.rank}: "
+                                  f"{e.code().name} {e.details()}") from None
                 if not answer.admitted:
                     raise Refused(f"node {rank.node_name} refused rank {rank.rank}: {answer.reason}")
                 admitted.append((rank.node_id, reservation.reservation_id))
@@ -373,26 +389,44 @@ class Work:
 
     async def _replace(self, instance_id: str) -> None:
         """restart_policy "replace": the same request, planned again on the
-        nodes that are up now (a pinned node that is down is left out)."""
+        nodes that are up now (a pinned node that is down is left out). When
+        nothing fits yet (a partition, the pinned nodes gone), it tries again
+        with backoff until REPLACE_PATIENCE_S has passed: nodes that come
+        back make it fit."""
         await asyncio.sleep(REPLACE_AFTER_S)
-        old = self.owned.get(instance_id)
-        if old is None or old.replaced_by or self.node.stopping:
-            return  # deleted meanwhile
-        request = pb.PlacementRequest()
-        request.CopyFrom(old.request)
-        gone = {key for m in self.node.view.members.values() if m.status in (pb.DOWN, pb.LEFT)
-                for key in (m.record.profile.node_id, m.record.profile.name)}
-        if request.nodes:
-            kept = [n for n in request.nodes if n not in gone]
-            del request.nodes[:]
-            request.nodes.extend(kept)
-        try:
-            new = await self.create(request, replaces=old)
-        except Exception as e:  # whatever stops it is the instance's news, not a lost task's
-            old.reason += f"; placing it again failed: {e}"
-            self.changed()
-            log.warning("instance not replaced", instance=instance_id, reason=str(e))
-            return
+        deadline = time.monotonic() + REPLACE_PATIENCE_S
+        pause, tries = REPLACE_AFTER_S, 0
+        while True:
+            old = self.owned.get(instance_id)
+            if old is None or old.replaced_by or self.node.stopping:
+                return  # deleted meanwhile
+            request = pb.PlacementRequest()
+            request.CopyFrom(old.request)
+            gone = {key for m in self.node.view.members.values() if m.status in (pb.DOWN, pb.LEFT)
+                    for key in (m.record.profile.node_id, m.record.profile.name)}
+            if request.nodes:
+                kept = [n for n in request.nodes if n not in gone]
+                del request.nodes[:]
+                request.nodes.extend(kept or old.request.nodes)  # all pinned nodes gone: wait for them
+            tries += 1
+            try:
+                new = await self.create(request, replaces=old)
+                break
+            except (placement_api.PlanError, placement_api.ModelError, Refused) as e:
+                if time.monotonic() + pause > deadline:
+                    old.reason += f"; placing it again failed {tries} times, the last: {e}"
+                    self.changed()
+                    log.warning("instance not replaced", instance=instance_id, reason=str(e), tries=tries)
+                    return
+                log.info("instance not replaced yet; trying again", instance=instance_id, reason=str(e),
+                         retry_in_s=pause)
+            except Exception as e:  # whatever stops it is the instance's news, not a lost task's
+                old.reason += f"; placing it again failed: {e}"
+                self.changed()
+                log.warning("instance not replaced", instance=instance_id, reason=str(e))
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, REPLACE_MAX_PAUSE_S)
         old.replaced_by = new.instance_id
         self.changed()
         log.info("instance replaced", instance=instance_id, by=new.instance_id, restarts=new.restarts)

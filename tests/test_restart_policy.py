@@ -96,3 +96,37 @@ def test_a_failed_instance_is_placed_again_on_the_nodes_that_are_up(tmp_path):
                     await node.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 420))
+
+
+def test_a_replacement_that_finds_no_candidate_waits_for_the_nodes_to_return(tmp_path):
+    async def scenario():
+        a = await started(settings(tmp_path, "a", memory_limit=4 * GB))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
+        b2 = None
+        api = f"http://127.0.0.1:{a.api_port}"
+        try:
+            await until(lambda: statuses(a) == {"a": pb.UP, "b": pb.UP}, 15)
+            body = {"model": "demo", "strategy": "moe_tensor", "nodes": ["a", "b"], "context_length": 512,
+                    "restart_policy": "replace"}
+            status, placed = await asyncio.to_thread(call, "POST", f"{api}/v1/instances", body)
+            assert status == 201, placed
+            first = placed["instance_id"]
+            await until(lambda: (i := instance_in(a, first)) is not None and i.state == pb.INSTANCE_READY, 120)
+            # b goes away: the instance fails, and with only a up nothing pinned to a and b fits.
+            await b.stop()
+            await until(lambda: a.work.owned[first].state == pb.INSTANCE_FAILED, 15)
+            await asyncio.sleep(4)
+            assert not a.work.owned[first].replaced_by  # still waiting, not given up
+            assert "placing it again failed" not in a.work.owned[first].reason
+            # b comes back (same data dir, same id): the waiting re-placement succeeds.
+            b2 = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=4 * GB))
+            await until(lambda: a.work.owned[first].replaced_by, 60)
+            second = a.work.owned[first].replaced_by
+            await until(lambda: (i := instance_in(a, second)) is not None and i.state == pb.INSTANCE_READY, 120)
+            assert {r.node_name for r in a.work.owned[second].placement.ranks} == {"a", "b"}
+        finally:
+            await a.stop()
+            if b2 is not None:
+                await b2.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 400))
