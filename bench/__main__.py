@@ -2,11 +2,11 @@ import argparse
 import json
 import sys
 
-from . import discovery, matrix, memory, overhead, planning, ready, runner, security, suite, traffic
+from . import chaos, discovery, matrix, memory, overhead, planning, ready, runner, security, suite, traffic
 
 BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run,
            "ready": ready.run, "traffic": traffic.run, "memory": memory.run, "matrix": matrix.run,
-           "security": security.run}
+           "security": security.run, "chaos": chaos.run}
 
 
 def main() -> int:
@@ -15,8 +15,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="`run` for the whole suite, or one benchmark")
     parser.add_argument("name", choices=sorted(BENCHES))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--minutes", type=float, help="chaos: how long to soak (default 15, quick 3)")
+    parser.add_argument("--seed", type=int, help="chaos: the seed of a run to repeat")
     args = parser.parse_args()
-    report = BENCHES[args.name](quick=args.quick)
+    if args.name == "chaos":
+        report = chaos.run(quick=args.quick, minutes=args.minutes, seed=args.seed)
+    else:
+        report = BENCHES[args.name](quick=args.quick)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0 if report.get("ok", True) else 1

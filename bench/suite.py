@@ -12,6 +12,8 @@ report (bench/report.json, or --out) and a short summary on stderr.
              decode tokens/s, and whether the planner's choice was fastest
   security   the peer plane with and without mutual TLS: heartbeat round
              trip, a streamed 64-token answer, bulk throughput
+  chaos      a soak on 3 namespace hosts with runner and daemon kills, restarts
+             and link cuts, checking invariants all along (15 min; quick: 3)
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -24,11 +26,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import discovery, matrix, memory, planning, ready, runner, security, traffic
+from . import chaos, discovery, matrix, memory, planning, ready, runner, security, traffic
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
     "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run, "security": security.run,
+    "chaos": chaos.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 

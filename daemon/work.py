@@ -31,6 +31,9 @@ REPLACE_AFTER_S = 1.0
 # tries again, backing off to REPLACE_MAX_PAUSE_S, for this long.
 REPLACE_PATIENCE_S = 600.0
 REPLACE_MAX_PAUSE_S = 15.0
+# A node stops the ranks, and drops the reservations, of an owner that has
+# been Down or Left this long: past any link cut worth riding out.
+OWNER_GONE_MS = 30_000
 
 
 class Refused(Exception):
@@ -480,9 +483,33 @@ class Work:
         await asyncio.gather(*(self.node.release_on(r.node_id, f"{instance.instance_id}-{r.rank}")
                                for r in instance.placement.ranks), return_exceptions=True)
 
+    def _owner_gone(self, owner: str, now_ms: int) -> bool:
+        member = self.node.view.member(owner)
+        return member is None or (member.status in (pb.DOWN, pb.LEFT)
+                                  and now_ms - member.last_seen_ms >= OWNER_GONE_MS)
+
+    def reap(self) -> None:
+        """What other nodes placed here, whose owner has been gone a while:
+        nobody is left to stop those ranks or start on those reservations.
+        (An owner that comes back restarted reports them Failed and stops
+        them too; one that never does must not hold this node for good.)"""
+        now = int(time.time() * 1000)
+        gone = {k for k, owner in self.owners.items()
+                if owner != self.node.node_id and k in self.processes and self._owner_gone(owner, now)}
+        for instance_id in {k[0] for k in gone}:
+            log.warning("stopping ranks whose owner is gone", instance=instance_id, owner=self.owners.get(
+                next(k for k in gone if k[0] == instance_id))[:12])
+            self.node._spawn(self.stop_instance(instance_id))
+        started = set(self.held.values())
+        for reservation_id, held in list(self.node.ledger.held.items()):
+            if reservation_id not in started and held.owner_node_id != self.node.node_id \
+                    and self._owner_gone(held.owner_node_id, now):
+                self.node.release(reservation_id)
+
     def supervise(self) -> None:
         """Owned instances follow their runners: all Ready is Ready; a failed
         rank or a node gone down fails the instance and stops the rest."""
+        self.reap()
         current = {i.instance_id: i for i in state.instances(self.node.view)}
         for instance_id, owned in list(self.owned.items()):
             if owned.state not in (pb.INSTANCE_STARTING, pb.INSTANCE_READY):
