@@ -52,7 +52,12 @@ def load(spec, group, progress: Callable[[int, int], None]):
 
 
 def held_layer_indices(model) -> list[int]:
-    """Global indices of the layers this rank runs."""
+    """Global indices of the layers this rank runs: exod's pipeline stage
+    records its range; a class's own pipeline() (an architecture's hook)
+    keeps mlx-lm's start_idx and lists only its layers."""
+    stage = getattr(model, "exod_stage", None)
+    if stage is not None:
+        return list(range(stage.start, stage.end))
     inner = getattr(model, "model", None)
     start = getattr(inner, "start_idx", 0) or 0
     return list(range(start, start + len(model.layers)))

@@ -53,6 +53,29 @@ class Architecture:
     # state, and how to call one (layer module, probe input) -> output.
     canary_layers: Callable[[dict], list[int]] = field(default=lambda cfg: list(range(int(cfg["num_hidden_layers"]))))
     probe: Callable[[object, object, dict], object] = field(default=lambda layer, x, cfg: layer(x, None, None))
+    # Only for a model that keeps state outside its layers, which exod's
+    # generic stage (runner/pipeline.py) cannot carry between ranks:
+    # (model, group, split) -> None makes the model one pipeline stage.
+    pipeline: Optional[Callable[[object, object, list], None]] = None
+
+
+# What a strategy needs from mlx-lm's class beyond the architecture's proof:
+# tensor is the class's own shard(), so a class without one cannot.
+CLASS_NEEDS = {"tensor": "shard"}
+
+
+def runnable_strategies(arch: Architecture, model_class) -> frozenset[str]:
+    """The strategies the runner runs on more than one rank for a model of
+    this class: the architecture's proven ones that the class supports. The
+    inventory puts them in the spec the planner reads and the runner refuses
+    the rest, so both decide from this one function. (One rank runs every
+    model mlx-lm can load, with no strategy at all.) A model_class of None
+    (a catalog card for a model type the installed mlx-lm lacks) keeps the
+    architecture's claims."""
+    if model_class is None:
+        return arch.proven_strategies
+    return frozenset(s for s in arch.proven_strategies
+                     if s not in CLASS_NEEDS or hasattr(model_class, CLASS_NEEDS[s]))
 
 
 def layer_of(name: str) -> int:
