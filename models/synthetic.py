@@ -104,6 +104,19 @@ TINY_CONFIGS = {
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
+    # A shared expert behind a sigmoid gate, and a class without shard().
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", vocab_size=512, hidden_size=128, intermediate_size=256,
+        moe_intermediate_size=64, shared_expert_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    # A mixture of experts no architecture module describes (the generic one cuts it).
+    "mixtral": dict(
+        model_type="mixtral", vocab_size=512, hidden_size=128, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+        num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+    ),
     # Biased experts and attention sinks, alternating sliding and full attention.
     "gpt_oss": dict(
         model_type="gpt_oss", num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 
 from exod.models.architectures import LAYER
-from exod.models.architectures.base import CLASS_NEEDS, runnable_strategies
+from exod.models.architectures.base import strategy_refusal
 
 from . import pipeline as stage
 
@@ -42,17 +42,15 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
     """Why this runner will not cut the model with strategy `name` over
     `world` ranks, decided from the built (lazy) model and the architecture
     module. One rank is never a sharding: every model mlx-lm can load runs
-    whole. The planner decides from the same data (the spec's strategies
-    come from runnable_strategies, its split units from the same rules), and
+    whole. The planner decides from the same rules (strategy_refusal, and
+    the split units the inventory records), and
     tests/test_strategy_coverage.py checks that the two agree."""
     if world <= 1:
         return []
-    runnable = runnable_strategies(arch, type(model))
-    if name not in runnable:
-        needs = CLASS_NEEDS.get(name)
-        if name in arch.proven_strategies and needs:
-            return [f"mlx-lm's {config['model_type']} class has no {needs}(), which {name} uses"]
-        return [f"{name} is not proven for this architecture (proven: {', '.join(sorted(runnable)) or 'none'})"]
+    paths = [path for path, module in model.named_modules() if _holds_arrays(module)]
+    refusal = strategy_refusal(name, arch, type(model), paths, config)
+    if refusal:
+        return [refusal]
     if name == "pipeline":
         if arch.pipeline is not None:
             layers = int(config["num_hidden_layers"])
@@ -65,14 +63,15 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
             return [f"pipeline needs at least one layer per rank: {world} ranks, {layers} layers"]
         return []
     rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
-    splits = [(path, rule(path, config)) for path, _ in model.named_modules()]
-    splits = [(path, split) for path, split in splits if split is not None]
-    if not splits:
-        return [f"{name}: the architecture names no {'expert projections' if name == 'moe_tensor' else 'tensors'} to split"]
-    for path, split in splits:
-        if split.units % world:
+    for path in paths:
+        split = rule(path, config)
+        if split is not None and split.units % world:
             return [f"{name} over {world} ranks: {path} has {split.units} {split.unit}, not divisible by {world}"]
     return []
+
+
+def _holds_arrays(module) -> bool:
+    return any(isinstance(v, mx.array) for v in module.values())
 
 
 def _refuse(name, model, group, arch, config) -> None:
