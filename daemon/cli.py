@@ -83,7 +83,9 @@ def cmd_inspect(args) -> int:
     full = sum(k.bytes_per_token for k in spec.kv_cache if not k.window_tokens)
     windowed = sum(k.bytes_per_token * k.window_tokens for k in spec.kv_cache if k.window_tokens)
     print(f"\nKV cache: {full / 1024:.1f} KiB per context token + {windowed / 1e6:.1f} MB of windows, per sequence")
-    print(f"proven strategies: {', '.join(spec.proven_strategies)}")
+    print(f"runs on one node; on more: {', '.join(spec.proven_strategies) or 'nothing'}")
+    for strategy, why in sorted(spec.refused_strategies.items()):
+        print(f"not {strategy}: {why}")
     for note in spec.notes:
         print(f"note: {note}")
     if args.tensors:
