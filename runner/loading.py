@@ -43,7 +43,6 @@ def load(spec, group, progress: Callable[[int, int], None]):
     progress(0, int(config.get("num_hidden_layers") or 0))  # Loading: a refused cut fails in this phase
     strategies.get(spec.strategy)(model, group, spec, arch, config)
     layers = model.layers
-    progress(0, len(layers))
     for i, layer in enumerate(layers):
         materialize(layer)
         progress(i + 1, len(layers))
