@@ -83,7 +83,9 @@ def cmd_inspect(args) -> int:
     full = sum(k.bytes_per_token for k in spec.kv_cache if not k.window_tokens)
     windowed = sum(k.bytes_per_token * k.window_tokens for k in spec.kv_cache if k.window_tokens)
     print(f"\nKV cache: {full / 1024:.1f} KiB per context token + {windowed / 1e6:.1f} MB of windows, per sequence")
-    print(f"proven strategies: {', '.join(spec.proven_strategies)}")
+    print(f"runs on one node; on more: {', '.join(spec.proven_strategies) or 'nothing'}")
+    for strategy, why in sorted(spec.refused_strategies.items()):
+        print(f"not {strategy}: {why}")
     for note in spec.notes:
         print(f"note: {note}")
     if args.tensors:
@@ -147,9 +149,10 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
     print(f"\n{'STRATEGY':11} {'BACKEND':7} {'NODES':>5} {'TOK/S':>8} {'MAX RANK':>10}  FITS")
     for c in result.candidates:
         peak = max((r.memory.total_bytes for r in c.ranks), default=0)
+        # A candidate refused for a reason other than memory has no estimates to show.
+        numbers = f"{'-':>8} {'-':>10}" if c.rejected else f"{c.predicted_decode_tokens_per_s:8.1f} {peak / 1e9:8.1f}GB"
         print(f"{STRATEGY_NAMES[c.strategy]:11} {BACKEND_NAMES[c.backend]:7} {len(c.ranks):5} "
-              f"{c.predicted_decode_tokens_per_s:8.1f} {peak / 1e9:8.1f}GB  "
-              f"{'yes' if c.fits else 'no: ' + (c.reasons[0] if c.reasons else '')}")
+              f"{numbers}  {'yes' if c.fits else 'no: ' + (c.reasons[0] if c.reasons else '')}")
     if not result.HasField("chosen"):
         print(f"\n{result.reasons[0] if result.reasons else 'nothing fits'}")
         return

@@ -48,14 +48,30 @@ def _run(cmd: list[str], timeout: float = 3.0) -> str:
         return ""
 
 
-def usable_memory(total: int) -> int:
-    if sys.platform == "darwin":
-        try:
-            import mlx.core as mx
+# macOS before a Metal device answers: Apple's working set is about this share.
+MAC_FALLBACK_USABLE_FRACTION = 0.75
 
-            return int(mx.metal.device_info()["max_recommended_working_set_size"])
-        except Exception:
-            return int(total * 0.75)
+
+def metal_working_set(platform_name: str = sys.platform) -> int:
+    """Metal's recommended working set (what the GPU may wire, following the
+    iogpu.wired_limit_mb sysctl); 0 off macOS or without a Metal device."""
+    if platform_name != "darwin":
+        return 0
+    try:
+        import mlx.core as mx
+
+        # mx.device_info() replaced mx.metal.device_info() (deprecated in MLX 0.29).
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return int(info.get("max_recommended_working_set_size") or 0)
+    except Exception:
+        return 0
+
+
+def usable_memory(total: int, working_set: int, platform_name: str = sys.platform) -> int:
+    """What exod may plan onto: the working set on a Mac (beyond it, a rank
+    pages), a share of RAM elsewhere."""
+    if platform_name == "darwin":
+        return working_set or int(total * MAC_FALLBACK_USABLE_FRACTION)
     return int(total * LINUX_USABLE_FRACTION)
 
 
@@ -86,21 +102,29 @@ def measured_bandwidth(cache: Path, name: str) -> float:
 
 
 def _mac_port_kinds() -> dict[str, int]:
+    return parse_hardware_ports(_run(["networksetup", "-listallhardwareports"]))
+
+
+def parse_hardware_ports(text: str) -> dict[str, int]:
+    """Device -> kind from `networksetup -listallhardwareports`. "Thunderbolt
+    Ethernet" (an Ethernet adapter on a Thunderbolt port) is Ethernet; a
+    Thunderbolt port or the Thunderbolt Bridge is Thunderbolt."""
     kinds, port = {}, ""
-    for line in _run(["networksetup", "-listallhardwareports"]).splitlines():
+    for line in text.splitlines():
         if line.startswith("Hardware Port:"):
             port = line.split(":", 1)[1].strip().lower()
         elif line.startswith("Device:"):
             device = line.split(":", 1)[1].strip()
-            kinds[device] = (pb.WIFI if "wi-fi" in port else pb.THUNDERBOLT if "thunderbolt" in port
-                             else pb.ETHERNET if "ethernet" in port or "lan" in port else pb.OTHER)
+            kinds[device] = (pb.WIFI if "wi-fi" in port or "airport" in port
+                             else pb.ETHERNET if "ethernet" in port or "lan" in port
+                             else pb.THUNDERBOLT if "thunderbolt" in port else pb.OTHER)
     return kinds
 
 
-def interface_kind(name: str, mac_kinds: dict) -> int:
+def interface_kind(name: str, mac_kinds: dict, platform_name: str = sys.platform) -> int:
     if name == "lo" or name.startswith("lo0"):
         return pb.LOOPBACK
-    if sys.platform == "darwin":
+    if platform_name == "darwin":
         return mac_kinds.get(name, pb.OTHER)
     sys_net = Path("/sys/class/net") / name
     if (sys_net / "wireless").exists() or (sys_net / "phy80211").exists():
@@ -141,15 +165,20 @@ def rdma_devices() -> list[pb.RdmaDevice]:
             devices.append(pb.RdmaDevice(name=dev.name, interface=nets[0].name if nets else ""))
         return devices
     if sys.platform == "darwin":
-        out = _run(["ibv_devices"])
-        return [pb.RdmaDevice(name=line.split()[0]) for line in out.splitlines()[2:] if line.strip()]
+        return parse_ibv_devices(_run(["ibv_devices"]))
     return []
+
+
+def parse_ibv_devices(text: str) -> list[pb.RdmaDevice]:
+    """`ibv_devices` prints a header, a rule, then one device per line."""
+    return [pb.RdmaDevice(name=line.split()[0]) for line in text.splitlines()[2:] if line.strip()]
 
 
 def collect(node_id: str, name: str, memory_limit: int, only_interfaces: list[str], data_dir: Path) -> pb.NodeProfile:
     memory = psutil.virtual_memory()
     chip_name = chip()
-    usable = usable_memory(memory.total)
+    working_set = metal_working_set()
+    usable = usable_memory(memory.total, working_set)
     if memory_limit:
         usable = min(usable, memory_limit)
     rdma = rdma_devices()
@@ -163,6 +192,8 @@ def collect(node_id: str, name: str, memory_limit: int, only_interfaces: list[st
         memory_bandwidth_bytes_per_s=bandwidth, backends=["ring"] + (["jaccl"] if rdma else []),
         interfaces=interfaces(only_interfaces), rdma_devices=rdma,
         os=f"{platform.system()} {platform.release()}", calibration=calibrated,
+        # Only where raising the wired limit would give the planner more room.
+        gpu_working_set_bytes=working_set if working_set and usable == working_set else 0,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 from exod.proto import exod_pb2 as pb
 
 from . import architectures, quantization
+from .architectures.base import STRATEGIES, strategy_refusal
 from .errors import ModelError
 from .safetensors_header import read_header
 
@@ -229,10 +230,17 @@ def build_spec(model_id: str, config: dict, source: str, entries) -> pb.ModelSpe
         max_context=int(config.get("max_position_embeddings") or 0),
         hidden_size=config["hidden_size"],
         vocab_size=config["vocab_size"],
-        proven_strategies=sorted(arch.proven_strategies),
         notes=list(arch.notes),
     )
+    model_class = mlx_lm_class(config)
+    paths = [architectures.module_of(entry[0])[0] for entry in entries]
     try:
+        for strategy in STRATEGIES:
+            refusal = strategy_refusal(strategy, arch, model_class, paths, config)
+            if refusal:
+                spec.refused_strategies[strategy] = refusal
+            else:
+                spec.proven_strategies.append(strategy)
         experts, per_token = arch.experts(config)
         for name, shape, dtype, nbytes, params in sorted(entries, key=lambda e: _natural(e[0])):
             spec.tensors.append(_tensor_info(arch, config, name, shape, dtype, nbytes, params))
@@ -260,6 +268,16 @@ def build_spec(model_id: str, config: dict, source: str, entries) -> pb.ModelSpe
         active -= routed - routed * per_token // experts
     spec.active_parameters_per_token = active
     return spec
+
+
+def mlx_lm_class(config: dict):
+    """The installed mlx-lm's model class for this config, or None."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)[0]
+    except ValueError:
+        return None
 
 
 def _tensor_info(arch, config, name, shape, dtype, nbytes, params) -> pb.TensorInfo:

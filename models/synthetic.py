@@ -30,7 +30,7 @@ TINY_CONFIGS = {
         qk_nope_head_dim=32, routed_scaling_factor=1.0, n_group=1, topk_group=1,
         max_position_embeddings=2048, rope_theta=10000.0,
     ),
-    # A dense model whose mlx-lm class can pipeline (llama's cannot in mlx-lm 0.32).
+    # Biased q, k and v projections.
     "qwen2": dict(
         model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
@@ -56,6 +56,66 @@ TINY_CONFIGS = {
         routed_scaling_factor=1.0, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True,
         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
         use_qk_norm=True, tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5,
+    ),
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+    ),
+    # mlx-lm runs mistral with its llama class; this one mixes sliding-window
+    # and full layers (the class reads each layer's use_sliding in its forward),
+    # with a window shorter than prompt plus answer so that it wraps.
+    "mistral": dict(
+        model_type="mistral", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+        sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    ),
+    # Sliding-window layers in a pattern, the global ones every third: masks
+    # come from cache[0] and cache[2], caches of two kinds (make_cache).
+    "gemma3_text": dict(
+        model_type="gemma3_text", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        query_pre_attn_scalar=32, sliding_window=16, sliding_window_pattern=3, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_local_base_freq=10000.0, max_position_embeddings=2048,
+    ),
+    # Fused qkv and gate_up projections.
+    "phi3": dict(
+        model_type="phi3", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=2048, original_max_position_embeddings=2048,
+    ),
+    # LayerNorm with biases, a GELU MLP (c_fc, c_proj), tied embeddings.
+    "starcoder2": dict(
+        model_type="starcoder2", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, norm_epsilon=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=True,
+    ),
+    # Post-attention and post-MLP norms, fused gate_up, partial rotary.
+    "glm4": dict(
+        model_type="glm4", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        attention_bias=True, partial_rotary_factor=0.5, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=2048,
+    ),
+    # Norms after attention and MLP instead of before, q/k norms.
+    "olmo2": dict(
+        model_type="olmo2", vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    # A shared expert behind a sigmoid gate, and a class without shard().
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", vocab_size=512, hidden_size=128, intermediate_size=256,
+        moe_intermediate_size=64, shared_expert_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    # A mixture of experts no architecture module describes (the generic one cuts it).
+    "mixtral": dict(
+        model_type="mixtral", vocab_size=512, hidden_size=128, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+        num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
     ),
     # Biased experts and attention sinks, alternating sliding and full attention.
     "gpt_oss": dict(

@@ -9,6 +9,7 @@ from . import constants, cost
 from .errors import PlanError
 from .profile import CLASS_FIELD, CLASS_LABEL, CLASSES, ModelProfile, Part, profile
 from .units import gb
+from .wired import sysctl, wired_limit_mb
 
 STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor"}
 STRATEGY_BY_NAME = {v: k for k, v in STRATEGY_NAMES.items()}
@@ -149,12 +150,18 @@ def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProf
 
 
 def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
-    """Why a strategy cannot run on n ranks at all, whatever the memory."""
+    """Why a strategy cannot run on n ranks at all, whatever the memory.
+    These mirror the runner's refusals (runner/strategies.py) and come from
+    the same rules through the spec, so that what the planner accepts, the
+    runner runs."""
+    if n == 1:
+        return []  # one rank is never a sharding: the runner loads the whole model
     reasons = []
     if strategy == "moe_tensor" and not model.is_moe:
         return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
     if strategy not in model.proven:
-        return [f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
+        return [model.refused.get(strategy) or
+                f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
     if strategy == "pipeline" and n > model.num_layers:
         return [f"pipeline needs at least one layer per rank: {n} ranks, {model.num_layers} layers"]
     if strategy in ("tensor", "moe_tensor"):
@@ -173,13 +180,6 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     memo = {} if memo is None else memo  # rank breakdowns shared by candidates of one plan
     n = len(order)
     usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
-    if strategy == "pipeline":
-        # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
-        # which runs the last layers.
-        stages = pipeline_split(model, order[::-1], usable[::-1], settings) if not structural else None
-        bounds = stages[::-1] if stages else [(0, 0)] * n
-    else:
-        bounds = [(0, model.num_layers)] * n
     placement = pb.Placement(
         model_id=model.model_id,
         strategy=STRATEGY_BY_NAME[strategy],
@@ -188,6 +188,21 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         concurrency=settings.concurrency,
         reasons=structural,
     )
+    if structural:
+        # It cannot run on these ranks whatever the memory: estimating its
+        # memory and speed would only offer numbers for something impossible.
+        placement.rejected = True
+        for rank, node in enumerate(order):
+            placement.ranks.append(pb.RankPlacement(rank=rank, node_id=node.node_id, node_name=node.name,
+                                                    usable_bytes=usable[rank]))
+        return placement
+    if strategy == "pipeline":
+        # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
+        # which runs the last layers.
+        stages = pipeline_split(model, order[::-1], usable[::-1], settings)
+        bounds = stages[::-1] if stages else [(0, 0)] * n
+    else:
+        bounds = [(0, model.num_layers)] * n
     compute = []
     for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
         key = (strategy, n, start, end)
@@ -207,8 +222,9 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
                 predicted_compute_s=seconds,
             )
         )
-        if not fits and not structural:
-            placement.reasons.append(shortfall(rank, node.name, memory, usable[rank]))
+        if not fits:
+            placement.reasons.append(shortfall(rank, node.name, memory, usable[rank])
+                                     + working_set_advice(node, memory.total_bytes, settings.headroom))
     ids = [node.node_id for node in order]
     comm = cost.communication_s(strategy, order, links, backend, model.hidden_size,
                                 model.activation_bytes, model.num_layers, model.moe_layers)
@@ -350,8 +366,25 @@ def shortfall(rank: int, node: str, memory: pb.MemoryBreakdown, usable: int) -> 
     return f"rank {rank} on {node} needs {gb(memory.total_bytes)} ({shown}) but {gb(usable)} is usable"
 
 
+def working_set_advice(node: pb.NodeProfile, needed: int, headroom: float) -> str:
+    """On a Mac whose memory is capped by Metal's recommended working set, the
+    wired limit that would let the rank fit: the current limit raised by the
+    shortfall (reservations of other ranks already come off usable)."""
+    working_set = node.gpu_working_set_bytes
+    if not working_set:
+        return ""
+    text = f"; Metal's recommended working set caps {node.name} at {gb(working_set)}"
+    limit = working_set + needed / (1 - headroom) - node.memory_usable_bytes
+    mb = wired_limit_mb(limit, node.memory_total_bytes)
+    if mb is None:
+        return text + f", and no wired limit leaves macOS enough of its {gb(node.memory_total_bytes)}"
+    return text + f": `{sysctl(mb)}` would let the rank fit"
+
+
 def _no_fit_summary(model: ModelProfile, candidates: list[pb.Placement]) -> str:
     if not candidates:
         return f"no candidate for {model.model_id}"
-    best = min(candidates, key=lambda c: sum(max(0, r.memory.total_bytes - r.usable_bytes) for r in c.ranks))
+    if all(c.rejected for c in candidates):
+        return f"nothing can run {model.model_id} here: {candidates[0].reasons[0]}"
+    best = min((c for c in candidates if not c.rejected), key=lambda c: sum(max(0, r.memory.total_bytes - r.usable_bytes) for r in c.ranks))
     return f"nothing fits {model.model_id}; closest: {STRATEGY_NAMES[best.strategy]} on {len(best.ranks)} node(s): {best.reasons[0] if best.reasons else ''}"

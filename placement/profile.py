@@ -66,7 +66,8 @@ class ModelProfile:
     model_id: str
     num_layers: int
     is_moe: bool
-    proven: frozenset
+    proven: frozenset  # strategies the runner runs on more than one rank
+    refused: dict  # strategy -> why the runner will not
     max_context: int
     hidden_size: int
     activation_bytes: int  # bytes per activation element (checkpoint dtype)
@@ -116,6 +117,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         num_layers=spec.num_layers,
         is_moe=spec.num_experts > 0,
         proven=frozenset(spec.proven_strategies),
+        refused=dict(spec.refused_strategies),
         max_context=spec.max_context,
         hidden_size=spec.hidden_size,
         activation_bytes=DTYPE_BYTES.get(spec.dtype, 2),

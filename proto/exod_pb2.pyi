@@ -161,7 +161,7 @@ class RdmaDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "calibration")
+    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "calibration", "gpu_working_set_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class NodeProfile(_message.Message):
     OS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    GPU_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     chip: str
@@ -190,7 +191,8 @@ class NodeProfile(_message.Message):
     os: str
     version: int
     calibration: NodeCalibration
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., calibration: _Optional[_Union[NodeCalibration, _Mapping]] = ...) -> None: ...
+    gpu_working_set_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., calibration: _Optional[_Union[NodeCalibration, _Mapping]] = ..., gpu_working_set_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeCalibration(_message.Message):
     __slots__ = ("decode_bytes_per_s", "step_s", "layer_s", "collective_s", "busy_ranks", "mlx_version", "chip", "measured_at_unix_ms", "fit_worst_error")
@@ -317,7 +319,14 @@ class LayerKvCache(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., window_tokens: _Optional[int] = ..., split_units: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "model_type", "source", "dtype", "num_layers", "max_context", "hidden_size", "vocab_size", "num_experts", "experts_per_token", "tensors", "kv_cache", "total_bytes", "total_parameters", "active_parameters_per_token", "proven_strategies", "notes")
+    __slots__ = ("model_id", "model_type", "source", "dtype", "num_layers", "max_context", "hidden_size", "vocab_size", "num_experts", "experts_per_token", "tensors", "kv_cache", "total_bytes", "total_parameters", "active_parameters_per_token", "proven_strategies", "notes", "refused_strategies")
+    class RefusedStrategiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +344,7 @@ class ModelSpec(_message.Message):
     ACTIVE_PARAMETERS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROVEN_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_type: str
     source: str
@@ -352,7 +362,8 @@ class ModelSpec(_message.Message):
     active_parameters_per_token: int
     proven_strategies: _containers.RepeatedScalarFieldContainer[str]
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    refused_strategies: _containers.ScalarMap[str, str]
+    def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., refused_strategies: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MemoryBreakdown(_message.Message):
     __slots__ = ("embedding_bytes", "lm_head_bytes", "attention_bytes", "dense_mlp_bytes", "router_bytes", "routed_experts_bytes", "shared_experts_bytes", "norm_bytes", "other_bytes", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes")
@@ -437,7 +448,7 @@ class PlacementRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency")
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +460,7 @@ class Placement(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     strategy: Strategy
     backend: Backend
@@ -460,7 +472,8 @@ class Placement(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     context_length: int
     concurrency: int
-    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ...) -> None: ...
+    rejected: bool
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("chosen", "candidates", "reasons")

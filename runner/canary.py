@@ -11,6 +11,8 @@ as cut computes what the uncut model computes:
 2. The full model's logits for a probe prompt are finite and equal on every
    rank.
 
+A single rank cuts nothing, so it only checks that its logits are finite.
+
 Every rank shares its verdict with every other, so all fail together."""
 
 from dataclasses import dataclass
@@ -74,7 +76,11 @@ def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
 def run(model, config, arch, model_dir: str, group, whole_layers: bool = False) -> Verdict:
     rank = group.rank() if group else 0
     size = group.size() if group else 1
-    if whole_layers:
+    if group is None:
+        # One rank is never a sharding: the model is mlx-lm's own, whole, and
+        # comparing a layer with itself would prove nothing.
+        verdict = Verdict(held_layer_indices(model)[0], 0.0)
+    elif whole_layers:
         verdict = _check_tiling(model, config, group, rank, size)
     else:
         verdict = _check_cut_layer(model, config, arch, model_dir, group, rank, size)

@@ -168,6 +168,9 @@ class Rank:
         watchdog.arm("Loading", d.load_s)
         model, config, arch = loading.load(
             self.spec, group, lambda done, total: self.report(pb.LOADING, layers_loaded=done, total_layers=total))
+        warning = loading.wire_weights(model)
+        if warning:
+            print(f"exod runner rank {self.spec.rank}: {warning}", file=sys.stderr, flush=True)
         self.report(pb.LOADED, **self.memory_fields())
 
         watchdog.arm("WarmingUp", d.warmup_s)

@@ -10,6 +10,9 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 
 from exod.models.architectures import LAYER
+from exod.models.architectures.base import strategy_refusal
+
+from . import pipeline as stage
 
 STRATEGIES: dict[str, Callable] = {}
 # Strategies that hand whole, unchanged layers to each rank: the canary has no
@@ -35,30 +38,71 @@ def get(name: str) -> Callable:
     return STRATEGIES[name]
 
 
+def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
+    """Why this runner will not cut the model with strategy `name` over
+    `world` ranks, decided from the built (lazy) model and the architecture
+    module. One rank is never a sharding: every model mlx-lm can load runs
+    whole. The planner decides from the same rules (strategy_refusal, and
+    the split units the inventory records), and
+    tests/test_strategy_coverage.py checks that the two agree."""
+    if world <= 1:
+        return []
+    paths = [path for path, module in model.named_modules() if _holds_arrays(module)]
+    refusal = strategy_refusal(name, arch, type(model), paths, config)
+    if refusal:
+        return [refusal]
+    if name == "pipeline":
+        if arch.pipeline is not None:
+            layers = int(config["num_hidden_layers"])
+        else:
+            try:
+                layers = len(stage.layer_list(model))
+            except stage.PipelineError as e:
+                return [f"pipeline: {e}"]
+        if world > layers:
+            return [f"pipeline needs at least one layer per rank: {world} ranks, {layers} layers"]
+        return []
+    rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
+    for path in paths:
+        split = rule(path, config)
+        if split is not None and split.units % world:
+            return [f"{name} over {world} ranks: {path} has {split.units} {split.unit}, not divisible by {world}"]
+    return []
+
+
+def _holds_arrays(module) -> bool:
+    return any(isinstance(v, mx.array) for v in module.values())
+
+
+def _refuse(name, model, group, arch, config) -> None:
+    reasons = refusals(name, model, arch, config, group.size() if group else 1)
+    if reasons:
+        raise StrategyError(reasons[0])
+
+
 def pipeline(model, group, spec, arch, config) -> None:
-    """mlx-lm's pipeline: rank 0 runs the last layers and every rank computes
-    the logits from the gathered output."""
+    """Contiguous layer ranges, rank 0 running the last layers, every rank
+    computing the logits from the gathered output: exod's generic stage
+    (runner/pipeline.py), or the architecture's hook where the model keeps
+    state outside its layers."""
     if group is None:
         return
-    inner = getattr(model, "model", None)
-    if not hasattr(inner, "pipeline"):
-        raise StrategyError(f"mlx-lm's {config['model_type']} class cannot pipeline")
-    layers = len(inner.layers)
-    split = list(spec.pipeline_layers)
-    if not split:
-        base, extra = divmod(layers, group.size())
-        split = [base + (1 if r < extra else 0) for r in range(group.size())]
+    _refuse("pipeline", model, group, arch, config)
+    layers = int(config["num_hidden_layers"]) if arch.pipeline else len(stage.layer_list(model))
+    split = list(spec.pipeline_layers) or stage.even_split(layers, group.size())
     if len(split) != group.size() or sum(split) != layers or min(split) < 1:
         raise StrategyError(f"pipeline split {split} does not cover {layers} layers on {group.size()} ranks")
-    inner.pipeline(group, split)
+    if arch.pipeline is not None:
+        arch.pipeline(model, group, split)
+    else:
+        stage.apply(model, group, split)
 
 
 def tensor(model, group, spec, arch, config) -> None:
     """mlx-lm's own shard(): heads, kv heads and MLPs split across ranks."""
     if group is None:
         return
-    if not hasattr(model, "shard"):
-        raise StrategyError(f"mlx-lm's {config['model_type']} class cannot tensor-shard")
+    _refuse("tensor", model, group, arch, config)
     model.shard(group)
 
 
@@ -80,6 +124,7 @@ def moe_tensor(model, group, spec, arch, config) -> None:
     dense layers and embeddings replicated; each MoE block's output summed."""
     if group is None:
         return
+    _refuse("moe_tensor", model, group, arch, config)
     blocks = set()
     for path, module in model.named_modules():
         split = arch.moe_tensor_split(path, config)

@@ -29,3 +29,20 @@ def tiny_dirs(tmp_path_factory):
 
 def load_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def runner_models(tmp_path_factory):
+    """Tiny checkpoints the runner tests load, built once per session: fp32,
+    and 4-bit weights with fp32 activations ("q4")."""
+    built = {}
+
+    def get(name, variant):
+        key = (name, variant)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"runner-{name}-{variant}")
+            quant = {"group_size": 32, "bits": 4} if variant == "q4" else None
+            built[key] = synthetic.build(out, synthetic.TINY_CONFIGS[name], quantization=quant, dtype="float32")
+        return built[key]
+
+    return get

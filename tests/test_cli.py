@@ -35,11 +35,37 @@ def test_plan_json_shape(tmp_path):
     proc = exod("plan", "deepseek-v4-flash", "--nodes", "2", "--memory", "128GB", "--json", check=True)
     data = json.loads(proc.stdout)
     assert data["chosen"] in data["candidates"]
+    rejected = [c for c in data["candidates"] if c.get("rejected")]
+    assert rejected, "V4 on 2 ranks: tensor is not proven, so that candidate is rejected"
     for candidate in data["candidates"]:
-        assert {"strategy", "backend", "ranks", "predicted_decode_tokens_per_s"} <= set(candidate)
+        assert {"strategy", "backend", "ranks"} <= set(candidate)
         assert candidate["strategy"] in ("PIPELINE", "MOE_TENSOR", "TENSOR")
+        if candidate.get("rejected"):
+            # Refused for a reason other than memory: no estimates.
+            assert candidate["reasons"] and "predicted_decode_tokens_per_s" not in candidate
+            assert all("memory" not in rank and "node_name" in rank for rank in candidate["ranks"])
+            continue
+        assert candidate["predicted_decode_tokens_per_s"] > 0
         for rank in candidate["ranks"]:
             assert int(rank["memory"]["total_bytes"]) > 0 and "node_name" in rank
+
+
+def test_a_dense_70b_fits_one_128gb_node():
+    proc = exod("plan", "llama-3.3-70b-4bit", "--nodes", "1", "--memory", "128GB", check=True)
+    assert "chosen: pipeline over 1 node(s)" in proc.stdout, proc.stdout
+
+
+def test_the_table_shows_no_numbers_for_a_candidate_rejected_for_other_reasons_than_memory():
+    rows = exod("plan", "llama-3.3-70b-4bit", "--nodes", "2", "--memory", "128GB", check=True).stdout.splitlines()
+    moe = next(r for r in rows if r.startswith("moe_tensor"))
+    assert moe.split()[3:5] == ["-", "-"] and "GB" not in moe.split("no:")[0], moe
+    assert "is dense" in moe
+    tensor = next(r for r in rows if r.startswith("tensor"))
+    assert float(tensor.split()[3]) > 0 and tensor.split()[4].endswith("GB"), tensor
+    # A shortfall of memory keeps its numbers: they say by how much it misses.
+    rows = exod("plan", "llama-3.3-70b-4bit", "--nodes", "2", "--memory", "16GB").stdout.splitlines()
+    short = next(r for r in rows if r.startswith("pipeline") and " 1 " in r)
+    assert short.split()[4].endswith("GB") and "needs" in short, short
 
 
 def test_plan_on_a_model_directory_and_cluster_file(tiny_dirs):

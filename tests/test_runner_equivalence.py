@@ -1,8 +1,15 @@
-"""Every (architecture, strategy) the architecture modules call proven is
-run as real ranks over MLX's ring backend by the runner, and must match the
-single-process model: last-position logits within 1e-4 (fp32, and 4-bit
-weights with fp32 activations) and the same 16 greedy tokens. Pipeline runs
-on 2 and 3 ranks."""
+"""Every (tiny model, strategy, ranks) the planner accepts is run as real
+ranks over MLX's ring backend by the runner, and must match the single
+process: last-position logits within 1e-4 and the same 16 greedy tokens, in
+fp32 and with 4-bit weights (fp32 activations). Pipeline runs on 2 and 3
+ranks, the tensor strategies on 2 (the tiny models' 4 heads do not divide
+by 3, so the planner refuses 3); 4-bit runs on 2 ranks. A few models also
+run on one rank, where the runner cuts nothing.
+tests/test_strategy_coverage.py checks that this is exactly what the runner
+can do."""
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -10,35 +17,33 @@ import pytest
 from exod.models import architectures, synthetic
 
 from .runner_helpers import reference, sharded
+from .strategy_matrix import accepted
 
 LOGIT_BOUND = {"fp32": 1e-4, "q4": 1e-4}
+# One rank runs any model whole; these show it through the runner (the
+# issue's qwen3, a class with its own make_cache, one with no shard()).
+ONE_RANK = ("qwen3", "gemma3_text", "phi3")
+
+
+def record(name, strategy, world, variant, delta) -> None:
+    """EXOD_FIGURES=FILE keeps every measured max |Δ| (docs/proofs.md's figures)."""
+    path = os.environ.get("EXOD_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"model": name, "strategy": strategy, "ranks": world, "variant": variant,
+                                "max_delta": float(delta)}) + "\n")
 
 
 def matrix():
     cases = []
-    for name, config in synthetic.TINY_CONFIGS.items():
-        arch = architectures.for_model_type(config["model_type"])
-        for strategy in sorted(arch.proven_strategies):
-            for world in ((2, 3) if strategy == "pipeline" else (2,)):
-                for variant in ("fp32", "q4"):
-                    cases.append(pytest.param(name, strategy, world, variant,
-                                              id=f"{name}-{strategy}-{world}-{variant}"))
+    for name in synthetic.TINY_CONFIGS:
+        for strategy, world in accepted(name):
+            if world == 1 and name not in ONE_RANK:
+                continue
+            for variant in ("fp32", "q4") if world == 2 else ("fp32",):
+                cases.append(pytest.param(name, strategy, world, variant,
+                                          id=f"{name}-{strategy}-{world}-{variant}"))
     return cases
-
-
-@pytest.fixture(scope="session")
-def runner_models(tmp_path_factory):
-    built = {}
-
-    def get(name, variant):
-        key = (name, variant)
-        if key not in built:
-            out = tmp_path_factory.mktemp(f"runner-{name}-{variant}")
-            quant = {"group_size": 32, "bits": 4} if variant == "q4" else None
-            built[key] = synthetic.build(out, synthetic.TINY_CONFIGS[name], quantization=quant, dtype="float32")
-        return built[key]
-
-    return get
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +58,17 @@ def references():
     return get
 
 
-def test_every_architecture_with_a_runnable_class_is_in_the_matrix():
-    tested = {architectures.for_model_type(c["model_type"]).name for c in synthetic.TINY_CONFIGS.values()}
-    claims = {a.name for a in architectures.ALL if a.proven_strategies}
-    # V4 checkpoints run as deepseek_v41; every other claim needs its own tiny model.
-    assert claims <= tested, f"proven strategies without a runner test: {claims - tested}"
+def test_every_strategy_each_architecture_claims_is_in_the_matrix():
+    from exod.models.architectures import generic
+
+    run = {}
+    for p in matrix():
+        name, strategy = p.values[0], p.values[1]
+        arch = architectures.for_model_type(synthetic.TINY_CONFIGS[name]["model_type"]).name
+        run.setdefault(arch, set()).add(strategy)
+    for arch in [*architectures.ALL, generic.ARCHITECTURE]:
+        # V4 checkpoints run as deepseek_v41; every other claim needs its own tiny model.
+        assert arch.proven_strategies <= run.get(arch.name, set()), f"{arch.name}: claims without a runner test"
 
 
 @pytest.mark.parametrize("name,strategy,world,variant", matrix())
@@ -66,6 +77,7 @@ def test_sharded_runner_matches_single_process(name, strategy, world, variant, r
     expected = references(model_dir)
     got = sharded(model_dir, strategy, world)
     delta = np.abs(got["logits"] - expected["logits"]).max()
+    record(name, strategy, world, variant, delta)
     assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
     assert got["tokens"] == expected["tokens"]
     for status in got["ready"]:
@@ -83,7 +95,8 @@ BF16_BOUND = 0.125
 
 @pytest.mark.parametrize("name,strategy,world", [
     ("qwen3_moe", "moe_tensor", 2), ("deepseek_v3", "moe_tensor", 2), ("qwen2", "tensor", 2),
-    ("deepseek_v41", "pipeline", 2),
+    ("deepseek_v41", "pipeline", 2), ("gemma3_text", "pipeline", 3), ("mixtral", "moe_tensor", 2),
+    ("mistral", "tensor", 2),
 ])
 def test_4bit_bf16_stays_within_the_documented_bound(name, strategy, world, tmp_path, references):
     model_dir = synthetic.build(tmp_path / name, synthetic.TINY_CONFIGS[name],
@@ -91,6 +104,7 @@ def test_4bit_bf16_stays_within_the_documented_bound(name, strategy, world, tmp_
     expected = references(model_dir)
     got = sharded(model_dir, strategy, world)
     delta = np.abs(got["logits"] - expected["logits"]).max()
+    record(name, strategy, world, "q4-bf16", delta)
     if strategy == "pipeline":
         assert delta == 0 and got["tokens"] == expected["tokens"]
     else:

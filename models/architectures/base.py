@@ -53,6 +53,40 @@ class Architecture:
     # state, and how to call one (layer module, probe input) -> output.
     canary_layers: Callable[[dict], list[int]] = field(default=lambda cfg: list(range(int(cfg["num_hidden_layers"]))))
     probe: Callable[[object, object, dict], object] = field(default=lambda layer, x, cfg: layer(x, None, None))
+    # Only for a model that keeps state outside its layers, which exod's
+    # generic stage (runner/pipeline.py) cannot carry between ranks:
+    # (model, group, split) -> None makes the model one pipeline stage.
+    pipeline: Optional[Callable[[object, object, list], None]] = None
+
+
+# What a strategy needs from mlx-lm's class beyond the architecture's proof:
+# tensor is the class's own shard(), so a class without one cannot.
+CLASS_NEEDS = {"tensor": "shard"}
+STRATEGIES = ("pipeline", "moe_tensor", "tensor")
+
+
+def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_paths, cfg: dict) -> Optional[str]:
+    """Why the runner will not run `strategy` on more than one rank for this
+    model, or None. (One rank runs every model mlx-lm can load, whole.)
+
+    The inventory asks with the checkpoint's module paths and puts the
+    answers in the spec the planner reads; the runner asks with the built
+    model's modules before it cuts anything. model_class None (a catalog card
+    for a model type the installed mlx-lm lacks) skips the class's part."""
+    if strategy not in arch.proven_strategies:
+        return f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(arch.proven_strategies))})"
+    need = CLASS_NEEDS.get(strategy)
+    if need and model_class is not None and not hasattr(model_class, need):
+        return f"mlx-lm's {cfg['model_type']} class has no {need}(), which {strategy} uses"
+    if strategy == "moe_tensor":
+        paths = list(module_paths)
+        if not any(arch.moe_tensor_split(p, cfg) for p in paths):
+            return f"moe_tensor needs a mixture-of-experts model; {cfg['model_type']} has no expert projections to split"
+        whole = replicated_in_moe_blocks(paths, arch.moe_tensor_split, cfg)
+        if whole:
+            return (f"moe_tensor would sum {whole[0]} once per rank: it sits in an MoE block "
+                    f"and the architecture does not split it")
+    return None
 
 
 def layer_of(name: str) -> int:
@@ -75,7 +109,7 @@ GENERIC_CLASSES: list[tuple[re.Pattern, int]] = [
     (re.compile(r"shared_experts?_gate\."), pb.ROUTER),
     (re.compile(r"shared_experts?\."), pb.SHARED_EXPERTS),
     (re.compile(r"(switch_mlp|experts)\."), pb.ROUTED_EXPERTS),
-    (re.compile(r"(mlp|ffn|feed_forward)\.(gate|router)\."), pb.ROUTER),
+    (re.compile(r"(mlp|ffn|feed_forward|block_sparse_moe)\.(gate|router)\."), pb.ROUTER),
     (re.compile(r"(self_attn|attn|attention)\."), pb.ATTENTION),
     (re.compile(r"(mlp|ffn|feed_forward)\."), pb.DENSE_MLP),
 ]
@@ -165,6 +199,41 @@ def moe_tensor_split_generic(routed_size_key: str, shared_size: Callable[[dict],
         return None
 
     return split
+
+
+# Modules inside an MoE block that only choose or weigh experts: moe_tensor
+# replicates them, and that is right, because they feed no sum directly
+# (a shared expert's gate multiplies a split output).
+ROUTER = re.compile(r"^(gate|router|shared_experts?_gate)$")
+
+
+def moe_block(path: str) -> Optional[str]:
+    """The layer's direct child that holds `path`: an MoE block, when it
+    holds an expert projection."""
+    m = LAYER.search(path + ".")
+    if not m:
+        return None
+    rest = (path + ".")[m.end():].split(".", 1)[0]
+    return path[: m.end()] + rest if rest else None
+
+
+def replicated_in_moe_blocks(module_paths, rule: Callable[[str, dict], Optional[Split]], cfg: dict) -> list[str]:
+    """Modules holding weights inside an MoE block that moe_tensor would
+    leave whole, routers aside. moe_tensor all-sums each block's output, so
+    such a module's contribution would count once per rank: a model with
+    one is not a model moe_tensor can cut. The inventory (over tensor names)
+    and the runner (over the built model's modules) both ask this."""
+    paths = sorted(set(module_paths))
+    blocks = {moe_block(p) for p in paths if rule(p, cfg) is not None}
+    blocks.discard(None)
+    out = []
+    for p in paths:
+        block = moe_block(p)
+        if block in blocks and p != block and rule(p, cfg) is None:
+            first = p[len(block) + 1:].split(".", 1)[0]
+            if not ROUTER.match(first):
+                out.append(p)
+    return out
 
 
 def gqa_tensor_split(path: str, cfg: dict) -> Optional[Split]:

@@ -92,6 +92,14 @@ def _probe(layer, x, cfg: dict):
     return streams
 
 
+def _pipeline(model, group, split: list) -> None:
+    """Layers read compressed history from other layers' caches and pass
+    hyper-connection streams, state outside the layers that exod's generic
+    stage cannot carry: the class's own pipeline() sends it between stages
+    (rank 0 runs the last layers, as in the generic stage)."""
+    model.model.pipeline(group, split)
+
+
 ARCHITECTURE = Architecture(
     name="deepseek_v4",
     model_types=("deepseek_v41", "deepseek_v4"),
@@ -105,4 +113,5 @@ ARCHITECTURE = Architecture(
     experts=lambda cfg: (int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])),
     canary_layers=_canary_layers,
     probe=_probe,
+    pipeline=_pipeline,
 )

@@ -17,8 +17,7 @@ def _kv_cache(cfg: dict, element_bytes: int):
 ARCHITECTURE = Architecture(
     name="gpt_oss",
     model_types=("gpt_oss",),
-    # mlx-lm 0.32's gpt_oss class cannot pipeline.
-    proven_strategies=frozenset({"moe_tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
     classify=classify_generic,
     kv_cache=_kv_cache,
     tensor_split=gqa_tensor_split,
