@@ -78,6 +78,7 @@ class Server:
     def __init__(self, store):
         self.store = store
         self.serving = 0
+        self.bytes_served = 0  # since start: what peers fetched from this node
         self._corrupt = int(os.environ.get(CORRUPT_ENV, "0") or 0)
 
     def check(self, request: pb.ReadFileRequest):
@@ -119,6 +120,7 @@ class Server:
                 chunk = await asyncio.to_thread(next, chunks, None)
                 if chunk is None:
                     return
+                self.bytes_served += len(chunk.data)
                 yield chunk
         finally:
             self.serving -= 1

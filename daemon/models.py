@@ -130,6 +130,10 @@ class Models:
         if cached and (revision or time.monotonic() - cached[0] < UNPINNED_TTL_S):
             self._checkpoints.move_to_end(key)
             return cached[1]
+        if not revision:  # any revision described before that the name still means
+            for (model, _), (_, known) in reversed(self._checkpoints.items()):
+                if model == model_id and self._still_current(known):
+                    return known
         task = self._describing.get(key)
         if task is None:
             task = asyncio.ensure_future(self._describe(model_id, revision))
@@ -142,6 +146,15 @@ class Models:
         while len(self._checkpoints) > MAX_CHECKPOINTS:
             self._checkpoints.popitem(last=False)
         return found
+
+    def _still_current(self, checkpoint: ckpt.Checkpoint) -> bool:
+        """An unpinned name still means this revision: the node or the peer
+        that would be asked first holds exactly it."""
+        held = self.store.find(checkpoint.model_id)
+        if held is not None:
+            return held.revision == checkpoint.revision
+        first = self._ranked_holders(checkpoint.model_id, "")
+        return bool(first) and first[0][2].complete and first[0][2].revision == checkpoint.revision
 
     async def _describe(self, model_id: str, revision: str) -> ckpt.Checkpoint:
         problems = []
