@@ -41,9 +41,10 @@ MAX_REQUEST_BYTES = 1 << 30    # per request (server side)
 MAX_SERVING = 16               # concurrent ReadModelFile streams on one node
 MAX_BAD_CHUNKS = 3             # per job and source, before that source is dropped for it
 STALL_S = 30.0                 # a stream that delivers nothing this long is a dead source
-# A test hook: corrupt this many served chunks after their digests are
-# computed, as a flipped byte in transit would (TLS would catch a real
-# one on the wire; this reaches the receiver's own check).
+# A test hook: corrupt this many full-size served chunks (bulk data, not
+# headers) after their digests are computed, as a flipped byte in transit
+# would (TLS would catch a real one on the wire; this reaches the
+# receiver's own check).
 CORRUPT_ENV = "EXOD_TEST_CORRUPT_SERVED_CHUNKS"
 
 
@@ -104,7 +105,7 @@ class Server:
         for index, r in enumerate(request.ranges):
             for position, data in read_part(fd, (r.offset, r.length, r.stride, r.count), r.skip, CHUNK_BYTES):
                 digest = hashlib.sha256(data).digest()
-                if self._corrupt > 0:
+                if self._corrupt > 0 and len(data) == CHUNK_BYTES:  # bulk data, not a header or config
                     self._corrupt -= 1
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 yield pb.FileChunk(range=index, position=position, data=data, sha256=digest)

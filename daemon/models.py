@@ -194,23 +194,30 @@ class Models:
         return sorted(holders, key=lambda x: (not x[2].complete, -votes.get(x[2].revision, 0), x[2].revision))
 
     async def _peer_bytes(self, node_id: str, holding: pb.ModelHolding, file: str, offset: int, length: int) -> bytes:
-        """A few bytes of a peer's file, each chunk checked against its digest."""
+        """A few bytes of a peer's file, each chunk checked against its
+        digest; asked again when one does not match."""
+        import hashlib
+
         address = self.node._address_of(node_id)
         if address is None:
             raise fetch.FetchError("no address for it")
         request = pb.ReadFileRequest(model_id=holding.model_id, revision=holding.revision, file=file,
                                      ranges=[pb.ByteRange(offset=offset, length=length)])
-        parts = []
-        import hashlib
-
-        async for chunk in self.node._stub(address).ReadModelFile(request, timeout=META_TIMEOUT_S):
-            if hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                raise fetch.FetchError(f"{file}: a chunk did not match its digest")
-            parts.append(chunk.data)
-        data = b"".join(parts)
-        if len(data) != length:
-            raise fetch.FetchError(f"{file}: {len(data)} of {length} bytes")
-        return data
+        for _ in range(fetch.MAX_BAD_CHUNKS):
+            parts = []
+            call = self.node._stub(address).ReadModelFile(request, timeout=META_TIMEOUT_S)
+            async for chunk in call:
+                if hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                    log.warning("a chunk did not match its digest; asking again", file=file, node=node_id[:12])
+                    call.cancel()
+                    break
+                parts.append(chunk.data)
+            else:
+                data = b"".join(parts)
+                if len(data) != length:
+                    raise fetch.FetchError(f"{file}: {len(data)} of {length} bytes")
+                return data
+        raise fetch.FetchError(f"{file}: {fetch.MAX_BAD_CHUNKS} times a chunk did not match its digest")
 
     async def _peer_checkpoint(self, node_id: str, holding: pb.ModelHolding) -> ckpt.Checkpoint:
         from exod.models.safetensors_header import header_length, parse_layout

@@ -190,3 +190,92 @@ def test_ranks_fetch_only_their_bytes_from_the_node_that_holds_the_model(tmp_pat
                 await n.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 900))
+
+
+def test_pull_detects_corrupt_chunks_and_ls_lists_every_node(tmp_path, moe_cache, monkeypatch):
+    """The source flips a byte in its first chunks after hashing them (a test
+    hook, as a corrupting link would): the receiver notices each, fetches
+    those bytes again, and the pulled files are the source's exactly."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    source, cache = moe_cache
+
+    async def scenario():
+        monkeypatch.setenv("EXOD_TEST_CORRUPT_SERVED_CHUNKS", "3")
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        monkeypatch.delenv("EXOD_TEST_CORRUPT_SERVED_CHUNKS")
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            out = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "pull", REPO_ID, "--node", "b", "--api",
+                f"http://127.0.0.1:{a.api_port}"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                env={**__import__("os").environ, "EXOD_PROGRESS": "1"})
+            assert out.returncode == 0, out.stderr
+            assert "GB" in out.stderr and "#" in out.stderr  # the progress bar
+            pulled = b.models_dir / REPO_ID
+            for f in source.iterdir():
+                assert (pulled / f.name).read_bytes() == f.read_bytes(), f.name
+            assert a.models.server.bytes_served > checkpoint_bytes(source)  # the corrupt chunks went twice
+            assert not list(pulled.parent.glob(".partial-*"))
+            await until(lambda: any(h.model_id == REPO_ID and h.store == "exod" and h.complete
+                                    for h in a.view.member(b.node_id).record.profile.models), 15)
+            listing = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "ls", "--json", "--api", f"http://127.0.0.1:{a.api_port}"],
+                capture_output=True, text=True, cwd=REPO, timeout=60)
+            rows = {(r["node"], r["store"]): r for r in json.loads(listing.stdout) if r["model_id"] == REPO_ID}
+            assert rows[("a", "hf-cache")]["complete"] and rows[("b", "exod")]["complete"]
+            assert rows[("a", "hf-cache")]["revision"] == rows[("b", "exod")]["revision"]
+            table = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "ls", "--api", f"http://127.0.0.1:{b.api_port}"],
+                capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert table.returncode == 0 and REPO_ID in table.stdout and "complete" in table.stdout
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 600))
+
+
+def test_a_disk_too_small_is_a_clear_error_and_leaves_nothing(tmp_path, moe_cache):
+    """b's shard store is a 30 MB tmpfs: the rank fails before anything is
+    fetched, naming the bytes needed and free, and nothing is left there."""
+    import subprocess
+
+    source, cache = moe_cache
+    shards_dir = tmp_path / "b" / "shards"
+    shards_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(shards_dir)], check=True)
+
+    async def scenario():
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
+
+            def failed():
+                i = state.instance(b.view, instance.instance_id)
+                return i is not None and i.state == pb.INSTANCE_FAILED
+            await until(failed, 60)
+            reason = state.instance(b.view, instance.instance_id).reason
+            assert "not enough disk space on node b" in reason and "needs" in reason and "free in" in reason, reason
+            assert str(shards_dir) in reason
+            assert a.models.server.bytes_served < 1_000_000  # headers only
+            assert [p for p in shards_dir.rglob("*") if p.is_file()] == []
+        finally:
+            await b.stop()
+            await a.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 300))
+    finally:
+        subprocess.run(["umount", str(shards_dir)], check=False)
