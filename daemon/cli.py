@@ -107,7 +107,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from exod.models.store import spec_here
+    from exod.models.store import described_here
     from exod.placement import STRATEGY_BY_NAME, parse_cluster, plan, synthetic
     from exod.placement.units import parse_bytes
 
@@ -135,8 +135,12 @@ def cmd_plan(args) -> int:
     )
     if args.headroom is not None:
         request.headroom_fraction = args.headroom
-    spec = spec_here(args.model, local_store(args))
+    spec, checkpoint = described_here(args.model, local_store(args))
     result = plan(spec, cluster, request)
+    if checkpoint is not None and any(n.models for n in cluster.nodes):
+        from .models import annotate  # what each rank would fetch, from the holdings the cluster file lists
+
+        result = annotate(result, checkpoint, cluster)
     if args.json:
         print(json.dumps(to_json(result), indent=2))
     else:

@@ -469,78 +469,84 @@ class Models:
 
     # ---------------------------------------------------------------- what moving bytes costs a plan
 
-    async def annotate(self, result: pb.Plan, checkpoint: Optional[ckpt.Checkpoint]) -> pb.Plan:
-        """Per rank: bytes needed, already on its node, to fetch, from where,
-        and the predicted time over the measured links; then, among the
-        fitting candidates within 5% of the fastest, the one that moves
-        fewest bytes is chosen (tokens/s first)."""
+    async def annotate(self, result: pb.Plan, checkpoint: Optional[ckpt.Checkpoint], cluster: pb.Cluster) -> pb.Plan:
         if checkpoint is None:
             return result
-        await asyncio.to_thread(self._annotate, result, checkpoint)
-        return rechoose(result)
+        return await asyncio.to_thread(annotate, result, checkpoint, cluster)
 
-    def _annotate(self, result: pb.Plan, checkpoint: ckpt.Checkpoint) -> None:
-        from exod.placement import STRATEGY_NAMES
 
-        spec = checkpoint.spec(checkpoint.model_id)
-        sizes = {n: s for n, (s, _) in checkpoint.files.items()}
-        cache: dict = {}
-        holdings = {m.record.profile.node_id: (m.record.profile.name, list(m.record.profile.models))
-                    for m in self.node.view.members.values() if m.status == pb.UP}
-        for candidate in [*result.candidates, *([result.chosen] if result.HasField("chosen") else [])]:
-            strategy = STRATEGY_NAMES[candidate.strategy]
-            split = [r.layer_end - r.layer_start for r in candidate.ranks] if strategy == "pipeline" else []
-            world = len(candidate.ranks)
-            slowest = 0.0
-            total = 0
-            candidate.revision = checkpoint.revision
-            for r in candidate.ranks:
-                key = (strategy, r.rank, world, tuple(split))
-                if key not in cache:
-                    cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec)
-                plan = cache[key]
-                needed = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
-                name, held = holdings.get(r.node_id, ("", []))
-                local = self._local_bytes(checkpoint, plan, held, sizes, strategy, r.rank, world)
-                to_fetch = max(0, needed - local)
-                sources, rate = [], 0.0
-                if to_fetch:
-                    files = {p.file for p in plan.needs.parts} | set(plan.side_files)
-                    for node_id, node_name, h in self.holders(checkpoint.model_id, include_self=True):
-                        if node_id != r.node_id and any(f.name in files for f in h.files) and node_name not in sources:
-                            sources.append(node_name)
-                            rate = max(rate, self._rate_between(r.node_id, node_id))
-                    if not sources:
-                        sources, rate = ["hub"], HUB_RATE
-                seconds = to_fetch / max(rate, MIN_RATE) if to_fetch else 0.0
-                r.transfer.CopyFrom(pb.Transfer(bytes_needed=needed, bytes_local=min(local, needed),
-                                                bytes_to_fetch=to_fetch, sources=sources, predicted_s=seconds))
-                total += to_fetch
-                slowest = max(slowest, seconds)
-            candidate.bytes_to_fetch, candidate.predicted_transfer_s = total, slowest
+def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) -> pb.Plan:
+    """Per rank of every candidate: the bytes it needs, those already on its
+    node (the whole checkpoint, the same shard, or files of it), those to
+    fetch, from which nodes (or the hub), and the predicted time over the
+    measured links; then `rechoose`. Pure: the holdings and links are the
+    cluster's (what the planner was given), so `exod plan --cluster` shows
+    the same as the daemon's preview."""
+    from exod.placement import STRATEGY_NAMES
 
-    def _rate_between(self, a: str, b: str) -> float:
-        rates = [r.link.bandwidth_bytes_per_s for k, r in self.node.view.links.items() if set(k) == {a, b}]
-        return max([MIN_RATE, *rates])
+    spec = checkpoint.spec(checkpoint.model_id)
+    sizes = {n: s for n, (s, _) in checkpoint.files.items()}
+    nodes = {n.node_id: n for n in cluster.nodes}
+    rates: dict = {}
+    for link in cluster.links:
+        key = frozenset((link.from_node, link.to_node))
+        rates[key] = max(rates.get(key, 0.0), link.bandwidth_bytes_per_s)
+    holders = [(n.node_id, n.name, h) for n in cluster.nodes for h in n.models
+               if h.store != "shard" and h.model_id == checkpoint.model_id]
+    cache: dict = {}
+    for candidate in [*result.candidates, *([result.chosen] if result.HasField("chosen") else [])]:
+        if not candidate.fits:
+            continue  # a cut that does not divide has no bytes to name
+        strategy = STRATEGY_NAMES[candidate.strategy]
+        split = [r.layer_end - r.layer_start for r in candidate.ranks] if strategy == "pipeline" else []
+        world = len(candidate.ranks)
+        slowest, total = 0.0, 0
+        candidate.revision = checkpoint.revision
+        for r in candidate.ranks:
+            key = (strategy, r.rank, world, tuple(split))
+            if key not in cache:
+                cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec)
+            plan = cache[key]
+            needed = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
+            held = list(nodes[r.node_id].models) if r.node_id in nodes else []
+            local = min(needed, _local_bytes(checkpoint, plan, held, sizes, strategy, r.rank, world))
+            to_fetch = needed - local
+            sources, rate = [], 0.0
+            if to_fetch:
+                files = {p.file for p in plan.needs.parts} | set(plan.side_files)
+                for node_id, name, h in holders:
+                    if node_id != r.node_id and name not in sources and any(f.name in files for f in h.files):
+                        sources.append(name)
+                        rate = max(rate, rates.get(frozenset((r.node_id, node_id)), 0.0))
+                if not sources:
+                    sources, rate = ["hub"], HUB_RATE
+            seconds = to_fetch / max(rate, MIN_RATE) if to_fetch else 0.0
+            r.transfer.CopyFrom(pb.Transfer(bytes_needed=needed, bytes_local=local, bytes_to_fetch=to_fetch,
+                                            sources=sources, predicted_s=seconds))
+            total += to_fetch
+            slowest = max(slowest, seconds)
+        candidate.bytes_to_fetch, candidate.predicted_transfer_s = total, slowest
+    return rechoose(result)
 
-    @staticmethod
-    def _local_bytes(checkpoint, plan, held: list, sizes: dict, strategy: str, rank: int, world: int) -> int:
-        files: set = set()
-        for h in held:
-            if h.model_id != checkpoint.model_id or (h.revision and checkpoint.revision
-                                                     and h.revision != checkpoint.revision):
-                continue
-            if h.store == "shard":
-                s = h.shard
-                if (s.strategy, s.rank, s.world_size) == (strategy, rank, world) and \
-                        (strategy != "pipeline" or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)):
-                    return plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
-                continue
-            if h.complete:
-                return plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
-            files |= {f.name for f in h.files if sizes.get(f.name) == f.size}
-        return sum(p.nbytes for p in plan.needs.parts if p.file in files) + sum(sizes[n] for n in plan.side_files
-                                                                                if n in files)
+
+def _local_bytes(checkpoint, plan, held: list, sizes: dict, strategy: str, rank: int, world: int) -> int:
+    whole = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
+    files: set = set()
+    for h in held:
+        if h.model_id != checkpoint.model_id or (h.revision and checkpoint.revision
+                                                 and h.revision != checkpoint.revision):
+            continue
+        if h.store == "shard":
+            s = h.shard
+            if (s.strategy, s.rank, s.world_size) == (strategy, rank, world) and \
+                    (strategy != "pipeline" or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)):
+                return whole
+            continue
+        if h.complete:
+            return whole
+        files |= {f.name for f in h.files if sizes.get(f.name) == f.size}
+    return sum(p.nbytes for p in plan.needs.parts if p.file in files) + sum(sizes[n] for n in plan.side_files
+                                                                            if n in files)
 
 
 def bounded(holdings: list) -> list:

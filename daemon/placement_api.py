@@ -77,7 +77,7 @@ async def preview(node, request: pb.PlacementRequest, local: bool) -> pb.Plan:
     cluster = state.cluster_for_planner(node.view)  # the view when asked, as the caller saw it
     spec, checkpoint = await node.models.spec(request.model, local)
     result = await asyncio.to_thread(plan, spec, cluster, request)
-    return await node.models.annotate(result, checkpoint)
+    return await node.models.annotate(result, checkpoint, cluster)
 
 
 __all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "check_remote_model", "parse_request", "preview"]
