@@ -49,11 +49,21 @@ def cmd_models(args) -> int:
     return 0
 
 
+def local_store(args=None):
+    """This machine's stores, as a daemon started here would read them."""
+    from exod.models.store import Store
+
+    from .paths import data_dir
+
+    where = Path(args.data_dir).expanduser() if getattr(args, "data_dir", None) else data_dir()
+    return Store(where, getattr(args, "models_dir", None) or [])
+
+
 def cmd_inspect(args) -> int:
-    from exod.models import catalog
+    from exod.models.store import spec_here
     from exod.placement.profile import CLASS_LABEL, CLASSES
 
-    spec = catalog.resolve(args.model)
+    spec = spec_here(args.model, local_store(args))
     params = dict.fromkeys(CLASSES, 0)
     sizes = dict.fromkeys(CLASSES, 0)
     for t in spec.tensors:
@@ -99,7 +109,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from exod.models import catalog
+    from exod.models.store import described_here
     from exod.placement import STRATEGY_BY_NAME, parse_cluster, plan, synthetic
     from exod.placement.units import parse_bytes
 
@@ -127,8 +137,12 @@ def cmd_plan(args) -> int:
     )
     if args.headroom is not None:
         request.headroom_fraction = args.headroom
-    spec = catalog.resolve(args.model)
+    spec, checkpoint = described_here(args.model, local_store(args))
     result = plan(spec, cluster, request)
+    if checkpoint is not None and any(n.models for n in cluster.nodes):
+        from .models import annotate  # what each rank would fetch, from the holdings the cluster file lists
+
+        result = annotate(result, checkpoint, cluster)
     if args.json:
         print(json.dumps(to_json(result), indent=2))
     else:
@@ -161,34 +175,32 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
           f"(compute {chosen.predicted_compute_s * 1e3:.2f} ms + communication "
           f"{chosen.predicted_communication_s * 1e3:.2f} ms per token)")
     print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
-          f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}")
+          f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}  TRANSFER")
     for r in chosen.ranks:
         m = r.memory
         print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {m.weights_bytes / 1e9:8.1f}G "
               f"{(m.routed_experts_bytes + m.shared_experts_bytes) / 1e9:8.1f}G {m.attention_bytes / 1e9:7.1f}G "
               f"{m.kv_cache_bytes / 1e9:7.1f}G {m.overhead_bytes / 1e9:8.1f}G {m.total_bytes / 1e9:8.1f}G "
-              f"{r.usable_bytes / 1e9:8.1f}G")
+              f"{r.usable_bytes / 1e9:8.1f}G  {transfer_text(r)}")
+    if chosen.bytes_to_fetch:
+        print(f"to fetch before loading: {chosen.bytes_to_fetch / 1e9:.2f} GB, about "
+              f"{chosen.predicted_transfer_s:.0f} s over the measured links")
     for reason in chosen.reasons:
         print(reason)
 
 
+def transfer_text(r) -> str:
+    """Bytes already on the rank's node, to fetch, from where, how long."""
+    t = r.transfer
+    if not t.bytes_needed:
+        return "-"
+    if not t.bytes_to_fetch:
+        return f"{t.bytes_local / 1e9:.2f}G local"
+    return (f"{t.bytes_local / 1e9:.2f}G local, fetch {t.bytes_to_fetch / 1e9:.2f}G from {', '.join(t.sources)} "
+            f"(~{t.predicted_s:.0f} s)")
+
+
 # ------------------------------------------------------------------ run (local ranks)
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A model directory, or a built-in model built once into the data dir."""
-    from exod.models import synthetic
-
-    from .paths import models_dir
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{model}: no config.json in that directory")
-        return path
-    if model in synthetic.NAMED:
-        return synthetic.ensure_named(model, models_dir())
-    raise UsageError(f"{model!r} is neither a model directory nor a built-in model ({', '.join(synthetic.NAMED)})")
 
 
 def cmd_run(args) -> int:
@@ -202,7 +214,9 @@ def cmd_run(args) -> int:
         raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
     if args.context <= 0 or args.max_tokens <= 0:
         raise UsageError("--context and --max-tokens must be positive")
-    model_dir = resolve_model_dir(args.model)
+    from exod.models.store import dir_here
+
+    model_dir = dir_here(args.model, local_store(args))
     spec = inventory.from_directory(model_dir)
     request = pb.PlacementRequest(context_length=args.context,
                                   strategy=STRATEGY_BY_NAME[args.strategy] if args.strategy else 0)
@@ -360,6 +374,16 @@ def cmd_place(args) -> int:
     return 0 if instance["state"] == "INSTANCE_READY" else 1
 
 
+def download_text(runner: dict) -> str:
+    """While a rank is Downloading: done/total, rate, source, ETA."""
+    d = runner.get("download")
+    if runner.get("state") != "DOWNLOADING" or not d:
+        return ""
+    done, total = int(d.get("bytes_done", 0)), int(d.get("bytes_total", 0))
+    return (f" {done / 1e6:.0f}/{total / 1e6:.0f} MB at {float(d.get('rate_bytes_per_s', 0)) / 1e6:.1f} MB/s "
+            f"from {d.get('source') or '?'}, eta {float(d.get('eta_s', 0)):.0f} s")
+
+
 def cmd_instances(args) -> int:
     instances = api_call(args, "GET", "/v1/instances")["instances"]
     if args.json:
@@ -369,11 +393,95 @@ def cmd_instances(args) -> int:
     for i in instances:
         p = i["placement"]
         ranks = ", ".join(f"{r.get('rank', 0)}@{next((x['node_name'] for x in p['ranks'] if x.get('rank', 0) == r.get('rank', 0)), '?')}"
-                          f" {r.get('state', '?').lower()}" for r in i.get("runners", []))
+                          f" {r.get('state', '?').lower()}{download_text(r)}" for r in i.get("runners", []))
         print(f"{i['instance_id']:14} {p.get('model_id', '')[:22]:22} {p.get('strategy', '').lower():10} "
               f"{i['state'].removeprefix('INSTANCE_').lower():9} {ranks}")
         if i.get("reason"):
             print(f"{'':14} {i['reason']}")
+    return 0
+
+
+def holding_state(h: dict) -> str:
+    shard = h.get("shard")
+    if shard:
+        layers = f" layers {shard.get('layer_start', 0)}-{shard.get('layer_end', 0)}" if shard.get("layer_end") else ""
+        return f"shard {shard.get('strategy', '')} rank {shard.get('rank', 0)}/{shard.get('world_size', 0)}{layers}"
+    return "complete" if h.get("complete") else "partial"
+
+
+def cmd_ls(args) -> int:
+    """Every node's models, as their records publish them."""
+    state = api_get(args, "/v1/state")
+    rows = []
+    for n in state.get("nodes", []):
+        p = n["record"]["profile"]
+        for h in p.get("models", []):
+            rows.append({"node": p.get("name", ""), "node_id": p["node_id"], "status": n.get("status", ""),
+                         "model_id": h.get("model_id", ""), "revision": h.get("revision", ""),
+                         "store": h.get("store", ""), "complete": bool(h.get("complete")),
+                         "bytes": int(h.get("bytes", 0)), "files": h.get("files", []), "shard": h.get("shard"),
+                         "state": holding_state(h)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NODE':16} {'MODEL':44} {'REVISION':9} {'STORE':10} {'FILES':>5} {'SIZE':>9}  STATE")
+    for r in rows:
+        print(f"{r['node'][:16]:16} {r['model_id'][:44]:44} {r['revision'][:8] or '-':9} {r['store']:10} "
+              f"{len(r['files']):5} {r['bytes'] / 1e9:8.2f}G  {r['state']}")
+    if not rows:
+        print("no node holds a model yet (`exod pull MODEL` fetches one)")
+    return 0
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def cmd_pull(args) -> int:
+    """A whole checkpoint onto a node, from its peers or the hub, with a
+    progress bar on stderr."""
+    import urllib.error
+    import urllib.request
+
+    base = (args.api or os.environ.get("EXOD_API") or "http://127.0.0.1:52415").rstrip("/")
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("EXOD_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['EXOD_API_TOKEN']}"
+    body = {"model": args.model, **({"node": args.node} if args.node else {})}
+    request = urllib.request.Request(base + "/v1/models/pull", data=json.dumps(body).encode(), method="POST",
+                                     headers=headers)
+    last = {}
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            for line in response:
+                if not line.strip():
+                    continue
+                last = json.loads(line)
+                d = last.get("download", {})
+                done, total = int(d.get("bytes_done", 0)), int(d.get("bytes_total", 0))
+                if not args.json and sys.stderr.isatty() or os.environ.get("EXOD_PROGRESS"):
+                    print(f"\r{_bar(done, total)} {done / 1e9:6.2f}/{total / 1e9:.2f} GB "
+                          f"{float(d.get('rate_bytes_per_s', 0)) / 1e6:7.1f} MB/s  eta {float(d.get('eta_s', 0)):5.0f} s"
+                          f"  {d.get('source', '')[:40]}", end="", file=sys.stderr, flush=True)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise UsageError(f"{e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UsageError(f"no exod daemon answers at {base} ({getattr(e, 'reason', e)})") from None
+    if not args.json and (sys.stderr.isatty() or os.environ.get("EXOD_PROGRESS")):
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(last, indent=2))
+    if last.get("error") or not last.get("done"):
+        if not args.json:
+            print(f"exod: error: {last.get('error') or 'the pull ended without an answer'}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{last.get('model_id')}@{(last.get('revision') or '-')[:12]} is on {last.get('node') or 'the node'}")
     return 0
 
 
@@ -452,7 +560,8 @@ def cmd_start(args) -> int:
              "data_dir": args.data_dir, "memory_limit": args.memory_limit, "cluster": args.cluster,
              "discovery": False if args.no_discovery else None, "down_after_s": args.down_after,
              "prestart_runner": False if args.no_prestart else None, "api_allowed_hosts": args.allow_host,
-             "cluster_key": args.cluster_key, "cluster_key_file": args.cluster_key_file}
+             "cluster_key": args.cluster_key, "cluster_key_file": args.cluster_key_file,
+             "models_dirs": args.models_dir}
     try:
         settings = load(flags, args.config)
     except ConfigError as e:
@@ -525,13 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("inspect", help="tensor inventory of a model")
-    p.add_argument("model", help="catalog id or model directory")
+    p.add_argument("model", help="Hugging Face repo id (org/name[@revision]), catalog id, built-in model or "
+                                 "model directory, from this machine's stores")
+    p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
+    p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="plan a placement offline")
-    p.add_argument("model", help="catalog id or model directory")
+    p.add_argument("model", help="Hugging Face repo id, catalog id, built-in model or model directory")
+    p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
+    p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--cluster", help="cluster JSON (see examples/cluster.json)")
     p.add_argument("--nodes", type=int, help="that many identical nodes (default 2)")
     p.add_argument("--memory", default="128GB", help="usable memory per node with --nodes")
@@ -574,6 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until Ready or Failed")
     p.add_argument("--timeout", type=float, default=600)
     api_parser("instances", cmd_instances, "instances and their ranks")
+    api_parser("ls", cmd_ls, "every node's models: checkpoints and shards, with revision, files and state")
+    p = api_parser("pull", cmd_pull, "fetch a whole checkpoint onto a node, from its peers or the hub")
+    p.add_argument("model", help="Hugging Face repo id (org/name[@revision]), catalog id or built-in model")
+    p.add_argument("--node", help="the node to fetch it onto (name or id; default: the local daemon's)")
+    p.add_argument("--timeout", type=float, default=24 * 3600)
     p = api_parser("rm", cmd_rm, "stop an instance on every node and release its memory")
     p.add_argument("instance_id")
     p = api_parser("chat", cmd_chat, "one chat completion from a Ready instance")
@@ -594,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
     p.add_argument("--interface", action="append", metavar="IF", help="advertise only these interfaces")
     p.add_argument("--data-dir", help="node id and caches (default: the XDG data dir)")
+    p.add_argument("--models-dir", action="append", metavar="DIR",
+                   help="another folder of checkpoints in the org/name layout, e.g. ~/.lmstudio/models (repeatable)")
     p.add_argument("--memory-limit", help="most memory exod may plan onto this node, e.g. 96GB")
     p.add_argument("--cluster", help="cluster id; nodes of other clusters are ignored (default: default)")
     p.add_argument("--no-discovery", action="store_true", help="no mDNS; static peers only")
@@ -621,7 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("run", help="run a model as local ranks over loopback and answer one prompt")
-    p.add_argument("model", help="model directory or built-in model (demo, midsize-moe)")
+    p.add_argument("model", help="built-in model (demo, midsize-moe), model directory, or a checkpoint in this "
+                                 "machine's stores (Hugging Face repo id, catalog id)")
+    p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
+    p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"], help="default: the planner's choice")
     p.add_argument("--prompt", default="Hello! What is a cluster?")

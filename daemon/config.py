@@ -48,6 +48,12 @@ class Settings:
     cluster_key_file: str = ""
     max_members: int = 64    # nodes in the view; more are refused, with a log line
     max_runners: int = 16    # runner processes on this node at once
+    # Folders of checkpoints in the org/name layout (LM Studio's), read besides
+    # the Hugging Face cache and DATA_DIR/models (models/store.py).
+    models_dirs: list = field(default_factory=list)
+    # The Hugging Face cache to read and download into; default: HF_HUB_CACHE,
+    # else HF_HOME/hub, else ~/.cache/huggingface/hub (as huggingface_hub).
+    hf_cache: str = ""
 
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else data_dir()

@@ -288,8 +288,7 @@ def make_app(node) -> web.Application:
 
     async def placement_preview(request):
         try:
-            plan = await asyncio.to_thread(placement_api.preview, node.view, await placement_request(request),
-                                           node.models_dir)
+            plan = await placement_api.preview(node, await placement_request(request), is_loopback(request.remote or ""))
         except BadBody as e:
             return error(e.status, str(e))
         except placement_api.BadRequest as e:
@@ -307,7 +306,7 @@ def make_app(node) -> web.Application:
         if not allowed(request):
             return error(403, "placing from another host needs the daemon's bearer token")
         try:
-            instance = await node.work.create(await placement_request(request))
+            instance = await node.work.create(await placement_request(request), local=is_loopback(request.remote or ""))
         except BadBody as e:
             return error(e.status, str(e))
         except placement_api.BadRequest as e:
@@ -340,6 +339,37 @@ def make_app(node) -> web.Application:
                               f"({e.code().name}: {e.details()}); delete it there")
         return web.json_response({"deleted": instance_id})
 
+    async def pull_model(request):
+        """POST {"model", "node"?}: fetch a whole checkpoint onto a node; the
+        answer streams one JSON line of progress about every half second,
+        then one with done (or the error)."""
+        if not allowed(request):
+            return error(403, "pulling from another host needs the daemon's bearer token")
+        try:
+            body = await json_body(request)
+        except BadBody as e:
+            return error(e.status, str(e))
+        if not isinstance(body, dict) or set(body) - {"model", "node"} or not isinstance(body.get("model"), str) \
+                or not body["model"].strip() or not isinstance(body.get("node", ""), str):
+            return error(400, 'the body must be {"model": "org/name", "node"?: "name"}')
+        try:
+            placement_api.check_remote_model(body["model"].strip())
+        except placement_api.BadRequest as e:
+            return error(400, str(e))
+        except placement_api.ModelError as e:
+            return error(404, str(e))
+        target = node.member_by_ref(body.get("node") or node.node_id)
+        if target is None:
+            return error(404, f"no Up node {body.get('node')!r}")
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        async for progress in node.pull_on(target, body["model"].strip()):
+            line = _json(progress)
+            line["node"] = node.view.member(target).record.profile.name if node.view.member(target) else ""
+            await response.write((json.dumps(line) + "\n").encode())
+        await response.write_eof()
+        return response
+
     async def dashboard(request):
         """The page, with a fresh page token in its <meta> (no inline script)."""
         page = (STATIC / "index.html").read_text().replace("{{page_token}}", tokens.issue())
@@ -359,6 +389,7 @@ def make_app(node) -> web.Application:
     app.router.add_get("/v1/instances/{instance_id}", get_instance)
     app.router.add_delete("/v1/instances/{instance_id}", delete_instance)
     app.router.add_post("/v1/placements/preview", placement_preview)
+    app.router.add_post("/v1/models/pull", pull_model)
     app.router.add_get("/v1/state", cluster_state)
     app.router.add_get("/v1/nodes", nodes)
     openai_api.add_routes(app, node)

@@ -35,10 +35,11 @@ class Node:
         self.settings = settings
         self.timing = state.Timing(int(settings.suspect_after_s * 1000), int(settings.down_after_s * 1000))
         self.data_dir = settings.data_path()
-        self.models_dir = self.data_dir / "models"
         self.ledger = reservations.Ledger()
+        from .models import Models
         from .work import Work
 
+        self.models = Models(self)  # what this node holds, and moving checkpoint bytes
         self.work = Work(self)
         self.node_id = ""
         self.identity: keys.NodeIdentity | None = None  # key pair and certificate; node_id is its hash
@@ -67,6 +68,11 @@ class Node:
         self.discovery = None
         self.stopping = False
         self.started_at = 0.0
+
+    @property
+    def models_dir(self):
+        """The exod store (built-in models, pulled checkpoints)."""
+        return self.models.store.exod_dir
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -112,6 +118,7 @@ class Node:
         node_profile = await asyncio.to_thread(profile.collect, self.node_id, s.name, s.memory_limit,
                                                s.interfaces, self.data_dir)
         self.available_memory = node_profile.memory_available_bytes
+        node_profile.models.extend(h.to_proto() for h in await asyncio.to_thread(self.models.store.refresh))
 
         self._grpc_server = grpc.aio.server(options=transport.SERVER_OPTIONS)
         pb_grpc.add_PeerServiceServicer_to_server(PeerServicer(self), self._grpc_server)
@@ -141,7 +148,7 @@ class Node:
             self.discovery = Discovery(self)
             await self.discovery.start()
         for round_fn in (self._heartbeat_round, self._exchange_round, self._tick_round, self._probe_round,
-                         self._refresh_round, self._meet_round):
+                         self._refresh_round, self._meet_round, self.models.digest_round):
             self._tasks.append(asyncio.create_task(self._forever(round_fn), name=f"exod-{round_fn.__name__}"))
         self._spawn(self.work.prestart())
         self._keep_made_key()
@@ -194,6 +201,17 @@ class Node:
         record.grpc_addresses.extend(self.grpc_addresses())
         signing.sign(self.identity, record)
         return record
+
+    def publish_models(self, models: list) -> None:
+        """A new record when the checkpoints this node holds change."""
+        if self.view is None or list(self.record.profile.models) == list(models):
+            return
+        fresh = pb.NodeProfile()
+        fresh.CopyFrom(self.record.profile)
+        del fresh.models[:]
+        fresh.models.extend(models)
+        self.view = state.set_self(self.view, self._make_record(fresh, self.record.version + 1),
+                                   self.available_memory, now_ms())
 
     def known_records(self) -> tuple[list, list]:
         return [m.record for m in self.view.members.values()], list(self.view.links.values())
@@ -355,6 +373,29 @@ class Node:
         except grpc.aio.AioRpcError as e:
             yield pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_ERROR,
                                      error=f"rank 0's node: {e.code().name} {e.details()}")
+        finally:
+            call.cancel()
+
+    def member_by_ref(self, ref: str) -> str | None:
+        """The id of an Up node named by its name or id."""
+        for member in self.view.members.values():
+            p = member.record.profile
+            if ref in (p.node_id, p.name) and member.status == pb.UP:
+                return p.node_id
+        return None
+
+    async def pull_on(self, node_id: str, model: str):
+        """PullProgress of a whole checkpoint fetched onto a node."""
+        if node_id == self.node_id:
+            async for progress in self.models.pull_progress(model):
+                yield progress
+            return
+        call = self._stub(self._address_of(node_id)).Pull(pb.PullRequest(model=model), timeout=24 * 3600)
+        try:
+            async for progress in call:
+                yield progress
+        except grpc.aio.AioRpcError as e:
+            yield pb.PullProgress(error=f"node {node_id[:12]}: {e.code().name} {e.details()}")
         finally:
             call.cancel()
 
@@ -607,6 +648,7 @@ class Node:
             fresh.memory_available_bytes = self.record.profile.memory_available_bytes
             fresh.version = self.record.profile.version
             fresh.memory_bandwidth_bytes_per_s = self.record.profile.memory_bandwidth_bytes_per_s
+            fresh.models.extend(self.record.profile.models)  # kept current by publish_models
             if fresh != self.record.profile:
                 self.view = state.set_self(self.view, self._make_record(fresh, self.record.version + 1),
                                            self.available_memory, now_ms())

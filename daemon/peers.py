@@ -116,6 +116,28 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this node owns no instance {request.instance_id[:64]!r}")
         return pb.DeleteInstanceResponse(deleted=request.instance_id)
 
+    async def ReadModelFile(self, request, context):
+        """Ranges of a file of a checkpoint in this node's stores, for a
+        member: never a path, only a file in a holding's file list."""
+        from .fetch import MAX_SERVING
+
+        await self._caller(context)
+        server = self.node.models.server
+        if server.serving >= MAX_SERVING:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"serving {MAX_SERVING} reads already")
+        held, refusal = await asyncio.to_thread(server.check, request)
+        if refusal is not None:
+            await context.abort(*refusal)
+        async for chunk in server.stream(held, request):
+            yield chunk
+
+    async def Pull(self, request, context):
+        """Fetch a whole checkpoint onto this node, for a member (`exod pull
+        --node`): progress as it goes, then done or the error."""
+        await self._caller(context)
+        async for progress in self.node.models.pull_progress(request.model):
+            yield progress
+
     async def Ping(self, request, context):
         if len(request.payload) > MAX_PING_PAYLOAD:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ping payload over {MAX_PING_PAYLOAD} bytes")
@@ -215,7 +237,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         await self._check_request(request, context)
         try:
-            return await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
+            return await placement_api.preview(self.node, request, self._loopback(context))
         except placement_api.ModelError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except placement_api.PlanError as e:
@@ -241,6 +263,12 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         await self._local_paths_only(request.model, context)
+
+    @staticmethod
+    def _loopback(context) -> bool:
+        from .access import grpc_peer_ip, is_loopback
+
+        return is_loopback(grpc_peer_ip(context.peer()))
 
     async def _local_paths_only(self, model: str, context) -> None:
         """Another host names models by id, as over HTTP (placement_api.check_remote_model)."""
@@ -274,7 +302,7 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is starting")
         await self._check_request(request, context)
         try:
-            return await self.node.work.create(request)
+            return await self.node.work.create(request, local=self._loopback(context))
         except placement_api.ModelError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except (placement_api.PlanError, Refused) as e:

@@ -1,8 +1,6 @@
 """Placement requests as the APIs take them: validated once, planned on the
 node's current view of the cluster, the same for HTTP and gRPC."""
 
-from pathlib import Path
-
 from exod.models import ModelError
 from exod.placement import STRATEGY_BY_NAME, STRATEGY_NAMES, PlanError, plan
 from exod.proto import exod_pb2 as pb
@@ -26,7 +24,7 @@ def parse_request(body) -> pb.PlacementRequest:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(FIELDS))})")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise BadRequest("model is required: a catalog id, a model directory or a built-in model")
+        raise BadRequest("model is required: a Hugging Face repo id, a catalog id, a built-in model or a model directory")
     request = pb.PlacementRequest(model=model.strip())
     for name in ("context_length", "concurrency", "ranks", "max_restarts"):
         value = body.get(name)
@@ -54,46 +52,32 @@ def parse_request(body) -> pb.PlacementRequest:
     return request
 
 
-PATH_STARTS = ("/", "~", ".", "\\")
-
-
 def check_remote_model(model: str) -> None:
-    """From another host a model is named by id (a catalog id or a built-in
-    model), never by a path: a path would let a LAN client make this daemon
-    read any directory it can read, and learn which exist. The rule: a known
-    id passes; a name that starts like a path (/, ~, . or \\) is BadRequest;
-    anything else is an unknown model (ModelError). The filesystem is never
-    asked, so the answer tells nothing about which directories exist.
-    Loopback clients may still name any model directory."""
-    from exod.models import catalog, synthetic
+    """From another host a model is named by id (a built-in model, a catalog
+    id, a Hugging Face repo id or a store name), never by a path: a path
+    would let a LAN client make this daemon read any directory it can read,
+    and learn which exist. A name that starts like a path (/, ~, . or \\) is
+    BadRequest; a name that is no id is an unknown model (ModelError). The
+    filesystem is never asked. Loopback clients may still name a model
+    directory (models/store.py parses both)."""
+    from exod.models import store
 
-    if model in synthetic.NAMED or model in catalog.cards():
-        return
-    if model.startswith(PATH_STARTS):
+    if store.looks_like_path(model):
         raise BadRequest(f"models are named by id from other hosts; {model!r} is a path")
-    raise ModelError(f"unknown model {model!r}: not a catalog id (see `exod models`) nor a built-in model "
-                     "(model directories are named from this machine only)")
+    store.check_remote(model)
 
 
-def spec_for(model: str, models_dir: Path) -> pb.ModelSpec:
-    """A catalog id, a model directory, or a built-in model (described from
-    its config until it is built on this node)."""
-    from exod.models import catalog, inventory, synthetic
+async def preview(node, request: pb.PlacementRequest, local: bool) -> pb.Plan:
+    """Every candidate on the node's current view, with what each rank would
+    have to fetch. local: the request comes from this machine (a directory
+    may name the model). Raises ModelError (unknown model) or PlanError
+    (impossible request)."""
+    import asyncio
 
-    if model in synthetic.NAMED:
-        built = Path(models_dir) / model
-        if (built / "config.json").is_file():
-            return inventory.from_directory(built)
-        config = {**synthetic.NAMED[model], "vocab_size": synthetic.TOKENIZER_VOCAB, "torch_dtype": "float32"}
-        return inventory.from_config(config, model)
-    return catalog.resolve(model)
-
-
-def preview(view: state.View, request: pb.PlacementRequest, models_dir: Path) -> pb.Plan:
-    """Blocking (model inventory, planning): call it from a worker thread.
-    Raises ModelError (unknown model) or PlanError (impossible request)."""
-    return plan(spec_for(request.model, models_dir), state.cluster_for_planner(view), request)
+    cluster = state.cluster_for_planner(node.view)  # the view when asked, as the caller saw it
+    spec, checkpoint = await node.models.spec(request.model, local)
+    result = await asyncio.to_thread(plan, spec, cluster, request)
+    return await node.models.annotate(result, checkpoint, cluster)
 
 
-__all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "check_remote_model", "parse_request", "preview",
-           "spec_for"]
+__all__ = ["BadRequest", "ModelError", "PlanError", "STRATEGY_NAMES", "check_remote_model", "parse_request", "preview"]

@@ -22,6 +22,10 @@ MAX_WORLD_SIZE = 64
 MAX_RUNNERS_PER_RECORD = 256
 MAX_INSTANCES_PER_RECORD = 256
 
+MAX_HOLDINGS = 64                 # checkpoints one node publishes
+MAX_HELD_FILES = 2048             # files over all of them: a record stays far below the 4 MiB message
+MAX_FILE_NAME = 1024
+
 INSTANCE_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
@@ -36,6 +40,11 @@ def node_record_problem(record: pb.NodeRecord, now_ms: int) -> str | None:
         return "too many addresses"
     if any(len(text) > MAX_TEXT for text in (profile.name, profile.chip, profile.os, record.api_address)):
         return "a text field is too long"
+    if len(profile.models) > MAX_HOLDINGS or sum(len(h.files) for h in profile.models) > MAX_HELD_FILES:
+        return f"more than {MAX_HOLDINGS} models or {MAX_HELD_FILES} model files"
+    if any(len(h.model_id) > MAX_TEXT or len(h.revision) > 64 or len(h.store) > 16
+           or any(len(f.name) > MAX_FILE_NAME or len(f.sha256) > 64 for f in h.files) for h in profile.models):
+        return "a model field is too long"
     if not signing.node_record_valid(record):
         return "its signature does not verify, or its key is not its node id's"
     return None

@@ -4,7 +4,6 @@ placed on it; both travel to every node in its versioned WorkRecord."""
 
 import asyncio
 import json
-import re
 import secrets
 import time
 import uuid
@@ -40,19 +39,6 @@ class Refused(Exception):
     pass
 
 
-# A model id that names a folder of the node's store: "name" or "org/name".
-MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-
-
-def store_path(models_dir: Path, model: str) -> "Path | None":
-    """Where the node's store keeps `model`, if it is an id and the folder
-    holds a config.json; never a path outside the store."""
-    if not MODEL_ID.match(model) or ".." in model:
-        return None
-    path = models_dir / model
-    return path if (path / "config.json").is_file() else None
-
-
 class Work:
     def __init__(self, node):
         self.node = node
@@ -64,6 +50,7 @@ class Work:
         self.owned: dict = {}       # instance id -> Instance placed through this node
         self._push_scheduled = False
         self.streams: dict = {}     # request id -> asyncio.Queue of GenerationChunk (rank 0 here)
+        self.downloads: dict = {}   # (instance, rank) -> the task fetching its bytes, then starting it
         self.spare = None           # a runner started ahead of need (settings.prestart_runner)
         self._prestarting = False
 
@@ -174,22 +161,24 @@ class Work:
             return f"no reservation here for rank {spec.rank} of {spec.instance_id} from this node"
         return None
 
-    async def _model_dir(self, model: str, local: bool) -> "Path | None":
-        """The model's files on this node: a built-in model (built on
-        demand), a folder of the node's store, or (only when this node's own
-        user placed it) a local directory."""
+    async def _model_dir(self, name, revision: str) -> "Path | None":
+        """Where the model already is on this node: a built-in model (built
+        on demand), a local directory (only when this node's own user
+        placed it: the name parsed as local), or a complete checkpoint in a
+        store. None: the rank's bytes must be fetched first."""
         from exod.models import synthetic
 
-        if model in synthetic.NAMED:
-            return await asyncio.to_thread(synthetic.ensure_named, model, self.node.models_dir)
-        found = await asyncio.to_thread(store_path, self.node.models_dir, model)
-        if found is None and local and (Path(model).expanduser() / "config.json").is_file():
-            found = Path(model).expanduser()
-        return found
+        if name.kind == "builtin":
+            return await asyncio.to_thread(synthetic.ensure_named, name.model_id, self.node.models.store.exod_dir)
+        if name.kind == "local":
+            return Path(name.model_id)
+        return await asyncio.to_thread(self.node.models.local_root, name.model_id, revision or name.revision)
 
     async def start_runner(self, request: pb.StartRunnerRequest, asked_by: "str | None" = None) -> pb.StartRunnerResponse:
-        """`asked_by`: the node that asked, as its certificate proved (None: this node)."""
-        from exod.runner.launch import RankProcess
+        """`asked_by`: the node that asked, as its certificate proved (None:
+        this node). Where the node lacks bytes the rank needs, the rank is
+        Downloading first and its runner starts once they are here."""
+        from exod.models import ModelError
 
         owner = asked_by or self.node.node_id
         problem = self._start_problem(request, owner)
@@ -198,18 +187,65 @@ class Work:
         spec = pb.RunnerSpec()
         spec.CopyFrom(request.spec)
         key = (spec.instance_id, spec.rank)
-        path = await self._model_dir(request.model, local=asked_by is None)
-        if path is None:
-            return pb.StartRunnerResponse(started=False, reason=(
-                f"model {request.model[:200]!r} is not on node {self.node.record.profile.name}: models come "
-                f"from a store (built-in names, or folders under {self.node.models_dir})"))
-        if key in self.processes:  # started meanwhile
+        try:
+            name = self.node.models.parse(request.model, local=asked_by is None)
+        except ModelError as e:
+            return pb.StartRunnerResponse(started=False, reason=f"node {self.node.record.profile.name}: {e}")
+        path = await self._model_dir(name, request.revision)
+        if key in self.processes or key in self.downloads:  # started meanwhile
             return pb.StartRunnerResponse(started=False, reason=f"rank {spec.rank} of {spec.instance_id} runs here already")
-        spec.model_dir = str(path)
         spec.node_id = self.node.node_id
         self.node.ledger = reservations.confirm(self.node.ledger, request.reservation_id)
         self.held[key] = request.reservation_id
         self.owners[key] = owner
+        self.statuses[key] = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=self.node.node_id,
+                                             state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
+        if path is not None:
+            await self._launch(key, spec, path)
+        else:
+            self.statuses[key].state = pb.DOWNLOADING
+            task = asyncio.ensure_future(self._download_then_launch(key, spec, request.model, request.revision))
+            self.downloads[key] = task
+            task.add_done_callback(lambda _: self.downloads.pop(key, None))
+        self.changed()
+        return pb.StartRunnerResponse(started=True)
+
+    async def _download_then_launch(self, key, spec: pb.RunnerSpec, model: str, revision: str) -> None:
+        from .models import Unavailable
+
+        started = time.monotonic()
+
+        def progress(download: pb.Download) -> None:
+            status = self.statuses.get(key)
+            if status is not None and status.state == pb.DOWNLOADING:
+                status.download.CopyFrom(download)
+                status.changed_at_unix_ms = int(time.time() * 1000)
+                self.changed()
+
+        try:
+            path = await self.node.models.prepare_rank(spec, model, revision, progress)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the rank's news, with the reason: never a lost task
+            reason = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+            log.warning("rank not started: its bytes could not be had", instance=key[0], rank=key[1], reason=reason)
+            self._on_status(key, pb.RunnerStatus(instance_id=key[0], rank=key[1], state=pb.FAILED,
+                                                 estimated_bytes=spec.estimated_bytes,
+                                                 reason=f"Downloading failed: {reason}"[:2000],
+                                                 download=self.statuses[key].download if key in self.statuses
+                                                 else None))
+            return
+        if key not in self.statuses:
+            return  # stopped meanwhile
+        log.info("rank's bytes are here", instance=key[0], rank=key[1], path=str(path),
+                 seconds=round(time.monotonic() - started, 2))
+        await self._launch(key, spec, path)
+        self.changed()
+
+    async def _launch(self, key, spec: pb.RunnerSpec, path: Path) -> None:
+        from exod.runner.launch import RankProcess
+
+        spec.model_dir = str(path)
         loop = asyncio.get_running_loop()
         logs = self.node.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -220,14 +256,10 @@ class Work:
             else:
                 loop.call_soon_threadsafe(self._on_chunk, event.chunk)
 
-        self.statuses[key] = pb.RunnerStatus(instance_id=spec.instance_id, rank=spec.rank, node_id=self.node.node_id,
-                                             state=pb.IDLE, estimated_bytes=spec.estimated_bytes)
         spare, self.spare = self.spare, None
         self.processes[key] = await asyncio.to_thread(
             RankProcess, spec, on_event, None, logs / f"{spec.instance_id}-rank{spec.rank}.log",
             self.node.data_dir / "run", spare)
-        self.changed()
-        return pb.StartRunnerResponse(started=True)
 
     def _on_status(self, key, status: pb.RunnerStatus) -> None:
         if key not in self.statuses:
@@ -235,6 +267,8 @@ class Work:
         copy = pb.RunnerStatus()
         copy.CopyFrom(status)
         copy.node_id = self.node.node_id
+        if not copy.HasField("download") and self.statuses[key].HasField("download"):
+            copy.download.CopyFrom(self.statuses[key].download)  # what the fetch took stays on show
         copy.diagnostics = ""  # stays in the rank's log; the record travels everywhere
         copy.history.extend(self.statuses[key].history)
         if not copy.history or copy.history[-1].state != copy.state:
@@ -292,6 +326,16 @@ class Work:
     async def stop_instance(self, instance_id: str, asked_by: "str | None" = None) -> int:
         """Stop this node's ranks of an instance; another node may stop only
         the ranks it placed (`asked_by`, as proven)."""
+        fetching = [k for k in self.downloads if k[0] == instance_id
+                    and (asked_by is None or self.owners.get(k) == asked_by)]
+        for key in fetching:  # a rank still Downloading: stop the fetch (its partial shard goes with it)
+            self.downloads[key].cancel()
+        await asyncio.gather(*(self.downloads[k] for k in fetching if k in self.downloads), return_exceptions=True)
+        for key in fetching:
+            self.statuses.pop(key, None)
+            self.owners.pop(key, None)
+            if key in self.held:
+                self.node.release(self.held.pop(key))
         keys = [k for k in self.processes if k[0] == instance_id
                 and (asked_by is None or self.owners.get(k) == asked_by)]
         for key in keys:
@@ -311,19 +355,21 @@ class Work:
             self.owners.pop(key, None)
             if key in self.held:
                 self.node.release(self.held.pop(key))
-        if keys:
+        if keys or fetching:
             self.changed()
-        return len(keys)
+        return len(keys) + len(fetching)
 
     async def stop_all(self) -> None:
         await self._close_spare()
-        for instance_id in {k[0] for k in self.processes}:
+        for instance_id in {k[0] for k in [*self.processes, *self.downloads]}:
             await self.stop_instance(instance_id)
 
     # ---------------------------------------------------------------- instances placed through here
 
-    async def create(self, request: pb.PlacementRequest, replaces: "pb.Instance | None" = None) -> pb.Instance:
-        plan = await asyncio.to_thread(placement_api.preview, self.node.view, request, self.node.models_dir)
+    async def create(self, request: pb.PlacementRequest, replaces: "pb.Instance | None" = None,
+                     local: bool = True) -> pb.Instance:
+        """local: this node's own user asked (a directory may name the model)."""
+        plan = await placement_api.preview(self.node, request, local)
         if not plan.HasField("chosen"):
             raise placement_api.PlanError("; ".join(plan.reasons) or "no placement fits")
         chosen = plan.chosen
@@ -363,7 +409,7 @@ class Work:
                                  strategy=strategy, pipeline_layers=split, rendezvous_secret=rendezvous_secret,
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length)
             starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
-                spec=spec, reservation_id=reservation_id, model=request.model)))
+                spec=spec, reservation_id=reservation_id, model=request.model, revision=chosen.revision)))
         answers = await asyncio.gather(*starts, return_exceptions=True)
         problems = [str(a) if isinstance(a, Exception) else a.reason for a in answers
                     if isinstance(a, Exception) or not a.started]

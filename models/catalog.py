@@ -22,13 +22,11 @@ def cards() -> dict[str, dict]:
 
 
 def resolve(model: str) -> pb.ModelSpec:
-    """A catalog id or a model directory."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return inventory.from_directory(path)
+    """A catalog id's card, described without any file (names of every
+    other kind: models/store.py)."""
     card = cards().get(model)
     if card is None:
-        raise ModelError(f"unknown model {model!r}: not a catalog id (see `exod models`) nor a model directory")
+        raise ModelError(f"unknown model {model!r}: not a catalog id (see `exod models`)")
     return _card_spec(model)
 
 

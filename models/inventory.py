@@ -53,20 +53,27 @@ def compile_rules(overrides: list) -> list:
 # ------------------------------------------------------------------ sources
 
 
-def from_directory(path: Path) -> pb.ModelSpec:
+def from_directory(path: Path, model_id: Optional[str] = None) -> pb.ModelSpec:
     """Exact inventory from config.json and the safetensors headers."""
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{path}: no config.json")
-    config = _read_json(config_path)
-    config = normalize_config(config, str(config_path))
+    config = normalize_config(_read_json(config_path), str(config_path))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{path}: no .safetensors files")
     stored = {}
     for f in files:
         stored.update(read_header(f))
+    return from_parts(model_id or path.name, config, stored, str(config_path))
+
+
+def from_parts(model_id: str, config: dict, stored: dict, where: str = "", source: str = "directory") -> pb.ModelSpec:
+    """Exact inventory from a config and the safetensors headers' entries
+    ({name: (dtype, shape, bytes)}), wherever they were read: a directory,
+    or a peer that holds the checkpoint (no weights needed here)."""
+    config = normalize_config(config, where or model_id)
     quant = config.get("quantization")
     default = quantization.default_params(quant) if quant else None
     entries = []
@@ -77,7 +84,7 @@ def from_directory(path: Path) -> pb.ModelSpec:
             explicit = quantization.recipe_for(module, quant, [])
             params = explicit if isinstance(explicit, dict) else default
         entries.append((name, shape, dtype, nbytes, params))
-    return build_spec(path.name, config, "directory", entries)
+    return build_spec(model_id, config, source, entries)
 
 
 def from_config(config: dict, model_id: str, overrides: Optional[list] = None) -> pb.ModelSpec:

@@ -61,6 +61,7 @@ class RunnerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHUTTING_DOWN: _ClassVar[RunnerState]
     SHUTDOWN: _ClassVar[RunnerState]
     FAILED: _ClassVar[RunnerState]
+    DOWNLOADING: _ClassVar[RunnerState]
 
 class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -123,6 +124,7 @@ RUNNING: RunnerState
 SHUTTING_DOWN: RunnerState
 SHUTDOWN: RunnerState
 FAILED: RunnerState
+DOWNLOADING: RunnerState
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_PENDING: InstanceState
 INSTANCE_STARTING: InstanceState
@@ -161,7 +163,7 @@ class RdmaDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "calibration", "gpu_working_set_bytes")
+    __slots__ = ("node_id", "name", "chip", "cores", "memory_total_bytes", "memory_available_bytes", "memory_usable_bytes", "memory_bandwidth_bytes_per_s", "backends", "interfaces", "rdma_devices", "os", "version", "calibration", "gpu_working_set_bytes", "models")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +179,7 @@ class NodeProfile(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     GPU_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     chip: str
@@ -192,7 +195,50 @@ class NodeProfile(_message.Message):
     version: int
     calibration: NodeCalibration
     gpu_working_set_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., calibration: _Optional[_Union[NodeCalibration, _Mapping]] = ..., gpu_working_set_bytes: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelHolding]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., chip: _Optional[str] = ..., cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_usable_bytes: _Optional[int] = ..., memory_bandwidth_bytes_per_s: _Optional[float] = ..., backends: _Optional[_Iterable[str]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., rdma_devices: _Optional[_Iterable[_Union[RdmaDevice, _Mapping]]] = ..., os: _Optional[str] = ..., version: _Optional[int] = ..., calibration: _Optional[_Union[NodeCalibration, _Mapping]] = ..., gpu_working_set_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelHolding, _Mapping]]] = ...) -> None: ...
+
+class ModelFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ShardOf(_message.Message):
+    __slots__ = ("strategy", "rank", "world_size", "layer_start", "layer_end")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    strategy: str
+    rank: int
+    world_size: int
+    layer_start: int
+    layer_end: int
+    def __init__(self, strategy: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class ModelHolding(_message.Message):
+    __slots__ = ("model_id", "revision", "files", "complete", "store", "bytes", "shard")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    files: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    complete: bool
+    store: str
+    bytes: int
+    shard: ShardOf
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., complete: _Optional[bool] = ..., store: _Optional[str] = ..., bytes: _Optional[int] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
 
 class NodeCalibration(_message.Message):
     __slots__ = ("decode_bytes_per_s", "step_s", "layer_s", "collective_s", "busy_ranks", "mlx_version", "chip", "measured_at_unix_ms", "fit_worst_error")
@@ -396,7 +442,7 @@ class MemoryBreakdown(_message.Message):
     def __init__(self, embedding_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., dense_mlp_bytes: _Optional[int] = ..., router_bytes: _Optional[int] = ..., routed_experts_bytes: _Optional[int] = ..., shared_experts_bytes: _Optional[int] = ..., norm_bytes: _Optional[int] = ..., other_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class RankPlacement(_message.Message):
-    __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "shard_index", "shard_count", "memory", "usable_bytes", "fits", "predicted_compute_s", "address")
+    __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "shard_index", "shard_count", "memory", "usable_bytes", "fits", "predicted_compute_s", "address", "transfer")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +455,7 @@ class RankPlacement(_message.Message):
     FITS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_id: str
     node_name: str
@@ -421,7 +468,22 @@ class RankPlacement(_message.Message):
     fits: bool
     predicted_compute_s: float
     address: str
-    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
+    transfer: Transfer
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ..., transfer: _Optional[_Union[Transfer, _Mapping]] = ...) -> None: ...
+
+class Transfer(_message.Message):
+    __slots__ = ("bytes_needed", "bytes_local", "bytes_to_fetch", "sources", "predicted_s")
+    BYTES_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TO_FETCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_S_FIELD_NUMBER: _ClassVar[int]
+    bytes_needed: int
+    bytes_local: int
+    bytes_to_fetch: int
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    predicted_s: float
+    def __init__(self, bytes_needed: _Optional[int] = ..., bytes_local: _Optional[int] = ..., bytes_to_fetch: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., predicted_s: _Optional[float] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
     __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks", "restart_policy", "max_restarts")
@@ -448,7 +510,7 @@ class PlacementRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected")
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -461,6 +523,9 @@ class Placement(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TO_FETCH_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     strategy: Strategy
     backend: Backend
@@ -473,7 +538,10 @@ class Placement(_message.Message):
     context_length: int
     concurrency: int
     rejected: bool
-    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ...) -> None: ...
+    bytes_to_fetch: int
+    predicted_transfer_s: float
+    revision: str
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("chosen", "candidates", "reasons")
@@ -485,8 +553,24 @@ class Plan(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, chosen: _Optional[_Union[Placement, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Download(_message.Message):
+    __slots__ = ("bytes_done", "bytes_total", "rate_bytes_per_s", "source", "eta_s", "deadline_s")
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    bytes_done: int
+    bytes_total: int
+    rate_bytes_per_s: float
+    source: str
+    eta_s: float
+    deadline_s: float
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., source: _Optional[str] = ..., eta_s: _Optional[float] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
 class RunnerStatus(_message.Message):
-    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history")
+    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -504,6 +588,7 @@ class RunnerStatus(_message.Message):
     CANARY_LAYER_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     rank: int
     node_id: str
@@ -521,7 +606,8 @@ class RunnerStatus(_message.Message):
     canary_layer: int
     peak_rss_bytes: int
     history: _containers.RepeatedCompositeFieldContainer[StateChange]
-    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ...) -> None: ...
+    download: Download
+    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ...) -> None: ...
 
 class StateChange(_message.Message):
     __slots__ = ("state", "at_unix_ms")
@@ -888,14 +974,16 @@ class ReserveResponse(_message.Message):
     def __init__(self, admitted: _Optional[bool] = ..., reason: _Optional[str] = ..., usable_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., port: _Optional[int] = ...) -> None: ...
 
 class StartRunnerRequest(_message.Message):
-    __slots__ = ("spec", "reservation_id", "model")
+    __slots__ = ("spec", "reservation_id", "model", "revision")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     spec: RunnerSpec
     reservation_id: str
     model: str
-    def __init__(self, spec: _Optional[_Union[RunnerSpec, _Mapping]] = ..., reservation_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    revision: str
+    def __init__(self, spec: _Optional[_Union[RunnerSpec, _Mapping]] = ..., reservation_id: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class StartRunnerResponse(_message.Message):
     __slots__ = ("started", "reason")
@@ -992,6 +1080,64 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("offset", "length", "stride", "count", "skip")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    stride: int
+    count: int
+    skip: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., stride: _Optional[int] = ..., count: _Optional[int] = ..., skip: _Optional[int] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("model_id", "revision", "file", "ranges")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    file: str
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., file: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("range", "position", "data", "sha256")
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    range: int
+    position: int
+    data: bytes
+    sha256: bytes
+    def __init__(self, range: _Optional[int] = ..., position: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PullProgress(_message.Message):
+    __slots__ = ("model_id", "revision", "download", "done", "error")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    download: Download
+    done: bool
+    error: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., done: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ()

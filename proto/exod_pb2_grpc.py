@@ -94,6 +94,16 @@ class PeerServiceStub:
                 request_serializer=exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
                 response_deserializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
                 _registered_method=True)
+        self.ReadModelFile = channel.unary_stream(
+                '/exod.v1.PeerService/ReadModelFile',
+                request_serializer=exod_dot_proto_dot_exod__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/exod.v1.PeerService/Pull',
+                request_serializer=exod_dot_proto_dot_exod__pb2.PullRequest.SerializeToString,
+                response_deserializer=exod_dot_proto_dot_exod__pb2.PullProgress.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -173,6 +183,21 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadModelFile(self, request, context):
+        """Member only: ranges of a file of a checkpoint in this node's stores,
+        each chunk with the SHA-256 this node computed from its own file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pull(self, request, context):
+        """Member only: fetch a whole checkpoint onto this node, with progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +260,16 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.DeleteInstance,
                     request_deserializer=exod_dot_proto_dot_exod__pb2.InstanceRef.FromString,
                     response_serializer=exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.SerializeToString,
+            ),
+            'ReadModelFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadModelFile,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.ReadFileRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.FileChunk.SerializeToString,
+            ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=exod_dot_proto_dot_exod__pb2.PullRequest.FromString,
+                    response_serializer=exod_dot_proto_dot_exod__pb2.PullProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,6 +596,60 @@ class PeerService:
             '/exod.v1.PeerService/DeleteInstance',
             exod_dot_proto_dot_exod__pb2.InstanceRef.SerializeToString,
             exod_dot_proto_dot_exod__pb2.DeleteInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadModelFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exod.v1.PeerService/ReadModelFile',
+            exod_dot_proto_dot_exod__pb2.ReadFileRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exod.v1.PeerService/Pull',
+            exod_dot_proto_dot_exod__pb2.PullRequest.SerializeToString,
+            exod_dot_proto_dot_exod__pb2.PullProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.utils import load_model
 
 from .loading import held_layer_indices
+from .shard_loading import load_model  # a whole checkpoint or a shard (its canary layer is whole)
 
 PROBE_TOKENS = 8
 # The whole-model pass proves wiring (every stage, every all-sum) and agreement,

@@ -231,8 +231,9 @@ class LocalInstance:
                  estimated_bytes: Optional[list[int]] = None, env: Optional[dict] = None,
                  hosts: Optional[list[str]] = None, log_dir: Optional[Path] = None, instance_id: str = "",
                  start_only: Optional[list[int]] = None, rank_hosts: Optional[list[list[str]]] = None,
-                 rank_prefix: Optional[list[list[str]]] = None):
-        """rank_hosts: the ring addresses as each rank sees them, when they
+                 rank_prefix: Optional[list[list[str]]] = None, model_dirs: Optional[list] = None):
+        """model_dirs: each rank's own model directory (shard checkpoints),
+        instead of model_dir for all; rank_hosts: the ring addresses as each rank sees them, when they
         differ (a rank reaching its peers through relays); rank_prefix: the
         command each rank runs under (a network namespace)."""
         self.instance_id = instance_id or f"local-{os.getpid()}-{next(self._ids)}"
@@ -246,7 +247,8 @@ class LocalInstance:
         self.specs = [
             pb.RunnerSpec(instance_id=self.instance_id, node_id="local", rank=r, world_size=world_size,
                           rendezvous_secret=secret,
-                          backend=pb.RING, hosts=rank_hosts[r] if rank_hosts else self.hosts, model_dir=str(model_dir), strategy=strategy,
+                          backend=pb.RING, hosts=rank_hosts[r] if rank_hosts else self.hosts,
+                          model_dir=str(model_dirs[r] if model_dirs else model_dir), strategy=strategy,
                           pipeline_layers=pipeline_layers or [], deadlines=deadlines,
                           context_length=context_length,
                           estimated_bytes=(estimated_bytes or [0] * world_size)[r])

@@ -9,11 +9,10 @@ from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import load_model
 
 from exod.models.architectures import for_model_type
 
-from . import strategies
+from . import shard_loading, strategies
 
 
 def peak_rss_bytes() -> int:
@@ -38,7 +37,7 @@ def materialize(module) -> None:
 
 def load(spec, group, progress: Callable[[int, int], None]):
     """(model, config, architecture) with this rank's weights in memory."""
-    model, config = load_model(Path(spec.model_dir), lazy=True)
+    model, config = shard_loading.load_model(Path(spec.model_dir), lazy=True)  # a whole checkpoint or a shard
     arch = for_model_type(config["model_type"])
     progress(0, int(config.get("num_hidden_layers") or 0))  # Loading: a refused cut fails in this phase
     strategies.get(spec.strategy)(model, group, spec, arch, config)
@@ -47,6 +46,7 @@ def load(spec, group, progress: Callable[[int, int], None]):
         materialize(layer)
         progress(i + 1, len(layers))
     materialize(model)
+    shard_loading.check_cut(model, Path(spec.model_dir))
     mx.clear_cache()
     return model, config, arch
 

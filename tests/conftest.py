@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 # network namespaces), joins this cluster unless the test says otherwise.
 TEST_CLUSTER_KEY = "exod1-" + "dGVzdC1jbHVzdGVyLWtleS1ub3QtYS1zZWNyZXQtISE"
 os.environ["EXOD_CLUSTER_KEY"] = TEST_CLUSTER_KEY
+# No test reaches the internet: the hub is asked only where a test serves a
+# local mirror at HF_ENDPOINT (and says HF_HUB_OFFLINE=0 for its daemons).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,10 @@ def browse(url, shots, kill_runner):
         page.wait_for_selector('#instances .rank[data-rank="1"] .READY', timeout=15000)
         assert page.locator("#instances .rank .READY").count() == 2
         assert "ready" in page.text_content("#instances td.state")
+        # The built-in model was built on both nodes: each publishes it, the page lists both.
+        page.wait_for_selector('#models tr[data-node="a"][data-model="demo"]', timeout=15000)
+        page.wait_for_selector('#models tr[data-node="b"][data-model="demo"]', timeout=15000)
+        assert "complete" in page.text_content('#models tr[data-node="b"]')
         page.screenshot(path=shots[1], full_page=True)
 
         kill_runner()

@@ -158,9 +158,25 @@ document.addEventListener("securitypolicyviolation", e => window.__violations.pu
 window.alert = () => { window.__xss = "alert"; };"""
 
 
+def poisoned_holdings() -> pb.NodeRecord:
+    """A peer's node record whose models (ids, revisions, stores, file names,
+    shard strategies) are markup or script."""
+    import time
+
+    holdings = [pb.ModelHolding(model_id=XSS[0], revision=XSS[1], store=XSS[2], complete=True,
+                                files=[pb.ModelFile(name=XSS[3], size=1)]),
+                pb.ModelHolding(model_id=XSS[2], revision=XSS[3], store="shard",
+                                shard=pb.ShardOf(strategy=XSS[0], rank=1, world_size=2))]
+    return pb.NodeRecord(profile=pb.NodeProfile(node_id="e" * 32, name="peer", models=holdings), version=1,
+                         incarnation=int(time.time() * 1000), cluster_id="default")
+
+
 def test_what_peers_write_shows_as_text_and_never_runs(daemon):
     record = poisoned_work()
     daemon.on_loop(lambda: setattr(daemon.node, "view", cluster.apply_work(daemon.node.view, record)))
+    peer = poisoned_holdings()
+    daemon.on_loop(lambda: setattr(daemon.node, "view", cluster.apply_record(daemon.node.view, peer,
+                                                                             peer.incarnation)))
     assert len(daemon.on_loop(lambda: cluster.instances(daemon.node.view))) == 2
     # A stranger's announcement is shown too: its address and claimed id are its own words.
     daemon.on_loop(lambda: daemon.node.saw_stranger(XSS[0][:100], XSS[1], XSS[3]))
@@ -182,8 +198,12 @@ def test_what_peers_write_shows_as_text_and_never_runs(daemon):
             assert s in text, s
         strangers = page.text_content("#strangers")
         assert page.is_visible("#strangers") and XSS[0][:100] in strangers and XSS[1] in strangers
-        assert page.locator("#instances img, #instances script, #nodes img, #strangers img, [onerror], "
-                            "[onmouseover]").count() == 0
+        page.wait_for_selector('#models tr[data-node="peer"]', timeout=15000)
+        models = page.text_content("#models")
+        for s in (XSS[0], XSS[2], XSS[1][:8], XSS[3][:8]):  # ids and stores whole, revisions cut to 8
+            assert s in models, s
+        assert page.locator("#instances img, #instances script, #nodes img, #strangers img, #models img, "
+                            "#models script, [onerror], [onmouseover]").count() == 0
         assert page.evaluate("typeof window.__xss") == "undefined"
 
         # Delete through the button (event delegation, the id from the row's data-instance): the id

@@ -9,7 +9,7 @@ const token = document.querySelector('meta[name="exod-page-token"]').content;
 const gb = b => (Number(b || 0) / 1e9).toFixed(1) + " GB";
 const mb = b => (Number(b || 0) / 1e6).toFixed(0) + " MB";
 const word = s => String(s || "").replace(/^INSTANCE_/, "").toLowerCase().replace(/_/g, " ");
-const plainWords = {READY: "Ready", FAILED: "Failed", LOADING: "Loading", WARMING_UP: "Warming up", CONNECTING: "Connecting",
+const plainWords = {DOWNLOADING: "Downloading", READY: "Ready", FAILED: "Failed", LOADING: "Loading", WARMING_UP: "Warming up", CONNECTING: "Connecting",
   CONNECTED: "Connected", LOADED: "Loaded", IDLE: "Idle", RUNNING: "Running", SHUTTING_DOWN: "Shutting down", SHUTDOWN: "Shut down"};
 const $ = selector => document.querySelector(selector);
 
@@ -46,9 +46,17 @@ function nodeRow(n, self) {
     el("td", {}, p.chip));
 }
 
+// While a rank's node fetches its bytes: done/total, rate, from where, ETA.
+function downloadText(d) {
+  const rate = Number(d.rate_bytes_per_s || 0);
+  return ` ${mb(d.bytes_done)} / ${mb(d.bytes_total)} at ${(rate / 1e6).toFixed(1)} MB/s` +
+    ` from ${d.source || "?"}, ${Math.round(Number(d.eta_s || 0))} s left`;
+}
+
 function rankLine(r, p, names) {
   const rp = (p.ranks || []).find(x => (x.rank || 0) === (r.rank || 0)) || {};
-  const progress = r.state === "LOADING" ? ` ${r.layers_loaded || 0}/${r.total_layers || "?"}` : "";
+  const progress = r.state === "LOADING" ? ` ${r.layers_loaded || 0}/${r.total_layers || "?"}`
+    : r.state === "DOWNLOADING" && r.download ? downloadText(r.download) : "";
   const measured = r.peak_rss_bytes ? mb(r.peak_rss_bytes) : "—";
   return el("div", {className: "rank", data: {rank: r.rank || 0}},
     `rank ${r.rank || 0} · ${rp.node_name || names[r.node_id] || "?"} · `,
@@ -69,6 +77,24 @@ function instanceRow(i, names) {
       i.replaces ? el("div", {className: "muted"}, `restart ${i.restarts} of ${i.replaces}`) : null),
     el("td", {}, (i.runners || []).map(r => rankLine(r, p, names))),
     el("td", {}, el("button", {type: "button", data: {action: "delete"}}, "Delete")));
+}
+
+// One row per checkpoint a node publishes: peers wrote these, so text only.
+function modelRows(n) {
+  const p = n.record.profile;
+  return (p.models || []).map(h => {
+    const s = h.shard;
+    const what = s ? `shard · ${s.strategy || ""} rank ${s.rank || 0}/${s.world_size || 0}` +
+      (s.layer_end ? ` · layers ${s.layer_start || 0}-${s.layer_end}` : "") : (h.complete ? "complete" : "partial");
+    return el("tr", {data: {node: p.name || "", model: h.model_id || ""}},
+      el("td", {}, p.name),
+      el("td", {}, h.model_id),
+      el("td", {className: "muted"}, (h.revision || "").slice(0, 8) || "—"),
+      el("td", {}, h.store),
+      el("td", {}, String((h.files || []).length)),
+      el("td", {}, gb(h.bytes)),
+      el("td", {className: h.complete ? "fits" : "muted"}, what));
+  });
 }
 
 function linkRow(l, names) {
@@ -98,6 +124,7 @@ async function refresh() {
     $("#summary").textContent = `cluster ${s.cluster_id} · ${up} of ${nodes.length} nodes up · updated ${new Date().toLocaleTimeString()}`;
     $("#nodes tbody").replaceChildren(...nodes.map(n => nodeRow(n, s.self_id)));
     $("#links tbody").replaceChildren(...(s.links || []).map(l => linkRow(l, names)));
+    $("#models tbody").replaceChildren(...nodes.flatMap(modelRows));
     const strangers = s.strangers || [];
     $("#strangers").hidden = strangers.length === 0;
     $("#strangers tbody").replaceChildren(...strangers.map(strangerRow));
@@ -132,6 +159,8 @@ function candidateRow(c) {
     el("td", {}, c.ranks.map(r => `${r.rank || 0}→${r.node_name}`).join(", ")),
     el("td", {}, c.ranks.map(r => gb(r.memory.total_bytes)).join(" / ")),
     el("td", {}, `${(c.predicted_decode_tokens_per_s || 0).toFixed(1)} tok/s`),
+    el("td", {}, c.bytes_to_fetch ? `${gb(c.bytes_to_fetch)} · ~${Math.round(Number(c.predicted_transfer_s || 0))} s` +
+      ` from ${[...new Set(c.ranks.flatMap(r => (r.transfer || {}).sources || []))].join(", ")}` : "—"),
     el("td", {className: c.fits ? "fits" : "nofit"}, c.fits ? "fits" : "does not fit",
       (c.reasons || []).map(r => el("div", {className: "muted"}, r))));
 }

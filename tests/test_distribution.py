@@ -1,0 +1,281 @@
+"""Checkpoints on nodes that lack them, on three real daemons on loopback:
+only `a` holds a mixture-of-experts in its Hugging Face cache (written by
+huggingface_hub from a local mirror). Every node sees what `a` holds; a
+member reads only listed files of it; `b` plans it without any weight of
+its own; placed moe_tensor on b and c, each fetches only its rank's bytes
+into a shard checkpoint, both reach Ready, and the greedy answer is a
+single-node instance's on `a`; placed again, nothing moves; placed as a
+pipeline, each fetches only its stage."""
+
+import asyncio
+import hashlib
+
+import grpc
+import pytest
+
+from exod.daemon import state, transport
+from exod.models import shards
+from exod.proto import exod_pb2 as pb
+
+from .daemon_helpers import member_channel, member_identity, settings, started, statuses, until
+from .model_fixtures import build_moe, hf_cache_with
+
+GB = 10**9
+REPO_ID = "acme/moe-16x"
+PROMPT = [1, 17, 42, 99, 7, 300, 5, 250]
+
+
+@pytest.fixture(scope="module")
+def moe_cache(tmp_path_factory):
+    source = build_moe(tmp_path_factory.mktemp("moe"))
+    return source, hf_cache_with(tmp_path_factory.mktemp("a-cache") / "hub", source, REPO_ID)
+
+
+def checkpoint_bytes(source) -> int:
+    return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+
+
+async def answer(node, instance_id):
+    request = pb.GenerateRequest(request_id=f"q-{instance_id}", prompt_tokens=PROMPT,
+                                 sampling=pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    instance = state.instance(node.view, instance_id)
+    tokens = []
+    async for chunk in node.generate_on(instance, request):
+        assert not chunk.error, chunk.error
+        tokens += [t.token for t in chunk.tokens]
+    return tokens
+
+
+async def place(node, body):
+    from exod.daemon import placement_api
+
+    request = placement_api.parse_request(body)
+    return await node.work.create(request, local=True)
+
+
+async def ready(nodes, instance_id, timeout=240):
+    def check():
+        i = state.instance(nodes[0].view, instance_id)
+        if i is not None and i.state == pb.INSTANCE_FAILED:
+            raise AssertionError(f"failed: {i.reason}")
+        return all((i := state.instance(n.view, instance_id)) is not None and i.state == pb.INSTANCE_READY
+                   for n in nodes)
+    await until(check, timeout, 0.2)
+
+
+def test_ranks_fetch_only_their_bytes_from_the_node_that_holds_the_model(tmp_path, moe_cache):
+    source, cache = moe_cache
+    total = checkpoint_bytes(source)
+
+    async def scenario():
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        peers = [f"127.0.0.1:{a.grpc_port}"]
+        b = await started(settings(tmp_path, "b", peers, memory_limit=8 * GB, hf_cache=str(tmp_path / "b-hub")))
+        c = await started(settings(tmp_path, "c", peers, memory_limit=8 * GB, hf_cache=str(tmp_path / "c-hub")))
+        nodes = [a, b, c]
+        try:
+            await until(lambda: all(statuses(n) == {"a": pb.UP, "b": pb.UP, "c": pb.UP} for n in nodes), 15)
+            # Every node sees what a holds: complete, with the LFS files' digests.
+            def published(n):
+                m = n.view.member(a.node_id)
+                return [h for h in m.record.profile.models if h.model_id == REPO_ID] if m else []
+            await until(lambda: all(published(n) for n in nodes), 15)
+            [held] = published(c)
+            assert held.complete and held.store == "hf-cache" and len(held.revision) == 40
+            digests = {f.name: f.sha256 for f in held.files}
+            weights = "model-00001-of-00002.safetensors"
+            assert digests[weights] == hashlib.sha256((source / weights).read_bytes()).hexdigest()
+
+            # A member reads ranges of listed files, each chunk with its digest; nothing else.
+            channel = member_channel(f"127.0.0.1:{a.grpc_port}", b.identity)
+            stub = transport.peer_stub(channel)
+            ask = lambda f, *ranges: stub.ReadModelFile(pb.ReadFileRequest(  # noqa: E731
+                model_id=REPO_ID, revision=held.revision, file=f, ranges=list(ranges)), timeout=10)
+            chunks = [c async for c in ask(weights, pb.ByteRange(offset=8, length=1000, stride=4000, count=3))]
+            data = b"".join(c.data for c in chunks)
+            raw = (source / weights).read_bytes()
+            assert data == raw[8:1008] + raw[4008:5008] + raw[8008:9008]
+            assert all(hashlib.sha256(c.data).digest() == c.sha256 for c in chunks)
+            for name, code in (("../../../etc/passwd", grpc.StatusCode.NOT_FOUND),
+                               (str(source / weights), grpc.StatusCode.NOT_FOUND),
+                               ("refs/main", grpc.StatusCode.NOT_FOUND)):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    [c async for c in ask(name, pb.ByteRange(offset=0, length=10))]
+                assert e.value.code() == code, name
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [c async for c in ask(weights, pb.ByteRange(offset=len(raw) - 5, length=10))]
+            assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            await channel.close()
+            stranger = member_channel(f"127.0.0.1:{a.grpc_port}", member_identity())  # holds the key, not in the view
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [c async for c in transport.peer_stub(stranger).ReadModelFile(pb.ReadFileRequest(
+                    model_id=REPO_ID, file=weights, ranges=[pb.ByteRange(offset=0, length=8)]), timeout=10)]
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await stranger.close()
+
+            # b plans it from a's headers: each rank's bytes to fetch, from a.
+            from exod.daemon import placement_api
+
+            plan = await placement_api.preview(b, placement_api.parse_request(
+                {"model": REPO_ID, "strategy": "moe_tensor", "nodes": ["b", "c"], "ranks": 2}), local=False)
+            assert plan.chosen.revision == held.revision
+            for r in plan.chosen.ranks:
+                t = r.transfer
+                assert t.bytes_local == 0 and t.sources == ["a"] and 0 < t.bytes_to_fetch < 0.75 * total
+                assert t.predicted_s > 0
+
+            # Placed moe_tensor on b and c: Downloading, then Ready; each fetched under 0.75x.
+            served = a.models.server.bytes_served
+            instance = await place(b, {"model": REPO_ID, "strategy": "moe_tensor", "nodes": ["b", "c"], "ranks": 2,
+                                       "context_length": 256})
+            seen = set()
+
+            async def watch():
+                while True:
+                    i = state.instance(b.view, instance.instance_id)
+                    for r in (i.runners if i else []):
+                        if r.state == pb.DOWNLOADING:
+                            seen.add((r.rank, r.download.bytes_total))
+                    await asyncio.sleep(0.05)
+            watcher = asyncio.create_task(watch())
+            await ready(nodes, instance.instance_id)
+            watcher.cancel()
+            assert {rank for rank, _ in seen} == {0, 1}, seen
+            fetched = a.models.server.bytes_served - served
+            for node in (b, c):
+                [shard] = node.models.store.shards(REPO_ID)
+                size = sum(f.size for f in shard.files.values())
+                assert size < 0.75 * total, (size, total)
+                assert shard.shard["strategy"] == "moe_tensor"
+            assert fetched < 2 * 0.75 * total
+            # The same greedy answer as a single node that holds it all.
+            sharded = await answer(b, instance.instance_id)
+            single = await place(a, {"model": REPO_ID, "nodes": ["a"], "ranks": 1, "context_length": 256})
+            await ready(nodes, single.instance_id)
+            assert a.models.server.bytes_served - served == fetched  # a reads its own cache
+            assert await answer(c, single.instance_id) == sharded and len(sharded) == 12
+            await a.work.delete(single.instance_id)
+            await b.work.delete(instance.instance_id)
+
+            # Placed again the same way: the shards are reused, nothing moves.
+            before = a.models.server.bytes_served
+            again = await place(c, {"model": REPO_ID, "strategy": "moe_tensor", "nodes": ["b", "c"], "ranks": 2,
+                                    "context_length": 256})
+            await ready(nodes, again.instance_id)
+            assert a.models.server.bytes_served == before
+            assert sharded == await answer(a, again.instance_id)
+            await c.work.delete(again.instance_id)
+
+            # Every node lists every node's models, shards included.
+            await until(lambda: all(any(h.store == "shard" for h in n.view.member(b.node_id).record.profile.models)
+                                    for n in nodes), 15)
+
+            # A pipeline over b and c: each fetches its stage and the layers-free tensors only.
+            before = a.models.server.bytes_served
+            pipe = await place(b, {"model": REPO_ID, "strategy": "pipeline", "nodes": ["b", "c"], "ranks": 2,
+                                   "context_length": 256})
+            await ready(nodes, pipe.instance_id)
+            stages = {}
+            for r in pipe.placement.ranks:
+                node = {"b": b, "c": c}[r.node_name]
+                [shard] = [h for h in node.models.store.shards(REPO_ID) if h.shard["strategy"] == "pipeline"]
+                stages[r.rank] = (r.layer_start, r.layer_end, sum(f.size for f in shard.files.values()))
+                assert (shard.shard["layer_start"], shard.shard["layer_end"]) == (r.layer_start, r.layer_end)
+            fetched = a.models.server.bytes_served - before
+            assert fetched == sum(r.transfer.bytes_to_fetch for r in pipe.placement.ranks)
+            assert fetched < 1.3 * total  # the stages, plus the embedding and head each stage needs
+            assert sharded == await answer(c, pipe.instance_id)
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 900))
+
+
+def test_pull_detects_corrupt_chunks_and_ls_lists_every_node(tmp_path, moe_cache, monkeypatch):
+    """The source flips a byte in its first chunks after hashing them (a test
+    hook, as a corrupting link would): the receiver notices each, fetches
+    those bytes again, and the pulled files are the source's exactly."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    source, cache = moe_cache
+
+    async def scenario():
+        monkeypatch.setenv("EXOD_TEST_CORRUPT_SERVED_CHUNKS", "3")
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        monkeypatch.delenv("EXOD_TEST_CORRUPT_SERVED_CHUNKS")
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            out = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "pull", REPO_ID, "--node", "b", "--api",
+                f"http://127.0.0.1:{a.api_port}"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                env={**__import__("os").environ, "EXOD_PROGRESS": "1"})
+            assert out.returncode == 0, out.stderr
+            assert "GB" in out.stderr and "#" in out.stderr  # the progress bar
+            pulled = b.models_dir / REPO_ID
+            for f in source.iterdir():
+                assert (pulled / f.name).read_bytes() == f.read_bytes(), f.name
+            assert a.models.server.bytes_served > checkpoint_bytes(source)  # the corrupt chunks went twice
+            assert not list(pulled.parent.glob(".partial-*"))
+            await until(lambda: any(h.model_id == REPO_ID and h.store == "exod" and h.complete
+                                    for h in a.view.member(b.node_id).record.profile.models), 15)
+            listing = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "ls", "--json", "--api", f"http://127.0.0.1:{a.api_port}"],
+                capture_output=True, text=True, cwd=REPO, timeout=60)
+            rows = {(r["node"], r["store"]): r for r in json.loads(listing.stdout) if r["model_id"] == REPO_ID}
+            assert rows[("a", "hf-cache")]["complete"] and rows[("b", "exod")]["complete"]
+            assert rows[("a", "hf-cache")]["revision"] == rows[("b", "exod")]["revision"]
+            table = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "exod.daemon.cli", "ls", "--api", f"http://127.0.0.1:{b.api_port}"],
+                capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert table.returncode == 0 and REPO_ID in table.stdout and "complete" in table.stdout
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 600))
+
+
+def test_a_disk_too_small_is_a_clear_error_and_leaves_nothing(tmp_path, moe_cache):
+    """b's shard store is a 30 MB tmpfs: the rank fails before anything is
+    fetched, naming the bytes needed and free, and nothing is left there."""
+    import subprocess
+
+    source, cache = moe_cache
+    shards_dir = tmp_path / "b" / "shards"
+    shards_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(shards_dir)], check=True)
+
+    async def scenario():
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
+
+            def failed():
+                i = state.instance(b.view, instance.instance_id)
+                return i is not None and i.state == pb.INSTANCE_FAILED
+            await until(failed, 60)
+            reason = state.instance(b.view, instance.instance_id).reason
+            assert "not enough disk space on node b" in reason and "needs" in reason and "free in" in reason, reason
+            assert str(shards_dir) in reason
+            assert a.models.server.bytes_served < 1_000_000  # headers only
+            assert [p for p in shards_dir.rglob("*") if p.is_file()] == []
+        finally:
+            await b.stop()
+            await a.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 300))
+    finally:
+        subprocess.run(["umount", str(shards_dir)], check=False)

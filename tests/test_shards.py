@@ -1,0 +1,109 @@
+"""A rank's shard checkpoint holds exactly what the rank needs, and the
+runner loads it directly: every strategy's ranks, each from its own shard,
+compute what one process computes from the whole checkpoint; a shard of
+another rank fails the rank with the reason instead of computing with
+zeros."""
+
+import json
+
+import numpy as np
+import pytest
+
+from exod.models import checkpoint as ckpt
+from exod.models import shards, synthetic
+from exod.models.safetensors_header import read_layout
+from exod.proto import exod_pb2 as pb
+from exod.runner.launch import LaunchError, LocalInstance
+
+from .runner_helpers import greedy_request, reference
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    built = {}
+    for variant, quant in (("fp32", None), ("q4", {"group_size": 32, "bits": 4})):
+        out = tmp_path_factory.mktemp(f"moe-{variant}")
+        built[variant] = synthetic.build(out, synthetic.TINY_CONFIGS["qwen3_moe"], quantization=quant)
+    return built
+
+
+def checkpoint_of(root):
+    files = {p.name: (p.stat().st_size, "") for p in root.iterdir() if p.is_file()}
+    return ckpt.local("acme/tiny", "", root, files)
+
+
+def shard_dirs(root, tmp_path, strategy, world, split=()):
+    checkpoint = checkpoint_of(root)
+    sizes = {n: s for n, (s, _) in checkpoint.files.items()}
+    out = []
+    for rank in range(world):
+        plan = shards.plan_rank(checkpoint, strategy, rank, world, split)
+        out.append(shards.write_local(plan, root, tmp_path / plan.key, sizes))
+    return out
+
+
+def run(root, strategy, world, dirs, split=None):
+    with LocalInstance(root, strategy, world, context_length=512, model_dirs=dirs, pipeline_layers=split) as instance:
+        instance.wait_ready(180)
+        chunks = instance.generate(greedy_request(), timeout=120)
+        assert instance.shutdown(15)
+    final = chunks[-1]
+    return np.array(final.prompt_logits), [t.token for c in chunks for t in c.tokens if c is not final or t.token]
+
+
+@pytest.mark.parametrize("strategy,variant", [("moe_tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+def test_each_rank_from_its_own_shard_computes_what_one_process_does(models, tmp_path, strategy, variant):
+    root = models[variant]
+    split = [2, 2] if strategy == "pipeline" else None
+    dirs = shard_dirs(root, tmp_path, strategy, 2, split or ())
+    whole = (root / "model.safetensors").stat().st_size
+    for rank, d in enumerate(dirs):
+        meta = json.loads((d / shards.MANIFEST).read_text())
+        layout = read_layout(d / shards.SHARD_FILE)
+        assert json.loads(layout.metadata["exod_shard"]) == meta
+        assert (meta["strategy"], meta["rank"], meta["world_size"]) == (strategy, rank, 2)
+        stored = sum(e.nbytes for e in layout.entries.values())
+        assert stored < 0.8 * whole, f"rank {rank} holds {stored} of {whole} bytes"
+        for name, t in meta["tensors"].items():  # a cut tensor is stored as its part, named with its full shape
+            assert t["part"] == rank and t["parts"] == 2
+            assert list(layout.entries[name].shape)[t["axis"]] * 2 == t["shape"][t["axis"]]
+    if strategy == "pipeline":
+        # Rank 1 runs layers 0-1 (mlx-lm: rank 0 the last): the others are absent.
+        absent = json.loads((dirs[1] / shards.MANIFEST).read_text())["absent"]
+        assert absent and all(".layers.2." in n or ".layers.3." in n for n in absent)
+    else:
+        assert json.loads((dirs[0] / shards.MANIFEST).read_text())["tensors"]
+    expected = reference(root)
+    logits, tokens = run(root, strategy, 2, dirs, split)
+    assert np.abs(logits - expected["logits"]).max() <= 1e-4
+    assert tokens == expected["tokens"]
+
+
+def test_a_shard_of_another_rank_fails_with_the_reason(models, tmp_path):
+    dirs = shard_dirs(models["fp32"], tmp_path, "moe_tensor", 2)
+    with LocalInstance(models["fp32"], "moe_tensor", 2, context_length=512, model_dirs=dirs[::-1]) as instance:
+        with pytest.raises(LaunchError, match="is not the part the shard holds"):
+            instance.wait_ready(180)
+
+
+def test_the_same_placement_names_the_same_shard(models):
+    checkpoint = checkpoint_of(models["fp32"])
+    a = shards.plan_rank(checkpoint, "moe_tensor", 1, 2)
+    assert a.key == shards.plan_rank(checkpoint, "moe_tensor", 1, 2).key
+    assert a.key != shards.plan_rank(checkpoint, "moe_tensor", 0, 2).key
+    assert a.key != shards.plan_rank(checkpoint, "tensor", 1, 2).key
+    # Rank r of N takes the r-th equal part, strided where the axis is not the first.
+    assert a.needs.canary_layer == 1  # layer 0 has no experts: the canary computes layer 1 uncut
+    assert all(p.axis is None for p in a.needs.parts if ".layers.1." in p.tensor)
+    down = next(p for p in a.needs.parts if p.tensor == "model.layers.2.mlp.switch_mlp.down_proj.weight")
+    assert down.axis == 2 and down.count == down.full_shape[0] * down.full_shape[1]
+    assert down.length * 2 == down.stride
+
+
+def test_a_writer_that_fails_leaves_nothing(models, tmp_path):
+    checkpoint = checkpoint_of(models["fp32"])
+    plan = shards.plan_rank(checkpoint, "moe_tensor", 0, 2)
+    writer = shards.ShardWriter(tmp_path / "shard", plan.needs.parts, plan.meta)
+    writer.write(0, 0, b"\0" * 8)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
