@@ -85,5 +85,5 @@ def test_a_refused_case_fails_in_the_runner_with_the_planners_reason(name, strat
         with pytest.raises(LaunchError) as failed:
             instance.wait_ready(120)
         instance.shutdown(15)
-    assert reason in str(failed.value)
-    assert any(r.status.reason.startswith("Loading failed: ") for r in instance.ranks), str(failed.value)
+    # The rank that failed first says so in Loading, before any weight is cut or read.
+    assert "(Loading failed: " in str(failed.value) and reason in str(failed.value), str(failed.value)

@@ -157,11 +157,12 @@ function candidateRow(c) {
   return el("tr", {},
     el("td", {}, word(c.strategy)),
     el("td", {}, c.ranks.map(r => `${r.rank || 0}→${r.node_name}`).join(", ")),
-    el("td", {}, c.ranks.map(r => gb(r.memory.total_bytes)).join(" / ")),
-    el("td", {}, `${(c.predicted_decode_tokens_per_s || 0).toFixed(1)} tok/s`),
+    // A candidate rejected for a reason other than memory carries no estimates.
+    el("td", {}, c.rejected ? "–" : c.ranks.map(r => gb((r.memory || {}).total_bytes)).join(" / ")),
+    el("td", {}, c.rejected ? "–" : `${(c.predicted_decode_tokens_per_s || 0).toFixed(1)} tok/s`),
     el("td", {}, c.bytes_to_fetch ? `${gb(c.bytes_to_fetch)} · ~${Math.round(Number(c.predicted_transfer_s || 0))} s` +
       ` from ${[...new Set(c.ranks.flatMap(r => (r.transfer || {}).sources || []))].join(", ")}` : "—"),
-    el("td", {className: c.fits ? "fits" : "nofit"}, c.fits ? "fits" : "does not fit",
+    el("td", {className: c.fits ? "fits" : "nofit"}, c.fits ? "fits" : c.rejected ? "cannot run" : "does not fit",
       (c.reasons || []).map(r => el("div", {className: "muted"}, r))));
 }
 
