@@ -232,7 +232,7 @@ class LocalInstance:
                  hosts: Optional[list[str]] = None, log_dir: Optional[Path] = None, instance_id: str = "",
                  start_only: Optional[list[int]] = None, rank_hosts: Optional[list[list[str]]] = None,
                  rank_prefix: Optional[list[list[str]]] = None, max_batch: int = 8, prefix_cache_tokens: int = 0,
-                 max_queue: int = 0):
+                 max_queue: Optional[int] = None):
         """rank_hosts: the ring addresses as each rank sees them, when they
         differ (a rank reaching its peers through relays); rank_prefix: the
         command each rank runs under (a network namespace)."""

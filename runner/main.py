@@ -69,7 +69,7 @@ class Rank:
         self.server = None
         from .scheduler import Inbox
 
-        self.inbox = Inbox(self.emit, max_queue=spec.max_queue or DEFAULT_MAX_QUEUE)
+        self.inbox = Inbox(self.emit, max_queue=spec.max_queue if spec.HasField("max_queue") else DEFAULT_MAX_QUEUE)
 
     # ---------------------------------------------------------------- reporting
 
