@@ -80,6 +80,7 @@ class Inbox:
     def __init__(self, emit=None, max_queue: int = 64):
         self.emit = emit  # GenerationChunk -> None; set before requests arrive
         self.max_queue = max_queue
+        self.max_batch = 1
         self.admission: Admission | None = None
         self.shutdown = threading.Event()
         self._lock = threading.Condition()
@@ -97,10 +98,11 @@ class Inbox:
                 return
         self._judge(request)
 
-    def open(self, admission: Admission) -> None:
+    def open(self, admission: Admission, max_batch: int) -> None:
         """The model is ready: judge what arrived before, then every request as it comes."""
         with self._lock:
             self.admission = admission
+            self.max_batch = max_batch
             early, self._early = self._early, []
         for request in early:
             self._judge(request)
@@ -114,8 +116,11 @@ class Inbox:
         with self._lock:
             if request.request_id in self._known:
                 problem = f"request id {request.request_id!r} is in use"
-            elif len(self._waiting) >= self.max_queue:
-                problem = f"the instance's queue is full ({self.max_queue} requests wait for its batch)"
+            elif len(self._known) >= self.max_batch + self.max_queue:
+                # Known: waiting or in the batch. The batch's free places take
+                # requests at once; beyond them, max_queue may wait.
+                problem = (f"the instance's queue is full ({self.max_batch} requests in its batch, "
+                           f"{len(self._waiting)} of at most {self.max_queue} waiting)")
             else:
                 problem = None
                 self._known.add(request.request_id)

@@ -66,6 +66,7 @@ class Sequence:
         self.finish_reason = pb.FINISH_REASON_UNSPECIFIED
         self.error = ""
         self.stopped_by_string = False
+        self.stop_sequence = ""
         self.finished = False
         self.joined_at = time.perf_counter()
         self.first_token_at = None
@@ -133,9 +134,12 @@ class Sequence:
         return self.server.tokenizer.decode([token]) if self.server.tokenizer is not None else ""
 
     def _stop_at(self):
-        found = [self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops]
-        found = [i for i in found if i >= 0]
-        return min(found) if found else None
+        found = [(self.text.find(s, max(0, self.emitted - len(s))), s) for s in self.stops]
+        found = [(i, s) for i, s in found if i >= 0]
+        if not found:
+            return None
+        at, self.stop_sequence = min(found)
+        return at
 
     def _held_back(self) -> int:
         """Characters at the end that may be the start of a stop string."""
@@ -173,6 +177,7 @@ class Sequence:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generated,
             cached_tokens=self.cached_tokens,
+            stop_sequence=self.stop_sequence if self.stopped_by_string else "",
             prompt_tokens_per_s=computed / prompt_s if self.first_token_at and prompt_s > 0 else 0.0,
             generation_tokens_per_s=(self.generated - 1) / decode_s if self.generated > 1 and decode_s > 0 else 0.0,
         )

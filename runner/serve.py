@@ -138,8 +138,6 @@ class Server:
         self.max_batch = max(1, max_batch)
         self.control = Control(self.world)
         vocab = int(model.args.vocab_size) if hasattr(model, "args") else None
-        if self.rank == 0:
-            inbox.open(Admission(tokenizer, vocab, context_length))
         # Every collective runs on one stream, in the order it was issued:
         # the model's own and the controls (mlx-lm's server does the same
         # when it runs distributed).
@@ -147,6 +145,8 @@ class Server:
         prefill_batch = min(self.max_batch, PREFILL_BATCH)
         self.engine, self.max_batch = engine.make(model, self.max_batch, prefill_batch,
                                                   max(1, PREFILL_CHUNK // prefill_batch), self.stream)
+        if self.rank == 0:
+            inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
         self.prefix = PrefixCache(prefix_cache_tokens, prefix_cache_bytes)
         self.active: dict[int, "Sequence | None"] = {}  # engine uid -> rank 0's Sequence (None elsewhere)
         self.dropping: set[int] = set()   # rank 0: finished here, still in the batch until a control drops it
