@@ -203,6 +203,18 @@ def transfer_text(r) -> str:
 # ------------------------------------------------------------------ run (local ranks)
 
 
+def parse_size(text: str) -> int:
+    """A byte count as argparse takes it: 0, 512MB, 2GB..."""
+    from exod.placement.units import parse_bytes
+
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_bytes(text)
+    except (ValueError, Exception) as e:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} ({e})") from None
+
+
 def cmd_run(args) -> int:
     """Every rank on this machine over loopback: plan, launch, wait for Ready,
     answer one prompt, shut down."""
@@ -232,7 +244,8 @@ def cmd_run(args) -> int:
     print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks", file=log)
     deadlines = pb.RunnerDeadlines(load_s=args.load_timeout)
     with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=split, context_length=args.context,
-                       deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks]) as instance:
+                       deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks],
+                       max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens) as instance:
         try:
             instance.wait_ready(args.load_timeout + 120)
         except LaunchError as e:
@@ -351,7 +364,8 @@ def cmd_place(args) -> int:
     import time
 
     body = {"model": args.model}
-    for key in ("context_length", "concurrency", "strategy", "ranks", "restart_policy", "max_restarts"):
+    for key in ("context_length", "concurrency", "strategy", "ranks", "restart_policy", "max_restarts",
+                "prefix_cache_bytes"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     if args.node:
@@ -679,7 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="catalog id, model directory (on every chosen node) or built-in model")
     p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
     p.add_argument("--context-length", type=int)
-    p.add_argument("--concurrency", type=int)
+    p.add_argument("--concurrency", type=int, help="sequences decoded at once (default 8): the KV of that many "
+                                                    "contexts is reserved")
+    p.add_argument("--prefix-cache", dest="prefix_cache_bytes", type=parse_size,
+                   help="bytes of the model's KV the prefix cache may hold (default: one context; 0: off)")
     p.add_argument("--node", action="append", help="restrict to these nodes (repeatable)")
     p.add_argument("--ranks", type=int, help="exactly this many ranks (default: the planner chooses)")
     p.add_argument("--restart", dest="restart_policy", choices=["never", "replace"],

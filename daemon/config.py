@@ -54,6 +54,9 @@ class Settings:
     # The Hugging Face cache to read and download into; default: HF_HUB_CACHE,
     # else HF_HOME/hub, else ~/.cache/huggingface/hub (as huggingface_hub).
     hf_cache: str = ""
+    # Requests that may wait for an instance's batch, per instance (its rank
+    # 0 refuses more with ErrorKind OVERLOADED; the APIs answer 429).
+    max_queue: int = 64
 
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else data_dir()
@@ -116,6 +119,8 @@ def load(flags: dict, config_path: Optional[str] = None) -> Settings:
         raise ConfigError("suspect_after_s must be positive and at most down_after_s")
     if settings.max_members < 2 or settings.max_runners < 1:
         raise ConfigError("max_members must be at least 2 and max_runners at least 1")
+    if not 0 <= settings.max_queue <= 4096:
+        raise ConfigError("max_queue must be 0-4096 (0: every request beyond the batch gets a 429)")
     if not settings.cluster or len(settings.cluster) > 63:
         raise ConfigError("cluster must be 1-63 characters")
     for peer in settings.peers:

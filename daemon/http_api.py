@@ -1,6 +1,8 @@
-"""The HTTP API: GET /v1/state, /v1/nodes, /healthz, the instances, the
-placement preview and the dashboard (the OpenAI routes are in openai_api).
-Errors are JSON bodies with a 4xx or 5xx status, never HTML.
+"""The HTTP API: GET /v1/state, /v1/nodes, /healthz, /metrics, the
+instances, the placement preview and the dashboard; the generation APIs
+(OpenAI, Anthropic, Ollama) are in their own modules over serving.Serving.
+Errors are JSON bodies with a 4xx or 5xx status, never HTML, in the shape of
+the API the path belongs to.
 
 The API listens on loopback, which every web page the user opens can reach
 as well, and perhaps on a LAN. So `guard` looks at every request first:
@@ -42,6 +44,8 @@ import structlog
 from aiohttp import web
 from google.protobuf import json_format
 
+from .anthropic_api import anthropic_error, is_anthropic_path
+from .ollama_api import is_ollama_path, ollama_error
 from .openai_api import is_openai_path, openai_error
 
 log = structlog.get_logger("exod.http")
@@ -52,6 +56,7 @@ MAX_INT_DIGITS = 4300  # Python's own limit for int(str), named here rather than
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 PAGE_TOKEN_HEADER = "X-Exod-Page-Token"
+SERVING = web.AppKey("serving", object)  # the app's serving.Serving (its router and metrics)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
@@ -72,7 +77,13 @@ def error(status: int, message: str) -> web.Response:
 
 def refuse(request, status: int, message: str) -> web.Response:
     """An error in the shape of the API the path belongs to."""
-    return openai_error(status, message) if is_openai_path(request.path) else error(status, message)
+    if is_openai_path(request.path):
+        return openai_error(status, message, kind="server_error" if status >= 500 else "invalid_request_error")
+    if is_anthropic_path(request.path):
+        return anthropic_error(status, message)
+    if is_ollama_path(request.path):
+        return ollama_error(status, message)
+    return error(status, message)
 
 
 # ------------------------------------------------------------------ bodies
@@ -239,10 +250,11 @@ async def json_errors(request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return error(e.status, e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}")
+        return refuse(request, e.status,
+                      e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}")
     except Exception as e:  # a bug must not take the daemon down, and must say so
         log.exception("request failed", path=request.path)
-        return error(500, f"internal error: {type(e).__name__}")
+        return refuse(request, 500, f"internal error: {type(e).__name__}")
 
 
 async def security_headers(request, response):
@@ -253,17 +265,24 @@ async def security_headers(request, response):
 
 
 def make_app(node) -> web.Application:
-    from . import openai_api, placement_api
+    from . import anthropic_api, ollama_api, openai_api, placement_api
     from . import state as cluster
     from .access import is_loopback, may_mutate
+    from .metrics import CONTENT_TYPE, Metrics
+    from .serving import Serving
     from .work import Refused
 
     tokens = PageTokens()
+    metrics = Metrics(node)
+    serving = Serving(node, metrics)
     app = web.Application(middlewares=[json_errors, make_guard(node, tokens)], client_max_size=MAX_BODY)
     app.on_response_prepare.append(security_headers)
 
     async def healthz(request):
         return web.json_response({"status": "ok", "node_id": node.node_id})
+
+    async def prometheus(request):
+        return web.Response(body=metrics.text(), headers={"Content-Type": CONTENT_TYPE})
 
     async def cluster_state(request):
         return web.json_response(_json(node.cluster_state()), dumps=lambda o: json.dumps(o, separators=(",", ":")))
@@ -384,6 +403,7 @@ def make_app(node) -> web.Application:
     app.router.add_get("/static/app.js", static("app.js"))
     app.router.add_get("/static/app.css", static("app.css"))
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_post("/v1/instances", create_instance)
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{instance_id}", get_instance)
@@ -392,7 +412,10 @@ def make_app(node) -> web.Application:
     app.router.add_post("/v1/models/pull", pull_model)
     app.router.add_get("/v1/state", cluster_state)
     app.router.add_get("/v1/nodes", nodes)
-    openai_api.add_routes(app, node)
+    openai_api.add_routes(app, node, serving)
+    anthropic_api.add_routes(app, node, serving)
+    ollama_api.add_routes(app, node, serving)
+    app[SERVING] = serving
     return app
 
 

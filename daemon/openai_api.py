@@ -1,8 +1,11 @@
-"""The OpenAI-compatible chat API: POST /v1/chat/completions (streaming as
-server-sent events, or not) and GET /v1/models. Requests go to a Ready
-instance of the model, through the node that runs its rank 0. Errors use
-OpenAI's shape, including the refusals of http_api's guard on these paths.
-Bodies are parsed as strictly as the rest of the API (http_api.json_body)."""
+"""The OpenAI-compatible API: POST /v1/chat/completions and /v1/completions
+(streamed as server-sent events, or not) and GET /v1/models. Requests go to
+a Ready instance of the model through serving.Serving (routing, admission,
+cancellation, metrics). Errors use OpenAI's shape, including the refusals
+of http_api's guard on these paths, and come before any stream starts: an
+over-long prompt is a 400 with code `context_length_exceeded`, a full
+instance a 429. Bodies are parsed as strictly as the rest of the API
+(http_api.json_body)."""
 
 import json
 import time
@@ -12,10 +15,15 @@ from aiohttp import web
 
 from exod.proto import exod_pb2 as pb
 
-from . import state
+from .serving import ClientGone, ServingError, models
 
 FINISH = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_CANCELLED: "stop"}
 ROLES = {"system", "user", "assistant", "tool", "developer"}
+ERROR_TYPE = {"not_found": ("invalid_request_error", "model_not_found"),
+              "invalid": ("invalid_request_error", None),
+              "context_length": ("invalid_request_error", "context_length_exceeded"),
+              "overloaded": ("rate_limit_error", "rate_limit_exceeded"),
+              "internal": ("server_error", None)}
 
 
 class InvalidRequest(Exception):
@@ -26,54 +34,42 @@ class InvalidRequest(Exception):
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/chat/") or path == "/v1/models"
+    return path.startswith("/v1/chat/") or path in ("/v1/models", "/v1/completions")
 
 
-def openai_error(status: int, message: str, param=None, kind="invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
+def openai_error(status: int, message: str, param=None, kind="invalid_request_error", code=None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
                              status=status)
 
 
-def ready_instances(view: state.View, model: str | None = None) -> list[pb.Instance]:
-    return [i for i in state.instances(view) if i.state == pb.INSTANCE_READY
-            and (model is None or i.placement.model_id == model)]
+def serving_error(e: ServingError) -> web.Response:
+    kind, code = ERROR_TYPE[e.kind]
+    return openai_error(e.status, str(e), e.param, kind, code)
 
 
-def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model is required", "model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list", "messages")
-    request = pb.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
-                or not isinstance(m.get("content"), str):
-            raise InvalidRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and text content",
-                                 f"messages[{i}]")
-        request.messages.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+# ------------------------------------------------------------------ requests
+
+
+def _number(body: dict, name: str, low, high, kind=float):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value) \
+            or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be a {kind.__name__} in [{low}, {high}], got {value!r}", name)
+    return kind(value)
+
+
+def _sampling(body: dict, request: pb.GenerateRequest) -> None:
+    """The sampling fields both endpoints share."""
     s = request.sampling
-
-    def number(name, low, high, kind=float):
-        value = body.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value) \
-                or not low <= value <= high:
-            raise InvalidRequest(f"{name} must be a {kind.__name__} in [{low}, {high}], got {value!r}", name)
-        return kind(value)
-
-    s.temperature = number("temperature", 0, 2) if body.get("temperature") is not None else 1.0
-    if (top_p := number("top_p", 0, 1)) is not None:
+    s.temperature = _number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0
+    if (top_p := _number(body, "top_p", 0, 1)) is not None:
         s.top_p = top_p
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
-        body = {**body, "max_tokens": limit}
-        s.max_tokens = number("max_tokens", 1, 1 << 20, int)
-    if (seed := number("seed", 0, 2**63 - 1, int)) is not None:
+        s.max_tokens = _number({**body, "max_tokens": limit}, "max_tokens", 1, 1 << 20, int)
+    if (seed := _number(body, "seed", 0, 2**63 - 1, int)) is not None:
         s.seed = seed
     stop = body.get("stop")
     if stop is not None:
@@ -81,13 +77,70 @@ def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
             raise InvalidRequest("stop must be a string or a list of up to 4 strings", "stop")
         s.stop.extend(stops)
+    if body.get("n", 1) != 1:
+        raise InvalidRequest("only n = 1 is supported", "n")
+    # Not OpenAI's, but vLLM's and others': generate to max_tokens past an end-of-sequence token.
+    s.ignore_eos = body.get("ignore_eos") is True
+
+
+def _model(body) -> str:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model is required", "model")
+    return model
+
+
+def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
+    model = _model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list", "messages")
+    request = pb.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}]")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                or not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}] needs a role ({', '.join(sorted(ROLES))}) and text content",
+                                 f"messages[{i}]")
+        request.messages.append(pb.ChatMessage(role=m["role"], content=content))
+    _sampling(body, request)
+    s = request.sampling
     s.logprobs = bool(body.get("logprobs"))
-    if (top := number("top_logprobs", 0, 20, int)) is not None:
+    if (top := _number(body, "top_logprobs", 0, 20, int)) is not None:
         if not s.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
         s.top_logprobs = top
-    if body.get("n", 1) != 1:
-        raise InvalidRequest("only n = 1 is supported", "n")
+    return model, request, bool(body.get("stream"))
+
+
+def parse_completion(body) -> tuple[str, pb.GenerateRequest, bool]:
+    model = _model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    request = pb.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}")
+    if isinstance(prompt, str) and prompt:
+        request.prompt = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                     and 0 <= t < 2**32 for t in prompt):
+        request.prompt_tokens.extend(prompt)  # token ids, as OpenAI allows
+    else:
+        raise InvalidRequest("prompt must be a non-empty string (or a list of token ids)", "prompt")
+    _sampling(body, request)
+    if body.get("max_tokens") is None:
+        request.sampling.max_tokens = 16  # OpenAI's default for completions
+    if (logprobs := _number(body, "logprobs", 0, 5, int)) is not None:
+        request.sampling.logprobs = True
+        request.sampling.top_logprobs = logprobs
+    if body.get("echo"):
+        raise InvalidRequest("echo is not supported", "echo")
     return model, request, bool(body.get("stream"))
 
 
@@ -97,85 +150,125 @@ def _logprob_entry(token: pb.GeneratedToken) -> dict:
                              for t in token.top_logprobs]}
 
 
-def add_routes(app: web.Application, node) -> None:
-    async def models(request):
-        seen = sorted({i.placement.model_id for i in ready_instances(node.view)})
+def _usage(final: pb.GenerationChunk) -> dict:
+    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation_tokens,
+            "total_tokens": final.prompt_tokens + final.generation_tokens,
+            "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
+
+
+# ------------------------------------------------------------------ routes
+
+
+def add_routes(app: web.Application, node, serving) -> None:
+    from .http_api import BadBody, json_body
+
+    async def list_models(request):
         return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "exod"} for m in seen]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "exod"} for m in models(node.view)]})
 
-    async def chat(request):
-        from .http_api import BadBody, json_body
-
+    async def generate(request, parse, api):
         try:
             body = await json_body(request)
         except BadBody as e:
             return openai_error(e.status, str(e))
         try:
-            model, generate, stream = parse_chat(body)
+            model, generate_request, stream = parse(body)
         except InvalidRequest as e:
+            serving.metrics.requests.labels(api, "", "invalid").inc()
             return openai_error(e.status, str(e), e.param)
-        candidates = ready_instances(node.view, model)
-        if not candidates:
-            return openai_error(404, f"no Ready instance of model {model!r}; place one with POST /v1/instances",
-                                "model", "model_not_found")
-        instance = candidates[0]
+        try:
+            generation = await serving.open(api, model, generate_request, request)
+        except ServingError as e:
+            return serving_error(e)
         created = int(time.time())
-        chunks = node.generate_on(instance, generate)
         if stream:
-            return await _stream(request, chunks, generate.request_id, model, created, generate.sampling.logprobs)
-        text, logprobs, final = [], [], None
-        async for chunk in chunks:
+            return await _stream(request, generation, created, api == "openai.chat")
+        return await _whole(generation, created, api == "openai.chat")
+
+    async def chat(request):
+        return await generate(request, parse_chat, "openai.chat")
+
+    async def completions(request):
+        return await generate(request, parse_completion, "openai.completions")
+
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+
+
+async def _whole(generation, created: int, chat: bool):
+    text, logprobs = [], []
+    with_logprobs = generation.request.sampling.logprobs
+    try:
+        async for chunk in generation:
             for token in chunk.tokens:
                 text.append(token.text)
-                if generate.sampling.logprobs and token.token:
-                    logprobs.append(_logprob_entry(token))
-            if chunk.finish_reason:
-                final = chunk
-        if final is None or final.finish_reason == pb.FINISH_ERROR:
-            return openai_error(502, f"the instance failed: {final.error if final else 'no answer'}",
-                                kind="server_error")
+                if with_logprobs and token.token:
+                    logprobs.append(token)
+    except ClientGone:
+        return web.Response(status=499)  # nobody reads it
+    final = generation.final
+    if final.finish_reason == pb.FINISH_ERROR:
+        return openai_error(502, f"the instance failed: {final.error}", kind="server_error")
+    request_id, model = generation.request.request_id, generation.model
+    if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                   "finish_reason": FINISH[final.finish_reason],
-                  "logprobs": {"content": logprobs} if generate.sampling.logprobs else None}
-        return web.json_response({
-            "id": generate.request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generation_tokens,
-                      "total_tokens": final.prompt_tokens + final.generation_tokens},
-        })
-
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
+                  "logprobs": {"content": [_logprob_entry(t) for t in logprobs]} if with_logprobs else None}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": "".join(text), "finish_reason": FINISH[final.finish_reason],
+                  "logprobs": _completion_logprobs(logprobs) if with_logprobs else None}
+        kind = "text_completion"
+    return web.json_response({"id": request_id, "object": kind, "created": created, "model": model,
+                              "choices": [choice], "usage": _usage(final)})
 
 
-async def _stream(request, chunks, request_id: str, model: str, created: int, with_logprobs: bool):
+def _completion_logprobs(tokens: list) -> dict:
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{x.text: x.logprob for x in t.top_logprobs} for t in tokens],
+            "text_offset": []}
+
+
+async def _stream(request, generation, created: int, chat: bool):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    request_id, model = generation.request.request_id, generation.model
+    with_logprobs = generation.request.sampling.logprobs
 
-    async def send(delta: dict, finish=None, logprobs=None, usage=None):
-        event = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                              "logprobs": {"content": logprobs} if logprobs is not None else None}]}
+    async def send(text=None, finish=None, token=None, usage=None, role=False):
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                      "logprobs": {"content": [_logprob_entry(token)]} if token is not None else None}
+            event = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                      "logprobs": _completion_logprobs([token]) if token is not None else None}
+            event = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                     "choices": [choice]}
         if usage is not None:
             event["usage"] = usage
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
-    await send({"role": "assistant", "content": ""})
-    async for chunk in chunks:
-        for token in chunk.tokens:
-            if token.text or (with_logprobs and token.token):
-                await send({"content": token.text},
-                           logprobs=[_logprob_entry(token)] if with_logprobs and token.token else None)
-        if chunk.finish_reason == pb.FINISH_ERROR:
-            error = {"error": {"message": f"the instance failed: {chunk.error}", "type": "server_error",
-                               "param": None, "code": None}}
-            await response.write(f"data: {json.dumps(error)}\n\n".encode())
-            break
-        if chunk.finish_reason:
-            await send({}, FINISH[chunk.finish_reason], usage={
-                "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.generation_tokens,
-                "total_tokens": chunk.prompt_tokens + chunk.generation_tokens})
-            break
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    try:
+        if chat:
+            await send(role=True)
+        async for chunk in generation:
+            for token in chunk.tokens:
+                if token.text or (with_logprobs and token.token):
+                    await send(token.text, token=token if with_logprobs and token.token else None)
+            if chunk.finish_reason == pb.FINISH_ERROR:
+                error = {"error": {"message": f"the instance failed: {chunk.error}", "type": "server_error",
+                                   "param": None, "code": None}}
+                await response.write(f"data: {json.dumps(error)}\n\n".encode())
+            elif chunk.finish_reason:
+                await send(None, FINISH[chunk.finish_reason], usage=_usage(chunk))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ClientGone, ConnectionError):
+        pass  # the generation was cancelled on the way out
+    finally:
+        await generation.close()
     return response

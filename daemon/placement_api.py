@@ -7,7 +7,8 @@ from exod.proto import exod_pb2 as pb
 
 from . import state
 
-FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes", "ranks", "restart_policy", "max_restarts"}
+FIELDS = {"model", "context_length", "concurrency", "strategy", "nodes", "ranks", "restart_policy", "max_restarts",
+          "prefix_cache_bytes"}
 RESTART_POLICIES = {"never": pb.RESTART_NEVER, "replace": pb.RESTART_REPLACE}
 
 
@@ -32,6 +33,11 @@ def parse_request(body) -> pb.PlacementRequest:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= 2**32:
                 raise BadRequest(f"{name} must be a positive integer, got {value!r}")
             setattr(request, name, value)
+    prefix = body.get("prefix_cache_bytes")
+    if prefix is not None:
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix < 2**63:
+            raise BadRequest(f"prefix_cache_bytes must be a non-negative integer (0: no prefix cache), got {prefix!r}")
+        request.prefix_cache_bytes = prefix
     strategy = body.get("strategy")
     if strategy is not None:
         if not isinstance(strategy, str) or strategy not in STRATEGY_BY_NAME:

@@ -407,7 +407,10 @@ class Work:
             spec = pb.RunnerSpec(instance_id=instance_id, node_id=node_id, rank=rank.rank,
                                  world_size=len(chosen.ranks), backend=chosen.backend, hosts=hosts,
                                  strategy=strategy, pipeline_layers=split, rendezvous_secret=rendezvous_secret,
-                                 estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length)
+                                 estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length,
+                                 max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
+                                 prefix_cache_bytes=rank.memory.prefix_cache_bytes,
+                                 max_queue=self.node.settings.max_queue)
             starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
                 spec=spec, reservation_id=reservation_id, model=request.model, revision=chosen.revision)))
         answers = await asyncio.gather(*starts, return_exceptions=True)

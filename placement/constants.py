@@ -42,6 +42,8 @@ ASSUMED_RDMA_RTT_S = 10e-6
 # Within this fraction of the fastest prediction, fewer nodes win.
 FEWER_NODES_MARGIN = 0.05
 
-# Default context and concurrency of a request.
+# Default context and concurrency of a request. Concurrency is the number of
+# sequences an instance decodes at once (its runner's batch bound): the KV
+# of that many full contexts is reserved.
 DEFAULT_CONTEXT = 4096
-DEFAULT_CONCURRENCY = 1
+DEFAULT_CONCURRENCY = 8

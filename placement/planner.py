@@ -21,6 +21,7 @@ class Settings:
     context: int
     concurrency: int
     headroom: float
+    prefix_tokens: int = 0  # tokens of KV the prefix cache holds, on every rank
 
 
 def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
@@ -72,7 +73,14 @@ def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
     headroom = request.headroom_fraction if request.HasField("headroom_fraction") else constants.DEFAULT_HEADROOM
     if not 0 <= headroom < 1:
         raise PlanError(f"headroom must be in [0, 1), got {headroom}")
-    return Settings(context, request.concurrency or constants.DEFAULT_CONCURRENCY, headroom)
+    if request.HasField("prefix_cache_bytes"):
+        # Asked for as bytes of the whole model's KV; held as tokens, so that
+        # every rank caches the same tokens of its own share of the KV.
+        per_token = sum(part.kv_bytes("pipeline", 1, 1, 1) for part in model.layers + [model.outside])
+        prefix_tokens = int(request.prefix_cache_bytes // per_token) if per_token else 0
+    else:
+        prefix_tokens = context  # by default, one context's worth
+    return Settings(context, request.concurrency or constants.DEFAULT_CONCURRENCY, headroom, prefix_tokens)
 
 
 def _select_nodes(cluster: pb.Cluster, request: pb.PlacementRequest) -> tuple[list[pb.NodeProfile], list[str]]:
@@ -186,6 +194,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         backend=backend,
         context_length=settings.context,
         concurrency=settings.concurrency,
+        prefix_cache_tokens=settings.prefix_tokens,
         reasons=structural,
     )
     if structural:
@@ -254,20 +263,24 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     compute the logits from the gathered last hidden state, as mlx-lm does."""
     by_class = dict.fromkeys(CLASSES, 0)
     kv = 0.0
+    prefix = 0.0
     read = 0.0
     parts: list[Part] = model.layers[start:end] + [model.outside]
     for part in parts:
         for cls, value in part.weights(strategy, n).items():
             by_class[cls] += value
         kv += part.kv_bytes(strategy, n, settings.context, settings.concurrency)
+        # This rank's share of the prefix cache's tokens (no window cap: an
+        # entry keeps every token it was inserted with).
+        prefix += part.kv_bytes(strategy, n, 1, 1) * settings.prefix_tokens
         read += part.read(strategy, n)
     # A decode step also reads this rank's KV cache for one sequence.
     read += kv / settings.concurrency
     weights = sum(by_class.values())
     overhead = overhead_bytes(model, strategy, n, settings.context)
     memory = pb.MemoryBreakdown(
-        weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead,
-        total_bytes=weights + int(kv) + overhead,
+        weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead, prefix_cache_bytes=int(prefix),
+        total_bytes=weights + int(kv) + int(prefix) + overhead,
         **{CLASS_FIELD[c]: v for c, v in by_class.items()},
     )
     return memory, read
@@ -292,7 +305,7 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
     time-balanced split is returned so that the shortfall can be reported."""
     n, layers = len(order), model.num_layers
     layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, settings.context, settings.concurrency)
-                 for p in model.layers]
+                 + p.kv_bytes("pipeline", 1, 1, 1) * settings.prefix_tokens for p in model.layers]
     layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
     outside_mem = sum(model.outside.full.values())
     base = overhead_bytes(model, "pipeline", 1, settings.context)
@@ -361,7 +374,8 @@ def choose(candidates: list[pb.Placement]) -> pb.Placement | None:
 
 def shortfall(rank: int, node: str, memory: pb.MemoryBreakdown, usable: int) -> str:
     parts = [(getattr(memory, CLASS_FIELD[c]), CLASS_LABEL[c]) for c in CLASSES]
-    parts += [(memory.kv_cache_bytes, "KV"), (memory.overhead_bytes, "overhead")]
+    parts += [(memory.kv_cache_bytes, "KV"), (memory.prefix_cache_bytes, "prefix cache"),
+              (memory.overhead_bytes, "overhead")]
     shown = ", ".join(f"{label} {v / 1e9:.1f}" for v, label in sorted(parts, reverse=True) if v >= 0.05e9)
     return f"rank {rank} on {node} needs {gb(memory.total_bytes)} ({shown}) but {gb(usable)} is usable"
 

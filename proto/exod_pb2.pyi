@@ -72,6 +72,14 @@ class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_FAILED: _ClassVar[InstanceState]
     INSTANCE_STOPPED: _ClassVar[InstanceState]
 
+class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_KIND_UNSPECIFIED: _ClassVar[ErrorKind]
+    ERROR_INVALID_REQUEST: _ClassVar[ErrorKind]
+    ERROR_CONTEXT_LENGTH: _ClassVar[ErrorKind]
+    ERROR_OVERLOADED: _ClassVar[ErrorKind]
+    ERROR_INTERNAL: _ClassVar[ErrorKind]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -131,6 +139,11 @@ INSTANCE_STARTING: InstanceState
 INSTANCE_READY: InstanceState
 INSTANCE_FAILED: InstanceState
 INSTANCE_STOPPED: InstanceState
+ERROR_KIND_UNSPECIFIED: ErrorKind
+ERROR_INVALID_REQUEST: ErrorKind
+ERROR_CONTEXT_LENGTH: ErrorKind
+ERROR_OVERLOADED: ErrorKind
+ERROR_INTERNAL: ErrorKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_STOP: FinishReason
 FINISH_LENGTH: FinishReason
@@ -412,7 +425,7 @@ class ModelSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., refused_strategies: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MemoryBreakdown(_message.Message):
-    __slots__ = ("embedding_bytes", "lm_head_bytes", "attention_bytes", "dense_mlp_bytes", "router_bytes", "routed_experts_bytes", "shared_experts_bytes", "norm_bytes", "other_bytes", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes")
+    __slots__ = ("embedding_bytes", "lm_head_bytes", "attention_bytes", "dense_mlp_bytes", "router_bytes", "routed_experts_bytes", "shared_experts_bytes", "norm_bytes", "other_bytes", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes", "prefix_cache_bytes")
     EMBEDDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     LM_HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +439,7 @@ class MemoryBreakdown(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     embedding_bytes: int
     lm_head_bytes: int
     attention_bytes: int
@@ -439,7 +453,8 @@ class MemoryBreakdown(_message.Message):
     kv_cache_bytes: int
     overhead_bytes: int
     total_bytes: int
-    def __init__(self, embedding_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., dense_mlp_bytes: _Optional[int] = ..., router_bytes: _Optional[int] = ..., routed_experts_bytes: _Optional[int] = ..., shared_experts_bytes: _Optional[int] = ..., norm_bytes: _Optional[int] = ..., other_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    prefix_cache_bytes: int
+    def __init__(self, embedding_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., dense_mlp_bytes: _Optional[int] = ..., router_bytes: _Optional[int] = ..., routed_experts_bytes: _Optional[int] = ..., shared_experts_bytes: _Optional[int] = ..., norm_bytes: _Optional[int] = ..., other_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class RankPlacement(_message.Message):
     __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "shard_index", "shard_count", "memory", "usable_bytes", "fits", "predicted_compute_s", "address", "transfer")
@@ -486,7 +501,7 @@ class Transfer(_message.Message):
     def __init__(self, bytes_needed: _Optional[int] = ..., bytes_local: _Optional[int] = ..., bytes_to_fetch: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., predicted_s: _Optional[float] = ...) -> None: ...
 
 class PlacementRequest(_message.Message):
-    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks", "restart_policy", "max_restarts")
+    __slots__ = ("model", "context_length", "concurrency", "strategy", "backend", "nodes", "headroom_fraction", "ranks", "restart_policy", "max_restarts", "prefix_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -497,6 +512,7 @@ class PlacementRequest(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     concurrency: int
@@ -507,10 +523,11 @@ class PlacementRequest(_message.Message):
     ranks: int
     restart_policy: RestartPolicy
     max_restarts: int
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ...) -> None: ...
+    prefix_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision")
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision", "prefix_cache_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -526,6 +543,7 @@ class Placement(_message.Message):
     BYTES_TO_FETCH_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     strategy: Strategy
     backend: Backend
@@ -541,7 +559,8 @@ class Placement(_message.Message):
     bytes_to_fetch: int
     predicted_transfer_s: float
     revision: str
-    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ...) -> None: ...
+    prefix_cache_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("chosen", "candidates", "reasons")
@@ -570,7 +589,7 @@ class Download(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., source: _Optional[str] = ..., eta_s: _Optional[float] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class RunnerStatus(_message.Message):
-    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download")
+    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download", "max_batch", "batch_size", "queue_depth", "tokens_per_s", "generated_tokens", "prefix_cache", "peak_batch_size")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -589,6 +608,13 @@ class RunnerStatus(_message.Message):
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     rank: int
     node_id: str
@@ -607,7 +633,14 @@ class RunnerStatus(_message.Message):
     peak_rss_bytes: int
     history: _containers.RepeatedCompositeFieldContainer[StateChange]
     download: Download
-    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ...) -> None: ...
+    max_batch: int
+    batch_size: int
+    queue_depth: int
+    tokens_per_s: float
+    generated_tokens: int
+    prefix_cache: PrefixCacheStats
+    peak_batch_size: int
+    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., max_batch: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., peak_batch_size: _Optional[int] = ...) -> None: ...
 
 class StateChange(_message.Message):
     __slots__ = ("state", "at_unix_ms")
@@ -616,6 +649,28 @@ class StateChange(_message.Message):
     state: RunnerState
     at_unix_ms: int
     def __init__(self, state: _Optional[_Union[RunnerState, str]] = ..., at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheStats(_message.Message):
+    __slots__ = ("capacity_tokens", "capacity_bytes", "tokens", "bytes", "entries", "lookups", "hits", "prompt_tokens", "hit_tokens")
+    CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    capacity_tokens: int
+    capacity_bytes: int
+    tokens: int
+    bytes: int
+    entries: int
+    lookups: int
+    hits: int
+    prompt_tokens: int
+    hit_tokens: int
+    def __init__(self, capacity_tokens: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., entries: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("instance_id", "placement", "state", "reason", "runners", "created_at_unix_ms", "request", "restarts", "replaces", "replaced_by")
@@ -654,7 +709,7 @@ class RunnerDeadlines(_message.Message):
     def __init__(self, connect_s: _Optional[float] = ..., load_s: _Optional[float] = ..., warmup_s: _Optional[float] = ..., peer_s: _Optional[float] = ...) -> None: ...
 
 class RunnerSpec(_message.Message):
-    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret")
+    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -670,6 +725,10 @@ class RunnerSpec(_message.Message):
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     rank: int
@@ -685,7 +744,11 @@ class RunnerSpec(_message.Message):
     estimated_bytes: int
     context_length: int
     rendezvous_secret: str
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    prefix_cache_tokens: int
+    prefix_cache_bytes: int
+    max_queue: int
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -720,18 +783,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "messages", "prompt_tokens", "sampling", "return_prompt_logits")
+    __slots__ = ("request_id", "messages", "prompt_tokens", "sampling", "return_prompt_logits", "prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROMPT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     return_prompt_logits: bool
-    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_prompt_logits: _Optional[bool] = ...) -> None: ...
+    prompt: str
+    def __init__(self, request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_prompt_logits: _Optional[bool] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token", "text", "logprob")
@@ -756,7 +821,7 @@ class GeneratedToken(_message.Message):
     def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerationChunk(_message.Message):
-    __slots__ = ("request_id", "tokens", "finish_reason", "error", "prompt_tokens", "generation_tokens", "prompt_tokens_per_s", "generation_tokens_per_s", "prompt_logits")
+    __slots__ = ("request_id", "tokens", "finish_reason", "error", "prompt_tokens", "generation_tokens", "prompt_tokens_per_s", "generation_tokens_per_s", "prompt_logits", "error_kind", "admitted", "cached_tokens", "stop_sequence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -766,6 +831,10 @@ class GenerationChunk(_message.Message):
     PROMPT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens: _containers.RepeatedCompositeFieldContainer[GeneratedToken]
     finish_reason: FinishReason
@@ -775,7 +844,11 @@ class GenerationChunk(_message.Message):
     prompt_tokens_per_s: float
     generation_tokens_per_s: float
     prompt_logits: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[GeneratedToken, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tokens_per_s: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_logits: _Optional[_Iterable[float]] = ...) -> None: ...
+    error_kind: ErrorKind
+    admitted: bool
+    cached_tokens: int
+    stop_sequence: str
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[GeneratedToken, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tokens_per_s: _Optional[float] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_logits: _Optional[_Iterable[float]] = ..., error_kind: _Optional[_Union[ErrorKind, str]] = ..., admitted: _Optional[bool] = ..., cached_tokens: _Optional[int] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -28,6 +28,7 @@ from . import channel  # noqa: E402
 from .watchdog import EXIT_DEADLINE, Watchdog  # noqa: E402
 
 DEFAULT_DEADLINES = pb.RunnerDeadlines(connect_s=60, load_s=600, warmup_s=120, peer_s=30)
+DEFAULT_MAX_QUEUE = 64  # admitted requests waiting for the batch, when the spec names no bound
 EXIT_FAILED = 1
 EXIT_ORPHANED = 4
 STATE_NAME = {v: k for k, v in pb.RunnerState.items()}
@@ -66,9 +67,9 @@ class Rank:
         self.files: list[Path] = []
         self.serving = threading.Event()
         self.server = None
-        from .serve import Inbox
+        from .scheduler import Inbox
 
-        self.inbox = Inbox()
+        self.inbox = Inbox(self.emit, max_queue=spec.max_queue if spec.HasField("max_queue") else DEFAULT_MAX_QUEUE)
 
     # ---------------------------------------------------------------- reporting
 
@@ -113,7 +114,7 @@ class Rank:
                 if not self.serving.is_set():
                     self._cleanup()
                     os._exit(EXIT_ORPHANED)
-                self.inbox.shutdown.set()
+                self.inbox.stop()
                 return
             kind = command.WhichOneof("command")
             if kind == "generate":
@@ -130,7 +131,7 @@ class Rank:
                     self.report(pb.SHUTDOWN, reason=f"shut down during {phase_name(self.status.state)}")
                     self._cleanup()
                     os._exit(0)
-                self.inbox.shutdown.set()
+                self.inbox.stop()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -181,12 +182,15 @@ class Rank:
         verdict = canary.run(model, config, arch, self.spec.model_dir, group,
                              whole_layers=self.spec.strategy in WHOLE_LAYERS)
         mx.clear_cache()
-        self.serving.set()
-        self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
-
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),
-                             self.spec.context_length or int(config.get("max_position_embeddings") or 4096))
+                             self.spec.context_length or int(config.get("max_position_embeddings") or 4096),
+                             max_batch=self.spec.max_batch or 1, prefix_cache_tokens=self.spec.prefix_cache_tokens,
+                             prefix_cache_bytes=self.spec.prefix_cache_bytes)
+        self.serving.set()
+        # Ready carries the batch bound and the cache from the start.
+        self._serving_state(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta,
+                            **self.server.stats())
         self.server.run(d.peer_s)
         watchdog.disarm()
         self.report(pb.SHUTTING_DOWN)
@@ -200,20 +204,24 @@ class Rank:
         self.report(pb.FAILED, reason=reason)
         self._cleanup()
 
-    def _serving_state(self, state: int) -> None:
-        # Back to Ready after a request: the peaks it reached are news.
-        self.report(state, **(self.memory_fields() if state == pb.READY else {}))
+    def _serving_state(self, state: int, **fields) -> None:
+        # Back to Ready after requests: the peaks they reached are news.
+        prefix = fields.pop("prefix_cache", None)
+        with self.status_lock:
+            if prefix is not None:
+                self.status.prefix_cache.CopyFrom(prefix)
+        self.report(state, **fields, **(self.memory_fields() if state == pb.READY else {}))
 
     def _abort_request(self, reason: str) -> None:
-        current = getattr(self.server, "current", None) if self.server else None
-        if current is not None:
-            self.emit(pb.GenerationChunk(request_id=current.request_id, finish_reason=pb.FINISH_ERROR, error=reason))
-        self._drain_requests(reason)
+        """The runner is failing: every request in the batch or waiting is answered."""
+        if self.server is not None:
+            self.server.stop_all(pb.FINISH_ERROR, reason)
+        else:
+            self._drain_requests(reason)
 
     def _drain_requests(self, reason: str) -> None:
-        while not self.inbox.requests.empty():
-            request = self.inbox.requests.get_nowait()
-            self.emit(pb.GenerationChunk(request_id=request.request_id, finish_reason=pb.FINISH_CANCELLED, error=reason))
+        for request_id in self.inbox.drain():
+            self.emit(pb.GenerationChunk(request_id=request_id, finish_reason=pb.FINISH_CANCELLED, error=reason))
 
     def _cleanup(self) -> None:
         for path in self.files:

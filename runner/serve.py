@@ -1,409 +1,334 @@
-"""Serving in lockstep. Rank 0 takes requests from its parent; every rank
-runs the same collectives in the same order:
+"""Serving in lockstep, many sequences at once.
 
-  idle:     a header all-sum every HEARTBEAT_S (a dead peer shows up here)
-  request:  the header (op, prompt length, sampling parameters, seed, stop
-            tokens), then the prompt tokens
-  decoding: the model; every CONTROL_EVERY steps an all-sum of each rank's
-            running hash of the tokens it sampled, plus rank 0's stop vote
+Every rank runs mlx-lm's BatchGenerator over its own shard of the model
+(engine.make: one sequence at a time where the model's caches cannot batch),
+and every rank must make the same calls to it in the same order, since the
+model's collectives (all-sums, a pipeline's sends) sit inside each step and
+a rank whose batch differed would deadlock or mix up its peers' data. Rank
+0 alone takes requests (scheduler.Inbox), so rank 0 decides the batch and
+tells the others, in a control message that every rank all-sums:
 
-Every rank samples from the same logits with the same seed, so the tokens
-agree without a collective per step; the control exchange proves they do
-("ranks diverged" fails the request otherwise). Length and stop tokens end
-every rank at the same step; stop strings and cancels are decided on rank
-0, which answers at once and lets the others catch up at the next control.
-"""
+  idle:     a control every HEARTBEAT_S, or as soon as rank 0 has a request
+            (a dead peer shows up here as a failed collective)
+  running:  per iteration one BatchGenerator step (a decode step for the
+            batch, a prefill chunk for sequences that joined); every
+            CONTROL_EVERY iterations a control, which every rank applies one
+            iteration later (it is all-summed while the next step computes,
+            so lockstep costs the all-sum's latency, not a pipeline stall)
+
+A control carries each rank's running hash of the tokens it sampled (equal,
+or "ranks diverged"), any rank's shutdown vote, and rank 0's decisions:
+sequences to drop (a stop string, a cancel) and requests to join, with their
+prompt length and sampling parameters. When requests join, their prompt
+tokens follow in a second all-sum. Requests join and leave only at these
+token boundaries, on every rank at the same iteration.
+
+Every rank samples: each sequence has its own seeded sampler
+(sequences.SeededSampler), so the tokens agree across ranks, and a
+sequence's tokens are the same alone or in a batch. Length and stop tokens
+end a sequence inside BatchGenerator, on every rank at the same step; stop
+strings and cancels are decided on rank 0, which answers at once and drops
+the sequence everywhere at the next control.
+
+The prefix cache (prefix_cache.PrefixCache) is consulted as a request joins
+and fed as a sequence leaves, at the same points on every rank."""
 
 import os
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.generate import StopSequences
 
 from exod.placement.constants import PREFILL_CHUNK_TOKENS
 from exod.proto import exod_pb2 as pb
 
+from . import engine
+from .prefix_cache import PrefixCache
+from .scheduler import Admission, Inbox, RequestError  # noqa: F401  (Inbox, RequestError: the runner's API)
+from .sequences import LogitsCapture, SeededSampler, Sequence
+
 HEARTBEAT_S = 0.5
 CONTROL_EVERY = 4
 MAX_STOP_TOKENS = 4
-OP_IDLE, OP_GENERATE = 0, 1
+MAX_JOIN = 8      # requests that may join at one control
+MAX_REMOVE = 16   # sequences rank 0 may drop at one control
+# The planner's activation estimate assumes one prefill chunk of this many
+# tokens; sequences prefilling together share it.
+PREFILL_CHUNK = PREFILL_CHUNK_TOKENS
+PREFILL_BATCH = 4
+STATS_EVERY_S = 1.0
+TOKENS_PER_S_WINDOW_S = 5.0
 _HASH_MOD = 2_147_483_629  # a prime below 2^31: hashes fit int32 all-sums
-PREFILL_CHUNK = PREFILL_CHUNK_TOKENS  # what the planner's activation estimate assumes
-DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass
-class Inbox:
-    """Commands from the parent, filled by the reader thread."""
-
-    requests: "queue.Queue[pb.GenerateRequest]" = field(default_factory=queue.Queue)
-    cancelled: set = field(default_factory=set)
-    shutdown: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    known: set = field(default_factory=set)  # queued or generating
-
-    def put(self, request: pb.GenerateRequest) -> None:
-        with self.lock:
-            self.known.add(request.request_id)
-        self.requests.put(request)
-
-    def cancel(self, request_id: str) -> None:
-        with self.lock:
-            if request_id in self.known:  # a cancel for a finished id must not hit its reuse
-                self.cancelled.add(request_id)
-
-    def done(self, request_id: str) -> None:
-        with self.lock:
-            self.known.discard(request_id)
-            self.cancelled.discard(request_id)
-
-    def is_cancelled(self, request_id: str) -> bool:
-        with self.lock:
-            return request_id in self.cancelled
-
-
-class RequestError(Exception):
-    pass
-
-
-class Server:
-    def __init__(self, model, tokenizer, group, inbox: Inbox, emit, set_state, progress, context_length: int):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.group = group
-        self.rank = group.rank() if group else 0
-        self.inbox = inbox
-        self.emit = emit  # GenerationChunk -> None (rank 0)
-        self.set_state = set_state
-        self.progress = progress  # (phase, seconds) -> None: the watchdog's deadline
-        self.context_length = context_length
-        self.vocab = int(model.args.vocab_size) if hasattr(model, "args") else None
-        self.current = None  # the request being generated (rank 0)
-
-    # ---------------------------------------------------------------- collectives
-
-    def _all_sum(self, array: mx.array) -> mx.array:
-        return mx.distributed.all_sum(array, group=self.group) if self.group else array
-
-    def _header(self, request, tokens: list[int]) -> "Header":
-        vote = 1 if self.inbox.shutdown.is_set() else 0
-        local = Header.encode(self, request, tokens) if self.rank == 0 and request is not None else Header.empty()
-        local[Header.VOTES] = vote
-        return Header(self._all_sum(mx.array(local, dtype=mx.int32)).tolist())
-
-    # ---------------------------------------------------------------- loop
-
-    def run(self, peer_timeout_s: float) -> None:
-        while True:
-            request, tokens = None, []
-            if self.rank == 0:
-                request, tokens = self._next_request()
-            self.progress("Ready", peer_timeout_s)
-            header = self._header(request, tokens)
-            if header.votes:
-                if request is not None:
-                    self._finish(request, pb.FINISH_CANCELLED, error="runner shutting down")
-                return
-            if header.op != OP_GENERATE:
-                continue
-            n = header.prompt_length
-            prompt = self._all_sum(mx.array(tokens if self.rank == 0 else [0] * n, dtype=mx.int32))
-            # Now, on every rank: a pipeline stage that receives its input would
-            # otherwise never evaluate this all-sum, and the first stage would wait.
-            mx.eval(prompt)
-            self.set_state(pb.RUNNING)
-            self.current = request
-            self._generate(request, prompt, header, peer_timeout_s)
-            self.current = None
-            self.set_state(pb.READY)
-
-    def _next_request(self):
-        """A valid request and its prompt tokens, or (None, []) after a heartbeat's wait."""
-        deadline = time.monotonic() + HEARTBEAT_S
-        while not self.inbox.shutdown.is_set():
-            try:
-                request = self.inbox.requests.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return None, []
-            if self.inbox.is_cancelled(request.request_id):
-                self._finish(request, pb.FINISH_CANCELLED)
-                continue
-            try:
-                return request, self._prompt_tokens(request)
-            except RequestError as e:
-                self._finish(request, pb.FINISH_ERROR, error=str(e))
-        return None, []
-
-    def _prompt_tokens(self, request: pb.GenerateRequest) -> list[int]:
-        if request.messages:
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer; send prompt_tokens")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                tokens = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            except Exception as e:  # the template is the model's own code
-                raise RequestError(f"chat template failed: {e}") from e
-        else:
-            tokens = list(request.prompt_tokens)
-        if not tokens:
-            raise RequestError("empty prompt")
-        if self.vocab and max(tokens) >= self.vocab:
-            raise RequestError(f"token id {max(tokens)} is outside the vocabulary of {self.vocab}")
-        budget = self._max_tokens(request)
-        if len(tokens) + budget > self.context_length:
-            raise RequestError(f"prompt of {len(tokens)} tokens plus max_tokens {budget} exceeds "
-                               f"the instance's context of {self.context_length}")
-        return tokens
-
-    def _finish(self, request, reason: int, error: str = "") -> None:
-        self.inbox.done(request.request_id)
-        self.emit(pb.GenerationChunk(request_id=request.request_id, finish_reason=reason, error=error))
-
-    def stop_tokens(self) -> set[int]:
-        return set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
-
-    def _max_tokens(self, request) -> int:
-        return request.sampling.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
-
-    # ---------------------------------------------------------------- one request
-
-    def _generate(self, request, prompt: mx.array, header: "Header", peer_timeout_s: float) -> None:
-        rank0 = self.rank == 0
-        world = self.group.size() if self.group else 1
-        n = header.prompt_length
-        cache = make_prompt_cache(self.model)
-        started = time.perf_counter()
-        for start in range(0, n - 1, PREFILL_CHUNK):
-            self.progress("Running", peer_timeout_s)
-            end = min(start + PREFILL_CHUNK, n - 1)
-            self.model(prompt[None, start:end], cache=cache)
-            mx.eval([c.state for c in cache])
-        mx.random.seed(header.seed)
-        sampler = make_sampler(temp=header.temperature, top_p=header.top_p, min_p=header.min_p, top_k=header.top_k)
-        want_logprob = rank0 and request.sampling.logprobs
-        top_k = min(request.sampling.top_logprobs, 20) if rank0 else 0
-
-        def step(tokens: mx.array):
-            logits = self.model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = sampler(logprobs)
-            extra = [logprobs[0, token[0]]] if want_logprob else []
-            if top_k:
-                top = mx.argpartition(-logprobs[0], top_k - 1)[:top_k]
-                extra += [top, logprobs[0, top]]
-            return token, extra, logits
-
-        def control(after: mx.array, token_hash: int, stop: int) -> mx.array:
-            local = np.zeros(world + 1, dtype=np.int32)
-            local[self.rank] = token_hash
-            local[world] = stop
-            return self._all_sum(mx.depends(mx.array(local), after))
-
-        state = _Rank0State(self, request, n) if rank0 else None
-        self.progress("Running", peer_timeout_s)
-        y, extra, first_logits = step(prompt[n - 1:n])
-        mx.async_eval(y, *extra)
-        if rank0 and header.want_logits:
-            state.prompt_logits = first_logits[0].tolist()
-        token_hash, generated, stop_vote = 0, 0, 0
-        pending_control = None
-        while True:
-            self.progress("Running", peer_timeout_s)
-            next_y, next_extra, _ = step(y)
-            next_control = None
-            if (generated + 1) % CONTROL_EVERY == 0:
-                next_control = control(next_y, token_hash, stop_vote)
-            mx.async_eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
-            token = y.item()
-            generated += 1
-            token_hash = (token_hash * 31 + token + 1) % _HASH_MOD
-            if rank0:
-                if state.prompt_seconds is None:
-                    state.prompt_seconds = time.perf_counter() - started
-                    state.decode_started = time.perf_counter()
-                if state.accept(token, extra):
-                    stop_vote = 1
-            ended = generated >= header.max_tokens or (token in header.stop_tokens)
-            if pending_control is not None:
-                hashes_and_vote = pending_control.tolist()
-                if len(set(hashes_and_vote[:world])) != 1:
-                    mx.eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
-                    raise RanksDiverged(f"ranks sampled different tokens by step {generated}: the logits "
-                                        f"differ between ranks")
-                ended = ended or bool(hashes_and_vote[world])
-            if ended:
-                # Every rank finishes the step it started, at the same point.
-                mx.eval(next_y, *next_extra, *([next_control] if next_control is not None else []))
-                break
-            pending_control = next_control
-            y, extra = next_y, next_extra
-        if rank0:
-            state.finish()
 
 
 class RanksDiverged(Exception):
     pass
 
 
-class Header:
-    """The request as every rank needs it, packed in one int32 all-sum."""
+class Control:
+    """One control message: a fixed layout of int32, all-summed."""
 
-    OP, PROMPT_LENGTH, VOTES, WANT_LOGITS, MAX_TOKENS, TOP_K, SEED, TEMPERATURE, TOP_P, MIN_P = range(10)
-    STOP_TOKENS = 10
-    SIZE = STOP_TOKENS + MAX_STOP_TOKENS
+    VOTES = 0
+    HASHES = 1  # one slot per rank
+    # After the hashes: a count and MAX_REMOVE uids (+1), then a count and
+    # MAX_JOIN join records.
+    PROMPT_LENGTH, MAX_TOKENS, TOP_K, SEED, TEMPERATURE, TOP_P, MIN_P, WANT_LOGITS, STOPS = range(9)
+    JOIN_FIELDS = STOPS + MAX_STOP_TOKENS
 
-    def __init__(self, values: list[int]):
-        self.values = values
-        self.op = values[self.OP]
-        self.prompt_length = values[self.PROMPT_LENGTH]
-        self.votes = values[self.VOTES]
-        self.want_logits = bool(values[self.WANT_LOGITS])
-        self.max_tokens = values[self.MAX_TOKENS]
-        self.top_k = values[self.TOP_K]
-        self.seed = values[self.SEED]
-        floats = np.array(values[self.TEMPERATURE:self.MIN_P + 1], dtype=np.int32).view(np.float32)
-        self.temperature, self.top_p, self.min_p = (float(x) for x in floats)
-        self.stop_tokens = {t - 1 for t in values[self.STOP_TOKENS:] if t > 0}
+    def __init__(self, world: int):
+        self.world = world
+        self.remove_at = self.HASHES + world
+        self.join_at = self.remove_at + 1 + MAX_REMOVE
+        self.size = self.join_at + 1 + MAX_JOIN * self.JOIN_FIELDS
 
-    @classmethod
-    def empty(cls) -> list[int]:
-        return [0] * cls.SIZE
-
-    @classmethod
-    def encode(cls, server: "Server", request, tokens: list[int]) -> list[int]:
-        s = request.sampling
-        values = cls.empty()
-        values[cls.OP] = OP_GENERATE
-        values[cls.PROMPT_LENGTH] = len(tokens)
-        values[cls.WANT_LOGITS] = int(request.return_prompt_logits)
-        values[cls.MAX_TOKENS] = server._max_tokens(request)
-        values[cls.TOP_K] = s.top_k
-        values[cls.SEED] = (s.seed if s.HasField("seed") else int.from_bytes(os.urandom(4), "little")) % 2**31
-        top_p = s.top_p if 0 < s.top_p < 1 else 0.0
-        floats = np.array([s.temperature, top_p, s.min_p], dtype=np.float32).view(np.int32)
-        values[cls.TEMPERATURE:cls.MIN_P + 1] = [int(x) for x in floats]
-        stops = [] if s.ignore_eos else sorted(server.stop_tokens())[:MAX_STOP_TOKENS]
-        values[cls.STOP_TOKENS:cls.STOP_TOKENS + len(stops)] = [t + 1 for t in stops]
+    def encode(self, rank: int, vote: bool, token_hash: int, removals: list[int], joins: list) -> np.ndarray:
+        values = np.zeros(self.size, dtype=np.int32)
+        values[self.VOTES] = int(vote)
+        values[self.HASHES + rank] = token_hash
+        values[self.remove_at] = len(removals)
+        values[self.remove_at + 1:self.remove_at + 1 + len(removals)] = [uid + 1 for uid in removals]
+        values[self.join_at] = len(joins)
+        for i, (admitted, stops, seed) in enumerate(joins):
+            s = admitted.request.sampling
+            base = self.join_at + 1 + i * self.JOIN_FIELDS
+            values[base + self.PROMPT_LENGTH] = len(admitted.tokens)
+            values[base + self.MAX_TOKENS] = admitted.max_tokens
+            values[base + self.TOP_K] = s.top_k
+            values[base + self.SEED] = seed
+            top_p = s.top_p if 0 < s.top_p < 1 else 0.0
+            values[base + self.TEMPERATURE:base + self.MIN_P + 1] = np.array(
+                [s.temperature, top_p, s.min_p], dtype=np.float32).view(np.int32)
+            values[base + self.WANT_LOGITS] = int(admitted.request.return_prompt_logits)
+            values[base + self.STOPS:base + self.STOPS + len(stops)] = [t + 1 for t in stops]
         return values
 
+    def decode(self, values: list[int]) -> dict:
+        joins = []
+        for i in range(values[self.join_at]):
+            base = self.join_at + 1 + i * self.JOIN_FIELDS
+            record = values[base:base + self.JOIN_FIELDS]
+            floats = np.array(record[self.TEMPERATURE:self.MIN_P + 1], dtype=np.int32).view(np.float32)
+            joins.append(dict(
+                prompt_length=record[self.PROMPT_LENGTH], max_tokens=record[self.MAX_TOKENS],
+                top_k=record[self.TOP_K], seed=record[self.SEED],
+                temperature=float(floats[0]), top_p=float(floats[1]), min_p=float(floats[2]),
+                want_logits=bool(record[self.WANT_LOGITS]),
+                stops=[t - 1 for t in record[self.STOPS:] if t > 0]))
+        removals = [v - 1 for v in values[self.remove_at + 1:self.remove_at + 1 + values[self.remove_at]]]
+        return dict(votes=values[self.VOTES], hashes=values[self.HASHES:self.HASHES + self.world],
+                    removals=removals, joins=joins)
 
-class _Rank0State:
-    """Rank 0's view of one request: detokenizing, stop strings, limits."""
 
-    def __init__(self, server: Server, request, prompt_tokens: int):
-        self.server = server
-        self.request = request
-        self.prompt_tokens = prompt_tokens
+class Server:
+    def __init__(self, model, tokenizer, group, inbox: Inbox, emit, report, progress, context_length: int,
+                 max_batch: int = 1, prefix_cache_tokens: int = 0, prefix_cache_bytes: int = 0):
+        """report(state, **status fields); progress(phase, seconds): the watchdog's deadline."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.group = group
+        self.rank = group.rank() if group else 0
+        self.world = group.size() if group else 1
+        self.inbox = inbox
+        self.emit = emit  # GenerationChunk -> None (rank 0)
+        self.report = report
+        self.progress = progress
+        self.context_length = context_length
+        self.max_batch = max(1, max_batch)
+        self.control = Control(self.world)
+        vocab = int(model.args.vocab_size) if hasattr(model, "args") else None
+        # Every collective runs on one stream, in the order it was issued:
+        # the model's own and the controls (mlx-lm's server does the same
+        # when it runs distributed).
+        self.stream = mx.default_stream(mx.default_device())
+        prefill_batch = min(self.max_batch, PREFILL_BATCH)
+        self.engine, self.max_batch = engine.make(model, self.max_batch, prefill_batch,
+                                                  max(1, PREFILL_CHUNK // prefill_batch), self.stream)
+        if self.rank == 0:
+            inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
+        self.prefix = PrefixCache(prefix_cache_tokens, prefix_cache_bytes)
+        self.active: dict[int, "Sequence | None"] = {}  # engine uid -> rank 0's Sequence (None elsewhere)
+        self.dropping: set[int] = set()   # rank 0: finished here, still in the batch until a control drops it
+        self.joining: list = []           # rank 0: what the control in flight asks to join
+        self.pending = None               # the control in flight
+        self.token_hash = 0
+        self.iteration = 0
         self.generated = 0
-        self.text = ""
-        self.emitted = 0
-        self.finish_reason = pb.FINISH_REASON_UNSPECIFIED
-        self.stopped_by_string = False
-        self.finished = False
-        self.prompt_seconds = None
-        self.decode_started = None
-        self.prompt_logits = None
-        tokenizer = server.tokenizer
-        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
-        if self.detokenizer is not None:
-            self.detokenizer.reset()
-        self.eos = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
-        self.stops = [s for s in request.sampling.stop if s]
-        self.max_tokens = server._max_tokens(request)
+        self.peak_batch = 0
+        self.recent: deque = deque()      # (time, tokens) for tokens_per_s
+        self.state = pb.READY
+        self.reported_at = 0.0
 
-    def accept(self, token: int, extra) -> bool:
-        """Handle one sampled token; True once generation must stop. The final
-        chunk goes out at once; the other ranks may run a few steps more."""
-        if self.finish_reason:
-            return True  # steps the other ranks still run after the decision
-        self._judge(token, extra)
-        if self.finish_reason:
-            self.finish()
+    # ---------------------------------------------------------------- collectives
+
+    def _all_sum(self, array: mx.array) -> mx.array:
+        return mx.distributed.all_sum(array, group=self.group, stream=self.stream) if self.group else array
+
+    def _issue_control(self, wait_s: float) -> mx.array:
+        removals, joins = [], []
+        if self.rank == 0:
+            self._cancel_in_batch()
+            removals = sorted(self.dropping)[:MAX_REMOVE]
+            room = self.max_batch - len(self.active)
+            if room > 0 and not self.inbox.shutdown.is_set():
+                joins = [(a, self._stop_tokens(a.request), self._seed(a.request))
+                         for a in self.inbox.take(min(room, MAX_JOIN), wait_s)]
+            self.joining = [a for a, _, _ in joins]
+        # After the wait: a shutdown that arrived meanwhile is voted now.
+        vote = self.inbox.shutdown.is_set()
+        local = self.control.encode(self.rank, vote, self.token_hash, removals, joins)
+        with mx.stream(self.stream):
+            return self._all_sum(mx.array(local))
+
+    def _stop_tokens(self, request) -> list[int]:
+        if request.sampling.ignore_eos or self.tokenizer is None:
+            return []
+        return sorted(self.tokenizer.eos_token_ids)[:MAX_STOP_TOKENS]
+
+    @staticmethod
+    def _seed(request) -> int:
+        s = request.sampling
+        return (s.seed if s.HasField("seed") else int.from_bytes(os.urandom(4), "little")) % 2**31
+
+    def _cancel_in_batch(self) -> None:
+        """Cancelled sequences end on rank 0 now, and leave the batch at the control."""
+        for uid, seq in self.active.items():
+            if seq is not None and not seq.finished and self.inbox.is_cancelled(seq.request_id):
+                seq.fail(pb.FINISH_CANCELLED)
+                self.dropping.add(uid)
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self, peer_timeout_s: float) -> None:
+        try:
+            while True:
+                if not self.active and self.pending is None:
+                    self.progress("Ready", peer_timeout_s)
+                    self._set_state(pb.READY)
+                    values = self._issue_control(HEARTBEAT_S if self.rank == 0 else 0.0).tolist()
+                    if self._apply(values):
+                        return
+                    continue
+                self.progress("Running", peer_timeout_s)
+                self._set_state(pb.RUNNING)
+                with mx.stream(self.stream):
+                    _, responses = self.engine.next()
+                self.iteration += 1
+                self._observe(responses)
+                if self.pending is not None:
+                    values, self.pending = self.pending.tolist(), None
+                    if self._apply(values):
+                        return
+                if self.active and self.iteration % CONTROL_EVERY == 0:
+                    self.pending = self._issue_control(0.0)
+                    mx.async_eval(self.pending)
+                self._maybe_report()
+        finally:
+            self.engine.close()
+
+    def _observe(self, responses) -> None:
+        now = time.perf_counter()
+        for r in responses:
+            self.token_hash = (self.token_hash * 31 + r.uid * 7919 + r.token + 1) % _HASH_MOD
+            seq = self.active.get(r.uid)
+            ended = r.finish_reason is not None
+            if seq is not None and not seq.finished:
+                if seq.accept(r.token, r.logprobs, ended) and not ended:
+                    self.dropping.add(r.uid)
+            if ended:
+                self._left(r.uid, r.all_tokens, r.prompt_cache)
+        if responses:
+            self.generated += len(responses)
+            self.recent.append((now, len(responses)))
+
+    def _left(self, uid: int, tokens, cache) -> None:
+        """A sequence left the batch, on every rank at this point."""
+        self.active.pop(uid, None)
+        self.dropping.discard(uid)
+        if cache is not None and tokens:
+            self.prefix.insert(list(tokens), cache)
+
+    def _apply(self, values: list[int]) -> bool:
+        """Apply a control on every rank; True when the runner must stop."""
+        control = self.control.decode(values)
+        if len(set(control["hashes"])) != 1:
+            raise RanksDiverged(f"ranks sampled different tokens by iteration {self.iteration}: "
+                                f"the logits differ between ranks")
+        joining, self.joining = self.joining, []
+        if control["votes"]:
+            for admitted in joining:
+                self.inbox.done(admitted.request.request_id)
+                self.emit(pb.GenerationChunk(request_id=admitted.request.request_id,
+                                             finish_reason=pb.FINISH_CANCELLED, error="runner shutting down"))
+            self.stop_all(pb.FINISH_CANCELLED, "runner shutting down")
             return True
+        removals = [uid for uid in control["removals"] if uid in self.active]
+        if removals:
+            with mx.stream(self.stream):
+                caches = self.engine.remove(removals, return_prompt_caches=self.prefix.capacity_tokens > 0)
+            for uid in removals:
+                cache, tokens = caches.get(uid, (None, None))
+                self._left(uid, tokens, cache)
+        if control["joins"]:
+            self._join(control["joins"], joining)
         return False
 
-    def _judge(self, token: int, extra) -> None:
-        if self.server.inbox.is_cancelled(self.request.request_id):
-            self.finish_reason = pb.FINISH_CANCELLED
-            return
-        if token in self.eos and not self.request.sampling.ignore_eos:
-            self.finish_reason = pb.FINISH_STOP
-            return
-        self.generated += 1
-        piece = self._piece(token)
-        out = pb.GeneratedToken(token=token)
-        if self.request.sampling.logprobs:
-            out.logprob = float(extra[0].item())
-        if self.request.sampling.top_logprobs:
-            ids, values = extra[-2].tolist(), extra[-1].tolist()
-            for tid, value in sorted(zip(ids, values), key=lambda p: -p[1]):
-                out.top_logprobs.append(pb.TokenLogprob(token=tid, text=self._text_of(tid), logprob=value))
-        self.text += piece
-        cut = self._stop_at()
-        if cut is not None:
-            out.text = self.text[self.emitted:cut]
-            self.emitted = cut
-            self.finish_reason = pb.FINISH_STOP
-            self.stopped_by_string = True
-        else:
-            safe = len(self.text) - self._held_back()
-            out.text = self.text[self.emitted:safe]
-            self.emitted = safe
-            if self.generated >= self.server._max_tokens(self.request):
-                self.finish_reason = pb.FINISH_LENGTH
-        self.server.emit(pb.GenerationChunk(request_id=self.request.request_id, tokens=[out]))
+    def _join(self, joins: list[dict], admitted: list) -> None:
+        total = sum(j["prompt_length"] for j in joins)
+        local = [t for a in admitted for t in a.tokens] if self.rank == 0 else [0] * total
+        with mx.stream(self.stream):
+            # Evaluated now, on every rank: a pipeline stage that receives its
+            # input would otherwise never evaluate this all-sum.
+            prompts = self._all_sum(mx.array(local, dtype=mx.int32)).tolist()
+        offset = 0
+        for i, join in enumerate(joins):
+            tokens = prompts[offset:offset + join["prompt_length"]]
+            offset += join["prompt_length"]
+            cache, reused = self.prefix.fetch(tokens)
+            greedy = join["temperature"] == 0
+            sampler = None if greedy else SeededSampler(join["seed"], join["temperature"], join["top_p"],
+                                                         join["min_p"], join["top_k"])
+            capture = LogitsCapture() if join["want_logits"] else None
+            with mx.stream(self.stream):
+                (uid,) = self.engine.insert(
+                    [tokens[reused:]], max_tokens=[join["max_tokens"]], caches=[cache],
+                    all_tokens=[tokens[:reused]], samplers=[sampler],
+                    logits_processors=[[capture]] if capture else None,
+                    stop_sequences=[StopSequences([[t] for t in join["stops"]])])
+            self.active[uid] = Sequence(self, admitted[i], capture, reused) if self.rank == 0 else None
+        self.peak_batch = max(self.peak_batch, len(self.active))
 
-    def _piece(self, token: int) -> str:
-        if self.detokenizer is None:
-            return ""
-        self.detokenizer.add_token(token)
-        return self.detokenizer.last_segment
+    def stop_all(self, reason: int, error: str = "") -> None:
+        """Every sequence ends (rank 0 answers each)."""
+        for seq in self.active.values():
+            if seq is not None:
+                seq.fail(reason, error)
+        for request_id in self.inbox.drain() if self.rank == 0 else []:
+            self.emit(pb.GenerationChunk(request_id=request_id, finish_reason=reason, error=error))
 
-    def _text_of(self, token: int) -> str:
-        return self.server.tokenizer.decode([token]) if self.server.tokenizer is not None else ""
+    # ---------------------------------------------------------------- status
 
-    def _stop_at(self):
-        found = [self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops]
-        found = [i for i in found if i >= 0]
-        return min(found) if found else None
+    def _set_state(self, state: int) -> None:
+        if state != self.state:
+            self.state = state
+            self._report()
 
-    def _held_back(self) -> int:
-        """Characters at the end that may be the start of a stop string."""
-        longest = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    longest = max(longest, k)
-                    break
-        return longest
+    def _maybe_report(self) -> None:
+        if time.monotonic() - self.reported_at >= STATS_EVERY_S:
+            self._report()
 
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.detokenizer is not None and not self.stopped_by_string:
-            self.detokenizer.finalize()
-            self.text += self.detokenizer.last_segment
-        decode_s = time.perf_counter() - (self.decode_started or time.perf_counter())
-        chunk = pb.GenerationChunk(
-            request_id=self.request.request_id,
-            finish_reason=self.finish_reason or pb.FINISH_STOP,
-            prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generated,
-            prompt_tokens_per_s=self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0,
-            generation_tokens_per_s=(self.generated - 1) / decode_s if self.generated > 1 and decode_s > 0 else 0.0,
-        )
-        tail = "" if self.stopped_by_string else self.text[self.emitted:]
-        if tail:
-            chunk.tokens.append(pb.GeneratedToken(text=tail))
-        if self.prompt_logits is not None:
-            chunk.prompt_logits.extend(self.prompt_logits)
-        self.server.inbox.done(self.request.request_id)
-        self.server.emit(chunk)
+    def _report(self) -> None:
+        self.reported_at = time.monotonic()
+        self.report(self.state, **self.stats())
 
+    def stats(self) -> dict:
+        now = time.perf_counter()
+        while self.recent and now - self.recent[0][0] > TOKENS_PER_S_WINDOW_S:
+            self.recent.popleft()
+        span = now - self.recent[0][0] if len(self.recent) > 1 else 0.0
+        rate = sum(n for _, n in list(self.recent)[1:]) / span if span > 0 else 0.0
+        return dict(max_batch=self.max_batch, batch_size=len(self.active), peak_batch_size=self.peak_batch,
+                    queue_depth=self.inbox.depth() if self.rank == 0 else 0,
+                    tokens_per_s=rate if self.state == pb.RUNNING else 0.0,
+                    generated_tokens=self.generated, prefix_cache=self.prefix.stats(pb))

@@ -62,18 +62,19 @@ strategies.register("hang_while_loading", hang_while_loading)
 def diverging_sampler(model, group, spec, arch, config):
     """A correct cut whose rank 1 samples a different token than rank 0: it
     passes the canary (sampling is not part of it) and must be caught by the
-    token-hash control exchange while decoding."""
-    from exod.runner import serve
+    token-hash control exchange while decoding. Rank 1's batch engine gets
+    a greedy sampler that picks the next token id."""
+    from mlx_lm.generate import BatchGenerator, greedy_sampler
+
+    from exod.runner import engine
 
     strategies.moe_tensor(model, group, spec, arch, config)
     if group.rank() == 1:
-        original = serve.make_sampler
+        class Shifted(BatchGenerator):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, sampler=lambda lp: (greedy_sampler(lp) + 1) % lp.shape[-1], **kwargs)
 
-        def shifted(**kwargs):
-            sample = original(**kwargs)
-            return lambda logprobs: (sample(logprobs) + 1) % logprobs.shape[-1]
-
-        serve.make_sampler = shifted
+        engine.BatchGenerator = Shifted
 
 
 strategies.register("diverging_sampler", diverging_sampler)

@@ -1,17 +1,24 @@
 """The dashboard in a real headless Chromium (Debian's package, driven by
 Playwright): nodes appear, placing from the form shows the runners progress
-to Ready, and a killed runner shows as Failed with its reason. Checked in
-the DOM and with screenshots."""
+to Ready, the chat panel streams a two-turn conversation (exactly the
+single-process model's greedy answers; the second turn served from the
+prefix cache, which the instance's serving column shows with its batch,
+queue and tok/s), Stop ends a generation on every rank, and a killed runner
+shows as Failed with its reason. Checked in the DOM and with screenshots."""
 
 import asyncio
 import os
 import shutil
 import signal
 import struct
+import time
 import zlib
 
+from mlx_lm import generate, load
+from mlx_lm.sample_utils import make_sampler
 from playwright.sync_api import sync_playwright
 
+from exod.models import synthetic
 from exod.proto import exod_pb2 as pb
 
 from .daemon_helpers import settings, started, statuses, until
@@ -40,7 +47,62 @@ def png_size_and_colours(path):
     return width, height, len(colours)
 
 
-def browse(url, shots, kill_runner):
+def answers(model_dir, turns, max_tokens):
+    """The single-process model's greedy answers to a conversation, turn by turn."""
+    model, tokenizer = load(str(model_dir))
+    conversation, said = [], []
+    for text in turns:
+        conversation.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        said.append(generate(model, tokenizer, prompt=prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)))
+        conversation.append({"role": "assistant", "content": said[-1]})
+    return said
+
+
+def poll(page, selector, predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        text = page.text_content(selector) or ""
+        if predicate(text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{selector}: {text!r} after {timeout} s")
+        time.sleep(0.2)
+
+
+TURNS = ["hello world, what is a token?", "and what is a model?"]
+
+
+def chat(page, expected):
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max-tokens", "16")
+    for i, (text, answer) in enumerate(zip(TURNS, expected)):
+        page.fill("#chat-input", text)
+        page.click("#chat-send")
+        done = page.wait_for_selector(f'#chat-log .turn.assistant:nth-of-type({2 * i + 2})[data-done="true"]',
+                                      timeout=60000)
+        assert done.query_selector(".text").text_content() == answer
+    assert "done" in page.text_content("#chat-status")
+    # The second turn's prompt began with the first turn: its prefill came
+    # from the prefix cache, and the serving column says so.
+    poll(page, '#instances [data-field="prefix-cache"]', lambda s: s.startswith("cache ") and not
+         s.startswith("cache 0/"), 10)
+    assert poll(page, '#instances [data-field="batch"]', lambda s: s == "batch 0 / 8", 10)
+    assert "tok/s" in page.text_content('#instances [data-field="tokens-per-s"]')
+    assert page.text_content('#instances [data-field="queue"]') == "queue 0"
+
+    # Stop: the browser aborts the request, and every rank drops it. (Greedy,
+    # this prompt runs to max_tokens: no end-of-sequence token comes first.)
+    page.fill("#chat-max-tokens", "900")  # the placement's context is 1024
+    page.fill("#chat-input", "tell me everything")
+    page.click("#chat-send")
+    poll(page, '#instances [data-field="batch"]', lambda s: s == "batch 1 / 8", 30)
+    page.click("#chat-stop")
+    poll(page, "#chat-status", lambda s: s == "stopped", 10)
+    poll(page, '#instances [data-field="batch"]', lambda s: s == "batch 0 / 8", 30)
+
+
+def browse(url, shots, kill_runner, expected):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -68,6 +130,8 @@ def browse(url, shots, kill_runner):
         page.wait_for_selector('#models tr[data-node="a"][data-model="demo"]', timeout=15000)
         page.wait_for_selector('#models tr[data-node="b"][data-model="demo"]', timeout=15000)
         assert "complete" in page.text_content('#models tr[data-node="b"]')
+        page.wait_for_selector('#chat-model option[value="demo"]', state="attached", timeout=15000)
+        chat(page, expected)
         page.screenshot(path=shots[1], full_page=True)
 
         kill_runner()
@@ -96,7 +160,10 @@ def test_the_dashboard_shows_nodes_placement_and_failure(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
             shots = [str(tmp_path / f"dashboard-{i}.png") for i in range(3)]
-            await asyncio.to_thread(browse, f"http://127.0.0.1:{a.api_port}/", shots, kill_runner)
+            # The built-in model is built the same everywhere: a copy of its own gives the answers.
+            reference = await asyncio.to_thread(synthetic.ensure_named, "demo", tmp_path / "reference")
+            expected = await asyncio.to_thread(answers, reference, TURNS, 16)
+            await asyncio.to_thread(browse, f"http://127.0.0.1:{a.api_port}/", shots, kill_runner, expected)
             sizes = [png_size_and_colours(s) for s in shots]
             for width, height, colours in sizes:
                 assert width == 1280 and height >= 600 and colours >= 8  # a page, not a blank

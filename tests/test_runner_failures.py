@@ -110,6 +110,7 @@ def test_kill_9_of_a_rank_mid_generation_fails_the_survivors(strategy, world, tm
         request = pb.GenerateRequest(request_id="long", prompt_tokens=[5, 6, 7],
                                      sampling=pb.SamplingParams(max_tokens=3000, ignore_eos=True))
         chunks = instance.submit(request)
+        assert chunks.get(timeout=60).admitted
         first = chunks.get(timeout=60)
         assert first.tokens
         victim = instance.ranks[world - 1]

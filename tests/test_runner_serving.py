@@ -1,9 +1,8 @@
 """The runner's lifecycle and its request handling, on the demo model as two
 real moe_tensor ranks: statuses in order with progress and memory, chat
-through the model's template, sampling controls, queueing, cancellation, bad
-requests that leave it Ready, and a clean shutdown."""
-
-import time
+through the model's template, sampling controls, admission, batching beyond
+the batch bound, cancellation, bad requests that leave it Ready, and a
+clean shutdown."""
 
 import pytest
 
@@ -17,7 +16,8 @@ LIFECYCLE = [pb.IDLE, pb.CONNECTING, pb.CONNECTED, pb.LOADING, pb.LOADED, pb.WAR
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     model_dir = synthetic.ensure_named("demo", tmp_path_factory.mktemp("models"))
-    instance = LocalInstance(model_dir, "moe_tensor", 2, context_length=2048, estimated_bytes=[111, 222])
+    instance = LocalInstance(model_dir, "moe_tensor", 2, context_length=2048, estimated_bytes=[111, 222],
+                             max_batch=2)
     instance.wait_ready(120)
     yield instance
     instance.close()
@@ -26,6 +26,12 @@ def demo(tmp_path_factory):
 def request(request_id, **sampling):
     messages = [pb.ChatMessage(role="user", content="hello world, what is a token?")]
     return pb.GenerateRequest(request_id=request_id, messages=messages, sampling=pb.SamplingParams(**sampling))
+
+
+def token_chunks(chunks):
+    """The chunks after the admission chunk, which carries no token."""
+    assert chunks[0].admitted and not chunks[0].tokens and chunks[0].prompt_tokens > 0
+    return chunks[1:]
 
 
 def tokens_of(chunks):
@@ -68,13 +74,13 @@ def test_seeded_sampling_repeats_and_logprobs_are_consistent(demo):
     assert tokens_of(a) == tokens_of(b)
     c = demo.generate(request("s3", **{**kwargs, "seed": 8}))
     assert tokens_of(a) != tokens_of(c)
-    for chunk in a[:-1]:
+    for chunk in token_chunks(a)[:-1]:
         token = chunk.tokens[0]
         assert token.logprob <= 0 and len(token.top_logprobs) == 3
         values = [t.logprob for t in token.top_logprobs]
         assert values == sorted(values, reverse=True)
     greedy = demo.generate(request("s4", max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=1))
-    for chunk in greedy[:-1]:
+    for chunk in token_chunks(greedy)[:-1]:
         t = chunk.tokens[0]
         assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5
 
@@ -87,21 +93,36 @@ def test_stop_strings_end_the_text_before_them(demo):
     assert text_of(cut) == full[: full.index(stop)]
 
 
-def test_requests_queue_during_a_generation_and_finish_in_order(demo):
-    queues = [demo.submit(request(f"q{i}", max_tokens=8, ignore_eos=True)) for i in range(3)]
-    finished = []
-    for i, q in enumerate(queues):
-        while True:
-            chunk = q.get(timeout=60)
-            if chunk.finish_reason:
-                finished.append((i, chunk.finish_reason, time.monotonic()))
-                break
-    assert [f[1] for f in finished] == [pb.FINISH_LENGTH] * 3
-    assert [f[2] for f in finished] == sorted(f[2] for f in finished)
+def test_requests_beyond_the_batch_wait_and_every_answer_is_the_one_alone(demo):
+    """Four requests on a batch of two: two decode together while two wait
+    (the status says so), every request still gets exactly the tokens it
+    gets alone, and the statuses never show more than the batch bound."""
+    alone = [tokens_of(demo.generate(request(f"alone{i}", max_tokens=6 + 4 * i, ignore_eos=True,
+                                                     temperature=0.0)))
+             for i in range(4)]
+    seen_before = [len(s) for s in demo.statuses]
+    queues = [demo.submit(request(f"b{i}", max_tokens=6 + 4 * i, ignore_eos=True, temperature=0.0))
+              for i in range(4)]
+    answers = []
+    for q in queues:
+        chunks = []
+        while not (chunk := q.get(timeout=60)).finish_reason:
+            chunks.append(chunk)
+        answers.append(tokens_of(chunks + [chunk]))
+        assert chunk.finish_reason == pb.FINISH_LENGTH
+    assert answers == alone
+    assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 5)
+    serving = [s for statuses, before in zip(demo.statuses, seen_before) for s in statuses[before:]]
+    assert all(s.max_batch == 2 and s.batch_size <= 2 for s in serving)
+    assert [r.status.peak_batch_size for r in demo.ranks] == [2, 2]
+    assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 5)
+    final = demo.ranks[0].status
+    assert final.generated_tokens >= 2 * sum(len(a) for a in alone)
 
 
 def test_cancel_ends_a_request_and_leaves_the_runner_ready(demo):
     chunks = demo.submit(request("long", max_tokens=1500, ignore_eos=True))
+    assert chunks.get(timeout=60).admitted
     assert chunks.get(timeout=60).tokens
     demo.cancel("long")
     while True:
@@ -109,6 +130,11 @@ def test_cancel_ends_a_request_and_leaves_the_runner_ready(demo):
         if chunk.finish_reason:
             break
     assert chunk.finish_reason == pb.FINISH_CANCELLED and chunk.generation_tokens < 1500
+    # Every rank dropped it from its batch: not just rank 0's answer.
+    assert demo.wait_for(lambda i: all(r.status.state == pb.READY and r.status.batch_size == 0
+                                       for r in i.ranks), 5)
+    generated = [r.status.generated_tokens for r in demo.ranks]
+    assert generated[0] == generated[1]
     queued = demo.submit(request("never", max_tokens=4))
     demo.cancel("never")  # may be cancelled before or after it starts; either way it ends
     while not (c := queued.get(timeout=30)).finish_reason:
@@ -119,15 +145,18 @@ def test_cancel_ends_a_request_and_leaves_the_runner_ready(demo):
     assert after[-1].finish_reason == pb.FINISH_LENGTH
 
 
-@pytest.mark.parametrize("bad,error", [
-    (pb.GenerateRequest(request_id="vocab", prompt_tokens=[5, 10**6]), "outside the vocabulary"),
-    (pb.GenerateRequest(request_id="empty"), "empty prompt"),
+@pytest.mark.parametrize("bad,error,kind", [
+    (pb.GenerateRequest(request_id="vocab", prompt_tokens=[5, 10**6]), "outside the vocabulary",
+     pb.ERROR_INVALID_REQUEST),
+    (pb.GenerateRequest(request_id="empty"), "empty prompt", pb.ERROR_INVALID_REQUEST),
     (pb.GenerateRequest(request_id="long", prompt_tokens=[5] * 2000, sampling=pb.SamplingParams(max_tokens=100)),
-     "exceeds the instance's context of 2048"),
+     "exceeds the instance's context of 2048", pb.ERROR_CONTEXT_LENGTH),
 ])
-def test_bad_requests_get_an_error_and_the_runner_stays_ready(demo, bad, error):
+def test_bad_requests_get_an_error_and_the_runner_stays_ready(demo, bad, error, kind):
     chunks = demo.generate(bad)
-    assert chunks[-1].finish_reason == pb.FINISH_ERROR and error in chunks[-1].error
+    # Refused at admission: the error is the only chunk, no admission first.
+    assert len(chunks) == 1 and not chunks[0].admitted
+    assert chunks[0].finish_reason == pb.FINISH_ERROR and error in chunks[0].error and chunks[0].error_kind == kind
     # Rank 0 answers at once; the other ranks may still be finishing the
     # steps of the request before (they learn it ended at the next control).
     assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 5)

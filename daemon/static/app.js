@@ -65,6 +65,22 @@ function rankLine(r, p, names) {
     r.reason ? el("div", {className: "reason"}, r.reason) : null);
 }
 
+// Rank 0 owns the queue and the clock; the batch is the same on every rank;
+// each rank caches its own shard of the prefix cache, so its bytes are summed.
+function servingCell(i) {
+  const runners = i.runners || [];
+  const r0 = runners.find(r => (r.rank || 0) === 0) || {};
+  const cache = r0.prefix_cache || {};
+  const cacheBytes = runners.reduce((sum, r) => sum + Number((r.prefix_cache || {}).bytes || 0), 0);
+  const lookups = Number(cache.lookups || 0), hits = Number(cache.hits || 0);
+  return el("td", {className: "serving"},
+    el("div", {data: {field: "tokens-per-s"}}, `${Number(r0.tokens_per_s || 0).toFixed(1)} tok/s`),
+    el("div", {data: {field: "batch"}}, `batch ${r0.batch_size || 0} / ${r0.max_batch || (i.placement || {}).concurrency || 0}`),
+    el("div", {data: {field: "queue"}}, `queue ${r0.queue_depth || 0}`),
+    el("div", {className: "muted", data: {field: "prefix-cache"}},
+      `cache ${hits}/${lookups} hits · ${mb(cacheBytes)}`));
+}
+
 function instanceRow(i, names) {
   const p = i.placement || {};
   return el("tr", {data: {instance: i.instance_id || ""}},
@@ -75,6 +91,7 @@ function instanceRow(i, names) {
       i.reason ? el("div", {className: "reason"}, i.reason) : null,
       i.replaced_by ? el("div", {className: "muted"}, `replaced by ${i.replaced_by}`) : null,
       i.replaces ? el("div", {className: "muted"}, `restart ${i.restarts} of ${i.replaces}`) : null),
+    servingCell(i),
     el("td", {}, (i.runners || []).map(r => rankLine(r, p, names))),
     el("td", {}, el("button", {type: "button", data: {action: "delete"}}, "Delete")));
 }
@@ -129,6 +146,7 @@ async function refresh() {
     $("#strangers").hidden = strangers.length === 0;
     $("#strangers tbody").replaceChildren(...strangers.map(strangerRow));
     $("#instances tbody").replaceChildren(...(s.instances || []).map(i => instanceRow(i, names)));
+    chatModels(s.instances || []);
   } catch (e) {
     $("#summary").textContent = "the daemon does not answer: " + e;
   }
@@ -193,6 +211,107 @@ $("#instances").addEventListener("click", async e => {
   try { await send("DELETE", `/v1/instances/${encodeURIComponent(id)}`); $("#message").textContent = `deleted ${id}`; }
   catch (err) { $("#message").textContent = err.message; }
   refresh();
+});
+
+// ------------------------------------------------------------------ chat
+// Streams from POST /v1/chat/completions (server-sent events), the same API
+// every OpenAI client uses; the conversation is resent each turn, so the
+// next turn's prefill comes from the instance's prefix cache. The answer is
+// appended as text only. Stop aborts the request, which ends the generation
+// on every rank.
+
+const conversation = [];
+let aborter = null;
+
+function chatModels(instances) {
+  const select = $("#chat-model");
+  const ready = [...new Set(instances.filter(i => i.state === "INSTANCE_READY").map(i => (i.placement || {}).model_id))]
+    .filter(Boolean).sort();
+  const shown = [...select.options].map(o => o.value);
+  if (ready.join("\n") === shown.join("\n")) return;
+  const chosen = select.value;
+  select.replaceChildren(...ready.map(m => el("option", {value: m}, m)));
+  if (ready.includes(chosen)) select.value = chosen;
+}
+
+function turn(role, text) {
+  const body = el("span", {className: "text"}, text);
+  $("#chat-log").append(el("div", {className: `turn ${role}`}, el("span", {className: "who"}, role), body));
+  return body;
+}
+
+// The events of an SSE stream, as they arrive: "data: {...}" lines.
+async function* events(response) {
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) if (line.startsWith("data: ")) yield line.slice(6);
+    }
+  }
+}
+
+async function chat() {
+  const model = $("#chat-model").value, text = $("#chat-input").value.trim(), status = $("#chat-status");
+  if (!model || !text || aborter) { if (!model) status.textContent = "no model is Ready: place one first"; return; }
+  conversation.push({role: "user", content: text});
+  turn("user", text);
+  $("#chat-input").value = "";
+  const out = turn("assistant", "");
+  aborter = new AbortController();
+  $("#chat-send").disabled = true; $("#chat-stop").disabled = false;
+  status.textContent = "…";
+  const started = performance.now();
+  let answer = "", tokens = 0, first = null;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", signal: aborter.signal,
+      headers: {"Content-Type": "application/json", "X-Exod-Page-Token": token},
+      body: JSON.stringify({model, messages: conversation, stream: true,
+                            temperature: Number($("#chat-temperature").value),
+                            max_tokens: Number($("#chat-max-tokens").value)})});
+    if (!r.ok) {
+      const data = await r.json();
+      throw new Error(data.error ? data.error.message : r.statusText);
+    }
+    let finish = null;
+    for await (const data of events(r)) {
+      if (data === "[DONE]") break;
+      const event = JSON.parse(data);
+      if (event.error) throw new Error(event.error.message);
+      const choice = (event.choices || [])[0] || {};
+      const piece = (choice.delta || {}).content || "";
+      if (piece) {
+        if (first === null) first = performance.now();
+        answer += piece; tokens += 1;
+        out.textContent = answer;
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+    conversation.push({role: "assistant", content: answer});
+    const seconds = (performance.now() - started) / 1000;
+    status.textContent = `done (${finish || "stop"}) · first token after ${((first || performance.now()) - started).toFixed(0)} ms · ${seconds.toFixed(1)} s`;
+    out.parentNode.setAttribute("data-done", "true");
+  } catch (e) {
+    conversation.pop();
+    status.textContent = e.name === "AbortError" ? "stopped" : e.message;
+    out.parentNode.setAttribute("data-done", "error");
+  } finally {
+    aborter = null;
+    $("#chat-send").disabled = false; $("#chat-stop").disabled = true;
+  }
+}
+
+$("#chat").addEventListener("submit", e => { e.preventDefault(); chat(); });
+$("#chat-stop").addEventListener("click", () => { if (aborter) aborter.abort(); });
+$("#chat-clear").addEventListener("click", () => {
+  conversation.length = 0; $("#chat-log").replaceChildren(); $("#chat-status").textContent = "";
 });
 
 refresh();
