@@ -2,11 +2,11 @@ import argparse
 import json
 import sys
 
-from . import chaos, discovery, matrix, memory, overhead, planning, ready, runner, security, suite, traffic
+from . import chaos, discovery, matrix, memory, overhead, planning, ready, runner, security, suite, traffic, transfer
 
 BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run,
            "ready": ready.run, "traffic": traffic.run, "memory": memory.run, "matrix": matrix.run,
-           "security": security.run, "chaos": chaos.run}
+           "security": security.run, "chaos": chaos.run, "transfer": transfer.run}
 
 
 def main() -> int:

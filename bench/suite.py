@@ -14,6 +14,9 @@ report (bench/report.json, or --out) and a short summary on stderr.
              trip, a streamed 64-token answer, bulk throughput
   chaos      a soak on 3 namespace hosts with runner and daemon kills, restarts
              and link cuts, checking invariants all along (15 min; quick: 3)
+  transfer   checkpoint bytes between namespace hosts against raw TCP (an
+             unlimited veth and a 20 Mbit tbf link), and time to Ready when
+             only a third host holds the model, against copying it first
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -26,12 +29,13 @@ import time
 import traceback
 from pathlib import Path
 
-from . import chaos, discovery, matrix, memory, planning, ready, runner, security, traffic
+from . import chaos, discovery, matrix, memory, planning, ready, runner, security, traffic, transfer
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
     "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run, "security": security.run,
     "chaos": chaos.run,
+    "transfer": transfer.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 
@@ -95,6 +99,13 @@ def headline(report: dict) -> dict:
     if b.get("traffic", {}).get("ok"):
         out["traffic_bytes_per_s_per_node"] = {"idle": b["traffic"]["idle_bytes_per_s_per_node"],
                                                "polling_50": b["traffic"]["polling_bytes_per_s_per_node"]}
+    if b.get("transfer", {}).get("ok"):
+        t = b["transfer"]
+        out["transfer_over_raw_tcp"] = {link: v["exod_over_raw_tcp"] for link, v in t["throughput"].items()}
+        out["transfer_over_tbf_rate"] = t["throughput"]["tbf 20mbit"]["exod_over_tbf_rate"]
+        out["transfer_ready_s"] = {"shards": t["time_to_ready"]["shards"]["ready_s"],
+                                   "copy_first": t["time_to_ready"]["copy_first"]["ready_s"],
+                                   "bytes_ratio": t["time_to_ready"]["bytes_ratio"]}
     if b.get("matrix", {}).get("ok"):
         out["matrix_choice_right"] = b["matrix"]["choice_right_fraction"]
         out["matrix_worst_prediction_error"] = b["matrix"]["worst_prediction_error"]
@@ -130,6 +141,11 @@ def summary(report: dict) -> str:
         t = h["traffic_bytes_per_s_per_node"]
         lines.append(f"  traffic: idle {max(t['idle']) / 1e3:.1f} kB/s per node, 50 dashboards "
                      f"{max(t['polling_50']) / 1e3:.1f} kB/s on the polled node")
+    if "transfer_ready_s" in h:
+        r = h["transfer_ready_s"]
+        lines.append(f"  transfer: {', '.join(f'{k} {v:.2f}x raw TCP' for k, v in h['transfer_over_raw_tcp'].items())}, "
+                     f"{h['transfer_over_tbf_rate']:.2f}x the tbf rate; Ready {r['shards']:.1f} s fetching shards vs "
+                     f"{r['copy_first']:.1f} s copying first ({r['bytes_ratio']:.2f}x the bytes)")
     if report["benchmarks"].get("matrix", {}).get("ok"):
         lines.append(matrix.table(report["benchmarks"]["matrix"]))
     return "\n".join(lines)

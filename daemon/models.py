@@ -554,15 +554,20 @@ def bounded(holdings: list) -> list:
     first, then partial ones, then shards."""
     from .trust import MAX_HELD_FILES, MAX_HOLDINGS
 
-    kept, files = [], 0
+    kept, files, left_out = [], 0, []
     for h in sorted(holdings, key=lambda h: (h.store == "shard", not h.complete)):
         if len(kept) >= MAX_HOLDINGS or files + len(h.files) > MAX_HELD_FILES:
-            log.warning("not publishing every model this node holds: over the record's bounds",
-                        left_out=h.model_id)
+            left_out.append(h.model_id)
             continue
         kept.append(h)
         files += len(h.files)
+    if left_out and tuple(left_out) != _warned[0]:  # once per change, not every rescan
+        _warned[0] = tuple(left_out)
+        log.warning("not publishing every model this node holds: over the record's bounds", left_out=left_out[:10])
     return kept
+
+
+_warned: list = [()]
 
 
 def rechoose(result: pb.Plan, within: float = 0.05) -> pb.Plan:

@@ -214,13 +214,17 @@ class Work:
         from .models import Unavailable
 
         started = time.monotonic()
+        published = [0.0]
 
         def progress(download: pb.Download) -> None:
             status = self.statuses.get(key)
             if status is not None and status.state == pb.DOWNLOADING:
                 status.download.CopyFrom(download)
                 status.changed_at_unix_ms = int(time.time() * 1000)
-                self.changed()
+                # Every change goes to every peer: twice a second is news enough.
+                if time.monotonic() - published[0] >= 0.5 or download.bytes_done == download.bytes_total:
+                    published[0] = time.monotonic()
+                    self.changed()
 
         try:
             path = await self.node.models.prepare_rank(spec, model, revision, progress)

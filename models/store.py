@@ -444,24 +444,29 @@ def spec_here(text: str, store: Store, allow_local: bool = True) -> pb.ModelSpec
     `exod plan`): a built-in model (its config when not built yet), a
     directory, a checkpoint in a store, or a catalog card. The daemon adds
     peers and the hub (daemon/models.py)."""
+    return described_here(text, store, allow_local)[0]
+
+
+def described_here(text: str, store: Store, allow_local: bool = True) -> tuple:
+    """(ModelSpec, Checkpoint or None): the checkpoint when a store holds it."""
     from . import catalog, checkpoint, inventory, synthetic
 
     name = parse(text, allow_local=allow_local)
     if name.kind == "builtin":
         built = store.exod_dir / name.model_id
         if (built / "config.json").is_file():
-            return inventory.from_directory(built)
+            return inventory.from_directory(built), None
         config = {**synthetic.NAMED[name.model_id], "vocab_size": synthetic.TOKENIZER_VOCAB, "torch_dtype": "float32"}
-        return inventory.from_config(config, name.model_id)
+        return inventory.from_config(config, name.model_id), None
     if name.kind == "local":
-        return inventory.from_directory(Path(name.model_id))
+        return inventory.from_directory(Path(name.model_id)), None
     held = store.find(name.model_id, name.revision)
     if held is not None:
         found = checkpoint.local(name.model_id, held.revision, held.root,
                                  {n: (f.size, f.sha256) for n, f in held.files.items()})
-        return found.spec(text.strip())
+        return found.spec(text.strip()), found
     if name.kind == "catalog":
-        return catalog.resolve(name.card)
+        return catalog.resolve(name.card), None
     raise ModelError(f"unknown model {text!r}: no checkpoint of {name} is on this machine (looked in "
                      f"{store.hf_cache}, {store.exod_dir}{''.join(', ' + str(d) for d in store.models_dirs)}); "
                      "a running daemon also finds it on its peers and the hub, and `exod pull` fetches it")

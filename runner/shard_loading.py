@@ -13,7 +13,6 @@ After the cut, every part-stored tensor is compared with the stored part:
 a strategy that cut differently from what the shard was fetched for fails
 the rank here, instead of computing with zeros."""
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -148,9 +147,3 @@ def check_cut(model, path: Path) -> int:
         compared += 1
         del part
     return compared
-
-
-def describe(path: Path) -> str:
-    manifest = read_manifest(path)
-    return json.dumps({k: manifest[k] for k in ("model_id", "revision", "strategy", "rank", "world_size")}) \
-        if manifest else "a whole checkpoint"

@@ -34,16 +34,22 @@ def commit_of(repo: Path) -> str:
 
 
 def etag_of(path: Path) -> str:
-    data = path.read_bytes()
     if path.name.endswith(LFS_SUFFIXES):
-        return hashlib.sha256(data).hexdigest()
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        return h.hexdigest()
+    data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def make_app(root: Path) -> web.Application:
     root = Path(root)
     sent: dict = {}
-    etags: dict = {}
+    # Computed before serving: hashing a large file inside a HEAD would outlast
+    # huggingface_hub's 10 s metadata timeout.
+    etags = {str(f): etag_of(f) for f in root.rglob("*") if f.is_file()}
 
     def repo_of(request):
         repo = root / request.match_info["org"] / request.match_info["name"]
@@ -88,12 +94,22 @@ def make_app(root: Path) -> web.Application:
             end = min((r.stop or size) - 1, size - 1)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        with path.open("rb") as f:
-            f.seek(start)
-            data = f.read(end - start + 1)
         name = f"{request.match_info['org']}/{request.match_info['name']}/{request.match_info['file']}"
-        sent[name] = sent.get(name, 0) + len(data)
-        return web.Response(status=status, body=data, headers=headers)
+        headers["Content-Length"] = str(end - start + 1)
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        with path.open("rb") as f:  # streamed: a checkpoint file may be larger than memory
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                block = f.read(min(1 << 20, left))
+                if not block:
+                    break
+                await response.write(block)
+                sent[name] = sent.get(name, 0) + len(block)
+                left -= len(block)
+        await response.write_eof()
+        return response
 
     async def stats(request):
         return web.json_response(sent)

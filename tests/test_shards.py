@@ -107,3 +107,34 @@ def test_a_writer_that_fails_leaves_nothing(models, tmp_path):
     writer.write(0, 0, b"\0" * 8)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_from_its_shard_peaks_where_the_planner_says(tmp_path_factory):
+    """As test_runner_memory, from shards: on the mid-size MoE (about 1.4 GB),
+    each moe_tensor rank loading only its shard peaks within 10% of the
+    planner's estimate for it: rebuilding each cut tensor at its full shape
+    costs one source tensor at a time, as loading the whole checkpoint does."""
+    from exod.models import inventory
+    from exod.placement import cluster, planner
+
+    root = synthetic.ensure_named("midsize-moe", tmp_path_factory.mktemp("models"))
+    spec = inventory.from_directory(root)
+    nodes = cluster.synthetic(2, 64 * 10**9)
+    chosen = next(c for c in planner.plan(spec, nodes, pb.PlacementRequest(strategy=pb.MOE_TENSOR,
+                                                                           context_length=256)).candidates
+                  if len(c.ranks) == 2 and c.fits)
+    estimates = [r.memory.total_bytes for r in chosen.ranks]
+    dirs = shard_dirs(root, tmp_path_factory.mktemp("shards"), "moe_tensor", 2)
+    # Generous collective deadlines: this measures memory, on two cores other jobs share.
+    with LocalInstance(root, "moe_tensor", 2, context_length=256, model_dirs=dirs, estimated_bytes=estimates,
+                       deadlines=pb.RunnerDeadlines(peer_s=300, load_s=600)) as instance:
+        instance.wait_ready(300)
+        request = pb.GenerateRequest(request_id="fill", prompt_tokens=[5] * 96,
+                                     sampling=pb.SamplingParams(max_tokens=160, ignore_eos=True))
+        assert instance.generate(request, timeout=300)[-1].finish_reason == pb.FINISH_LENGTH
+        assert instance.wait_for(lambda i: all(s == pb.READY for s in i.states()), 10)
+        for rank, statuses in zip(instance.ranks, instance.statuses):
+            after = statuses[-1]
+            ratio = after.peak_rss_bytes / estimates[rank.spec.rank]
+            assert abs(ratio - 1) <= 0.10, (rank.spec.rank, after.peak_rss_bytes, estimates[rank.spec.rank])
+        instance.shutdown()
