@@ -4,7 +4,7 @@ names, RDMA devices, and what a jaccl rank writes before MLX's init (which
 this Linux build of MLX refuses, as it must, with a GroupError)."""
 
 import json
-import sys
+import os
 
 import pytest
 
@@ -136,8 +136,6 @@ def test_a_jaccl_rank_writes_the_device_matrix_and_fails_cleanly_without_jaccl(t
                          rdma_devices=[",rdma_en3", "rdma_en2,"])
     with pytest.raises(distributed.GroupError, match="jaccl init failed"):
         distributed.init_group(spec, tmp_path)
-    import os
-
     devices = json.loads(open(os.environ["MLX_IBV_DEVICES"]).read())
     assert devices == [[None, "rdma_en3"], ["rdma_en2", None]]
     assert os.environ["MLX_JACCL_COORDINATOR"] == "10.0.0.1:5000"
