@@ -17,8 +17,16 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 
+def aliased_caches(model) -> bool:
+    """A pipeline stage's cache list aliases its skipped layers' caches to
+    held ones (runner/pipeline.py): code that treats each position on its
+    own (mlx-lm's batch merge, a stored prefix) would cut the aliases."""
+    caches = make_prompt_cache(model)
+    return len({id(c) for c in caches}) < len(caches)
+
+
 def batchable(model) -> bool:
-    return all(hasattr(c, "merge") for c in make_prompt_cache(model))
+    return not aliased_caches(model) and all(hasattr(c, "merge") for c in make_prompt_cache(model))
 
 
 def make(model, max_batch: int, prefill_batch: int, prefill_step: int, stream):

@@ -147,6 +147,10 @@ class Server:
                                                   max(1, PREFILL_CHUNK // prefill_batch), self.stream)
         if self.rank == 0:
             inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
+        if engine.aliased_caches(model):
+            # A stored prefix is a copy of each cache position: a pipeline
+            # stage's aliased positions would come back as separate caches.
+            prefix_cache_tokens = prefix_cache_bytes = 0
         self.prefix = PrefixCache(prefix_cache_tokens, prefix_cache_bytes)
         self.active: dict[int, "Sequence | None"] = {}  # engine uid -> rank 0's Sequence (None elsewhere)
         self.dropping: set[int] = set()   # rank 0: finished here, still in the batch until a control drops it

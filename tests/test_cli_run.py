@@ -36,7 +36,7 @@ def test_run_demo_on_two_ranks_streams_an_answer(data_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["run", "no-such-model"], "neither a model directory nor a built-in model"),
+    (["run", "no-such-model"], "no complete checkpoint of no-such-model is on this machine"),
     (["run", "demo", "--ranks", "0"], "--ranks must be at least 1"),
     (["run", "demo", "--context", "0"], "--context and --max-tokens must be positive"),
     (["run-rank", "--spec", "/nonexistent/spec.json"], "cannot read /nonexistent/spec.json"),
@@ -62,5 +62,7 @@ def test_run_rank_speaks_json_lines(data_dir, tmp_path):
     states = [e["status"]["state"] for e in events if "status" in e]
     assert states[0] == "IDLE" and "READY" in states and states[-1] == "SHUTDOWN"
     chunks = [e["chunk"] for e in events if "chunk" in e]
-    assert chunks[-1]["finish_reason"] == "FINISH_LENGTH" and len(chunks) == 5
+    # Admitted before any token (so the APIs can refuse before a stream), then 4 tokens and the end.
+    assert chunks[0].get("admitted") is True and chunks[-1]["finish_reason"] == "FINISH_LENGTH"
+    assert sum(len(c.get("tokens", [])) for c in chunks) == 4 and chunks[-1]["generation_tokens"] == 4
     assert "not a RunnerCommand" in proc.stderr
