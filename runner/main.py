@@ -179,10 +179,11 @@ class Rank:
         from .strategies import WHOLE_LAYERS
 
         verdict = canary.run(model, config, arch, self.spec.model_dir, group,
-                             whole_layers=self.spec.strategy in WHOLE_LAYERS)
+                             whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id)
         mx.clear_cache()
         self.serving.set()
-        self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta, **self.memory_fields())
+        self.report(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta,
+                    canary_seconds=verdict.seconds, **self.memory_fields())
 
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),

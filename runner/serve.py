@@ -73,8 +73,12 @@ class RequestError(Exception):
 
 
 class Server:
-    def __init__(self, model, tokenizer, group, inbox: Inbox, emit, set_state, progress, context_length: int):
+    def __init__(self, model, tokenizer, group, inbox: Inbox, emit, set_state, progress, context_length: int,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
+        # Settable so that a test can make a short prompt cross chunk
+        # boundaries; the planner's activation estimate assumes the default.
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.group = group
         self.rank = group.rank() if group else 0
@@ -179,9 +183,9 @@ class Server:
         n = header.prompt_length
         cache = make_prompt_cache(self.model)
         started = time.perf_counter()
-        for start in range(0, n - 1, PREFILL_CHUNK):
+        for start in range(0, n - 1, self.prefill_chunk):
             self.progress("Running", peer_timeout_s)
-            end = min(start + PREFILL_CHUNK, n - 1)
+            end = min(start + self.prefill_chunk, n - 1)
             self.model(prompt[None, start:end], cache=cache)
             mx.eval([c.state for c in cache])
         mx.random.seed(header.seed)
