@@ -252,7 +252,7 @@ def cmd_run(args) -> int:
             print(f"exod: error: {e} (logs in {instance.log_dir})", file=log)
             return 1
         for status in (r.status for r in instance.ranks):
-            print(f"exod: rank {status.rank} ready: canary layer {status.canary_layer} max |d| "
+            print(f"exod: rank {status.rank} ready: canary {status.canary_seconds:.2f} s, max |d| "
                   f"{status.canary_max_delta:.1e}, peak {status.peak_rss_bytes / 1e6:.0f} MB "
                   f"(estimated {status.estimated_bytes / 1e6:.0f} MB)", file=log)
         request = pb.GenerateRequest(request_id="cli", messages=[pb.ChatMessage(role="user", content=args.prompt)],

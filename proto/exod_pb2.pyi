@@ -589,7 +589,7 @@ class Download(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., source: _Optional[str] = ..., eta_s: _Optional[float] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class RunnerStatus(_message.Message):
-    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download", "max_batch", "batch_size", "queue_depth", "tokens_per_s", "generated_tokens", "prefix_cache", "peak_batch_size")
+    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download", "max_batch", "batch_size", "queue_depth", "tokens_per_s", "generated_tokens", "prefix_cache", "peak_batch_size", "canary_seconds")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -615,6 +615,7 @@ class RunnerStatus(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     PEAK_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     rank: int
     node_id: str
@@ -640,7 +641,8 @@ class RunnerStatus(_message.Message):
     generated_tokens: int
     prefix_cache: PrefixCacheStats
     peak_batch_size: int
-    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., max_batch: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., peak_batch_size: _Optional[int] = ...) -> None: ...
+    canary_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., max_batch: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., peak_batch_size: _Optional[int] = ..., canary_seconds: _Optional[float] = ...) -> None: ...
 
 class StateChange(_message.Message):
     __slots__ = ("state", "at_unix_ms")

@@ -1,39 +1,84 @@
 """RunnerReady is earned. Before a rank reports Ready it shows that the model
-as cut computes what the uncut model computes:
+as cut computes what the uncut model computes, against references read from
+the checkpoint itself (a lazy, uncut copy: only the tensors a check touches
+are ever read):
 
-1. Where the strategy cuts layers (tensor, moe_tensor): one whole transformer
-   layer (attention and, where there is one, the MoE block) is computed as
-   the instance will compute it, and again from a fresh, uncut copy of only
-   that layer read from the same checkpoint. Where it hands out whole layers
-   (pipeline), the ranks' layer ranges must tile the model in the order the
-   stages pass activations on: that, not the unchanged layers, is what such
-   a strategy can get wrong.
-2. The full model's logits for a probe prompt are finite and equal on every
-   rank.
+1. Its embedding and its lm_head give the uncut outputs on a probe: a shard
+   that every rank gets wrong in the same way agrees with itself, not with
+   the checkpoint.
+2. Layers: one held layer of every kind the model has (kind = the layer's
+   module classes and its cache's class and window, so dense and MoE, full
+   and sliding attention, V4's compressors each count), plus a sample of
+   further held layers drawn from the instance id, so that over restarts
+   every layer gets checked. Each is computed as cut and again from the
+   uncut copy of that layer, on a probe in one pass and, where the
+   architecture says how to run one layer with a cache, down the cached
+   path: a prefill in chunks of CHUNK tokens that crosses a chunk boundary,
+   then DECODE_STEPS one-token steps, each compared.
+   Pipeline stages hold whole layers, so the same check proves them unchanged;
+   what such a strategy can also get wrong is the order of the stages, so
+   their layer ranges must tile the model in the order activations travel.
+3. The whole model, as cut, decodes what it computes in one pass: a chunked
+   prefill and one-token steps with the KV cache give the logits of a single
+   uncached pass over the same tokens. A wrong KV slice, a cache shared or
+   swapped between layers, or a broken one-token attention path all break
+   that, whichever layers the sample picked. The one-pass logits must then be
+   finite and equal on every rank.
 
 A single rank cuts nothing, so it only checks that its logits are finite.
 
 Every rank shares its verdict with every other, so all fail together."""
 
+import random
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
 
 from .loading import held_layer_indices
 from .shard_loading import load_model  # a whole checkpoint or a shard (its canary layer is whole)
 
 PROBE_TOKENS = 8
-# The whole-model pass proves wiring (every stage, every all-sum) and agreement,
-# not expert coverage, which the layer check gives. On CPU an MoE forward costs
-# in proportion to tokens × experts chosen, and this pass is on the path to
-# Ready: two tokens keep attention non-trivial at a quarter of the cost.
-WIRING_PROBE_TOKENS = 2
 PROBE_SEED = 20261126
-# |sharded - uncut| allowed, relative to max(1, max |uncut|): summation order
-# is the only difference between the two when the cut is right.
-TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 3e-2}
+# Chunked prefill in the canary: CHUNK tokens at a time over PREFILL_TOKENS,
+# so the prefill crosses a chunk boundary (the serving chunk is far larger;
+# a small one here runs the same code path at a cost of a few tokens), then
+# DECODE_STEPS one-token steps, the path decoding takes (DeepSeek-V3's MLA
+# has a separate L == 1 branch).
+CHUNK = 3
+PREFILL_TOKENS = 4
+DECODE_STEPS = 2
+# Layers beyond one of each kind, drawn from the instance id: with L held
+# layers every one is checked within about L / SAMPLED_LAYERS restarts.
+SAMPLED_LAYERS = 2
+# |sharded - uncut| allowed, relative to max(1, max |uncut|). Summation order
+# is the only difference between the two when the cut is right: over N ranks
+# a cut matmul's output is N partial sums each rounded to the activation
+# dtype, then N-1 rounded additions, against the uncut side's one rounding,
+# so at most (N+1)·u of its scale (u the unit roundoff), and a layer adds
+# two such outputs to its residual: 2·(N+1)·u (cancellation within a sum
+# could exceed it; none was measured). fp32 keeps 1e-4, far above its bound
+# (3.6e-7 on 2 ranks) and 1000x below the least broken cut measured. The
+# derivation and the measured margins are in docs/proofs.md.
+UNIT_ROUNDOFF = {mx.float16: 2.0 ** -11, mx.bfloat16: 2.0 ** -8}
+FP32_TOLERANCE = 1e-4
+# The cached decode against one pass of the same cut model: here the two
+# sides take different paths through the uncut model's own code as well
+# (DeepSeek-V3's MLA has a separate one-token branch), and in half precision
+# those round differently through every layer to the logits: measured up to
+# 0.040 relative on deepseek_v3 with 4-bit weights and bf16 activations, cut
+# or not, against 0.29-0.47 for a wrong KV slice or a shared cache. The
+# layer checks, which compare the same path on both sides, keep the tight
+# limit. See docs/proofs.md.
+DECODE_TOLERANCE = {mx.float32: 1e-4, mx.float16: 0.1, mx.bfloat16: 0.1}
 AGREEMENT_TOLERANCE = 1e-5
+
+# What a shared verdict names (see _share).
+LAYER, LAYER_DECODE, EMBEDDING, LM_HEAD, DECODE = range(5)
 
 
 class CanaryFailed(Exception):
@@ -44,6 +89,8 @@ class CanaryFailed(Exception):
 class Verdict:
     layer: int
     max_delta: float
+    layers: tuple = ()
+    seconds: float = 0.0
 
 
 def activation_dtype(model) -> mx.Dtype:
@@ -51,44 +98,138 @@ def activation_dtype(model) -> mx.Dtype:
     return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
 
 
-def choose_layer(model, config, arch) -> int:
-    """The first layer this rank holds that can be probed alone, preferring
-    one with experts so that the MoE cut is exercised too."""
-    held = held_layer_indices(model)
-    probeable = [i for i in held if i in set(arch.canary_layers(config))] or held
-    with_experts = [i for i in probeable if _has_experts(model.layers[held.index(i)], arch, config, i)]
-    return (with_experts or probeable)[0]
+def tolerance(dtype, size: int) -> float:
+    if dtype in UNIT_ROUNDOFF:
+        return 2 * (size + 1) * UNIT_ROUNDOFF[dtype]
+    return FP32_TOLERANCE
 
 
 def _has_experts(layer, arch, config, index) -> bool:
     return any(arch.moe_tensor_split(f"model.layers.{index}.{path}", config) for path, _ in layer.named_modules())
 
 
-def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
-    """Every rank's value, on every rank."""
+def _cache_kind(cache) -> tuple:
+    return type(cache).__name__, getattr(cache, "max_size", None), getattr(cache, "keep", None)
+
+
+def layer_kind(layer, cache) -> tuple:
+    """What makes two layers the same kind to a check: the classes of every
+    module in them (dense MLP or experts, each attention class) and the
+    class and window of the cache they keep."""
+    return tuple(sorted({type(m).__name__ for _, m in layer.named_modules()})), _cache_kind(cache)
+
+
+def choose_layers(model, config, arch, instance_id: str) -> list[int]:
+    """One held, probeable layer of every kind (the first MoE layer first),
+    then SAMPLED_LAYERS more drawn from the instance id."""
+    held = held_layer_indices(model)
+    probeable = [i for i in held if i in set(arch.canary_layers(config))] or held
+    caches = _layer_caches(model)
+    chosen, kinds = [], set()
+    with_experts = [i for i in probeable if _has_experts(_held_layer(model, held, i), arch, config, i)]
+    for i in with_experts[:1] + probeable:
+        kind = layer_kind(_held_layer(model, held, i), _cache_for(caches, held, i))
+        if kind not in kinds:
+            kinds.add(kind)
+            chosen.append(i)
+    rest = [i for i in probeable if i not in chosen]
+    rng = random.Random(zlib.crc32(instance_id.encode()))
+    chosen += sorted(rng.sample(rest, min(SAMPLED_LAYERS, len(rest))))
+    return chosen
+
+
+def _held_layer(model, held, index):
+    """The layer itself: exod's pipeline stage keeps the whole list, each
+    held layer wrapped in its stage's sends and receives, which a check
+    must not run; otherwise the list holds only this rank's layers."""
+    if getattr(model, "exod_stage", None) is not None:
+        slot = model.layers[index]
+        return slot["layer"] if "layer" in slot else slot
+    return model.layers[held.index(index)]
+
+
+def _layer_caches(model):
+    try:
+        return make_prompt_cache(model)
+    except Exception:  # a stage with no cache of its own to make
+        return []
+
+
+def _cache_for(caches, held, index):
+    if len(caches) > index:
+        return caches[index]
+    position = held.index(index)
+    return caches[position] if len(caches) > position else None
+
+
+def _share(group, row: list[float], rank: int, size: int) -> list[list[float]]:
+    """Every rank's row, on every rank."""
     if group is None:
-        return [value]
-    local = mx.zeros((size,), dtype=mx.float32)
-    local[rank] = value
+        return [row]
+    local = mx.zeros((size, len(row)), dtype=mx.float32)
+    local[rank] = mx.array(row, dtype=mx.float32)
     return mx.distributed.all_sum(local, group=group).tolist()
 
 
-def run(model, config, arch, model_dir: str, group, whole_layers: bool = False) -> Verdict:
+def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
+    return [r[0] for r in _share(group, [value], rank, size)]
+
+
+def _delta(cut, uncut) -> mx.array:
+    """max |cut - uncut| relative to max(1, max |uncut|), lazily (the checks
+    are evaluated together, at the cost of one sync); capped to what a
+    float32 all-sum carries, and at the cap when cut is not finite."""
+    cut, uncut = cut.astype(mx.float32), uncut.astype(mx.float32)
+    delta = mx.abs(cut - uncut).max() / mx.maximum(1.0, mx.abs(uncut).max())
+    return mx.where(mx.isfinite(cut).all(), mx.minimum(delta, 3e38), 3e38)
+
+
+def _evaluated(checks: list) -> list[tuple[int, int, float]]:
+    values = mx.stack([d for _, _, d in checks]).tolist()
+    return [(what, layer, value) for (what, layer, _), value in zip(checks, values)]
+
+
+def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, instance_id: str = "") -> Verdict:
+    started = time.perf_counter()
     rank = group.rank() if group else 0
     size = group.size() if group else 1
     if group is None:
         # One rank is never a sharding: the model is mlx-lm's own, whole, and
-        # comparing a layer with itself would prove nothing.
+        # comparing it with itself would prove nothing.
         verdict = Verdict(held_layer_indices(model)[0], 0.0)
-    elif whole_layers:
-        verdict = _check_tiling(model, config, group, rank, size)
-    else:
-        verdict = _check_cut_layer(model, config, arch, model_dir, group, rank, size)
-    _check_wiring(model, config, group, size)
-    return verdict
+        _check_decode(model, config, group, rank, size, checks=[])  # finite logits
+        verdict.seconds = time.perf_counter() - started
+        return verdict
+    if whole_layers:
+        _check_tiling(model, config, group, rank, size)
+    dtype = activation_dtype(model)
+    checks: list = []  # (what, layer, delta)
+    layers = _check_against_checkpoint(model, config, arch, model_dir, instance_id, checks)
+    # The checkpoint's checks first: they name the part that is wrong.
+    worst = _judge(_evaluated(checks), dtype, tolerance(dtype, size), group, rank, size)
+    decode: list = []
+    _check_decode(model, config, group, rank, size, decode)
+    worst = max(worst, _judge(_evaluated(decode), dtype, DECODE_TOLERANCE.get(dtype, 0.1), group, rank, size))
+    return Verdict(layers[0], worst, tuple(layers), time.perf_counter() - started)
 
 
-def _check_tiling(model, config, group, rank: int, size: int) -> Verdict:
+def _judge(checks, dtype, limit: float, group, rank: int, size: int) -> float:
+    """Each rank's worst check, shared; the first rank over the limit fails
+    every rank with what and where."""
+    what, layer, delta = max(checks, key=lambda c: c[2])
+    rows = _share(group, [delta, float(what), float(layer)], rank, size)
+    name = str(dtype).split(".")[-1]
+    for r, (d, w, k) in enumerate(rows):
+        if not d <= limit:
+            subject = {LAYER: f"layer {int(k)}", LAYER_DECODE: f"layer {int(k)} (cached decode)",
+                       EMBEDDING: "the embedding", LM_HEAD: "the lm_head",
+                       DECODE: "the cached decode (against one pass)"}[int(w)]
+            raise CanaryFailed(f"canary: {subject} differs on rank {r}, max |Δ| = {d:.3g} "
+                               f"(relative; the limit for {name} is {limit:g})")
+    return max(r[0] for r in rows)
+
+
+def _check_tiling(model, config, group, rank: int, size: int) -> None:
     """Stages pass activations from the last rank down to rank 0 (mlx-lm's
     order), so rank size-1 must start at layer 0, each rank must start where
     the next one ends, and rank 0 must end at the last layer."""
@@ -105,48 +246,77 @@ def _check_tiling(model, config, group, rank: int, size: int) -> Verdict:
         expected_end = start
     if expected_end != 0:
         raise CanaryFailed(f"canary: the stages leave layers 0..{expected_end - 1} out")
-    return Verdict(held[0], 0.0)
 
 
-def _check_cut_layer(model, config, arch, model_dir: str, group, rank: int, size: int) -> Verdict:
+def _lm_head(model):
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.model.embed_tokens.as_linear
+
+
+def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: str, checks: list) -> list[int]:
     dtype = activation_dtype(model)
-    layer_index = choose_layer(model, config, arch)
     held = held_layer_indices(model)
+    hidden = int(config["hidden_size"])
+    reference, _ = load_model(Path(model_dir), lazy=True)
 
-    probe = mx.random.normal((1, PROBE_TOKENS, int(config["hidden_size"])), key=mx.random.key(PROBE_SEED))
-    probe = probe.astype(dtype)
-    cut = arch.probe(model.layers[held.index(layer_index)], probe, config)
-    mx.eval(cut)
+    tokens = _probe_tokens(config, PROBE_TOKENS)
+    checks.append((EMBEDDING, -1, _delta(model.model.embed_tokens(tokens), reference.model.embed_tokens(tokens))))
+    h = mx.random.normal((1, 2, hidden), key=mx.random.key(PROBE_SEED + 1)).astype(dtype)
+    checks.append((LM_HEAD, -1, _delta(_lm_head(model)(h), _lm_head(reference)(h))))
 
-    reference_model, _ = load_model(Path(model_dir), lazy=True)
-    uncut = arch.probe(reference_model.layers[layer_index], probe, config)
-    mx.eval(uncut)
-    del reference_model
+    probe = mx.random.normal((1, PROBE_TOKENS, hidden), key=mx.random.key(PROBE_SEED)).astype(dtype)
+    chosen = choose_layers(model, config, arch, instance_id)
+    own_caches, reference_caches = _layer_caches(model), make_prompt_cache(reference)
+    for index in chosen:
+        layer, uncut_layer = _held_layer(model, held, index), reference.layers[index]
+        checks.append((LAYER, index, _delta(arch.probe(layer, probe, config), arch.probe(uncut_layer, probe, config))))
+        if arch.step is None:
+            continue
+        steps = _steps(probe.shape[1])
+        # Each layer keeps its own cache in both lists, so no two checks share state.
+        cut_cache, uncut_cache = _cache_for(own_caches, held, index), reference_caches[index]
+        for start, end in steps:
+            x = probe[:, start:end]
+            cut = arch.step(layer, x, config, cut_cache)
+            uncut = arch.step(uncut_layer, x, config, uncut_cache)
+            checks.append((LAYER_DECODE, index, _delta(cut, uncut)))
+    del reference, reference_caches, own_caches
     mx.clear_cache()
-
-    diff = mx.abs(cut.astype(mx.float32) - uncut.astype(mx.float32)).max().item()
-    scale = max(1.0, mx.abs(uncut.astype(mx.float32)).max().item())
-    finite = bool(mx.isfinite(cut).all().item())
-    delta = diff / scale if finite else float("inf")
-    deltas = _shared_max(group, min(delta, 3e38), rank, size)
-    layers = _shared_max(group, float(layer_index), rank, size)
-    limit = TOLERANCE.get(dtype, 3e-2)
-    for r, (d, k) in enumerate(zip(deltas, layers)):
-        if not d <= limit:
-            raise CanaryFailed(f"canary: layer {int(k)} differs on rank {r}, max |Δ| = {d:.3g} "
-                               f"(relative; the limit for {str(dtype).split('.')[-1]} is {limit:g})")
-    return Verdict(layer_index, max(deltas))
+    return chosen
 
 
-def _check_wiring(model, config, group, size: int) -> None:
-    rank = group.rank() if group else 0
-    tokens = mx.array([[(7 * i + 3) % int(config["vocab_size"]) for i in range(WIRING_PROBE_TOKENS)]])
-    logits = model(tokens)[0, -1].astype(mx.float32)
-    if group is not None:
-        mean = mx.distributed.all_sum(logits, group=group) / size
-    else:
-        mean = logits
-    mx.eval(logits, mean)
+def _steps(length: int) -> list[tuple[int, int]]:
+    """The prefill in CHUNK-token chunks (crossing a chunk boundary), then
+    DECODE_STEPS one-token steps."""
+    assert PREFILL_TOKENS > CHUNK and PREFILL_TOKENS + DECODE_STEPS <= length
+    spans = [(s, min(s + CHUNK, PREFILL_TOKENS)) for s in range(0, PREFILL_TOKENS, CHUNK)]
+    return spans + [(t, t + 1) for t in range(PREFILL_TOKENS, PREFILL_TOKENS + DECODE_STEPS)]
+
+
+def _probe_tokens(config, n: int) -> mx.array:
+    """n tokens spread over the whole vocabulary, first and last included,
+    so that a wrong range of embedding rows shows whichever range it is."""
+    vocab = int(config["vocab_size"])
+    return mx.array([[(i * (vocab - 1)) // (n - 1) for i in range(n)]])
+
+
+def _check_decode(model, config, group, rank: int, size: int, checks: list) -> None:
+    """The model as cut, cached and chunked, against itself in one pass; then
+    the one-pass logits finite and equal on every rank."""
+    n = PREFILL_TOKENS + DECODE_STEPS
+    tokens = _probe_tokens(config, n)
+    whole = model(tokens)[0].astype(mx.float32)
+    # A pipeline stage sends and receives inside the forward: each pass is
+    # evaluated before the next starts, in the same order on every rank.
+    mx.eval(whole)
+    cache = make_prompt_cache(model)
+    for start, end in _steps(n):  # the decode deltas are judged by the caller, after the agreement
+        logits = model(tokens[:, start:end], cache=cache)[0, -1].astype(mx.float32)
+        mx.eval(logits, [c.state for c in cache])
+        checks.append((DECODE, -1, _delta(logits, whole[end - 1])))
+    logits = whole[-1]
+    mean = mx.distributed.all_sum(logits, group=group) / size if group is not None else logits
+    mx.eval(mean)
     finite = bool(mx.isfinite(logits).all().item())
     disagreement = mx.abs(logits - mean).max().item() / max(1.0, mx.abs(mean).max().item()) if finite else 3e38
     spreads = _shared_max(group, disagreement, rank, size)

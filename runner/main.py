@@ -180,7 +180,7 @@ class Rank:
         from .strategies import WHOLE_LAYERS
 
         verdict = canary.run(model, config, arch, self.spec.model_dir, group,
-                             whole_layers=self.spec.strategy in WHOLE_LAYERS)
+                             whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id)
         mx.clear_cache()
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),
@@ -190,7 +190,7 @@ class Rank:
         self.serving.set()
         # Ready carries the batch bound and the cache from the start.
         self._serving_state(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta,
-                            **self.server.stats())
+                            canary_seconds=verdict.seconds, **self.server.stats())
         self.server.run(d.peer_s)
         watchdog.disarm()
         self.report(pb.SHUTTING_DOWN)

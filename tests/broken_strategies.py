@@ -5,6 +5,7 @@ canary and the deadlines must stop every one of them before Ready."""
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 
 from exod.runner import strategies
@@ -53,6 +54,76 @@ def stages_in_rank_order(model, group, spec, arch, config):
     inner.layers[:start] = [None] * start
 
 
+def _dense_layers(model, arch, config):
+    return [(i, layer) for i, layer in enumerate(model.layers)
+            if not any(arch.moe_tensor_split(f"model.layers.{i}.{path}", config) for path, _ in layer.named_modules())]
+
+
+def dense_layer_without_sum(model, group, spec, arch, config):
+    """moe_tensor done right, and the last dense layer's MLP (not the first
+    MoE layer, the one the canary used to check alone) split 1/N with its
+    partial outputs never summed."""
+    strategies.moe_tensor(model, group, spec, arch, config)
+    _, layer = _dense_layers(model, arch, config)[-1]
+    shard_inplace(layer.mlp.gate_proj, "all-to-sharded", group=group)
+    shard_inplace(layer.mlp.up_proj, "all-to-sharded", group=group)
+    shard_inplace(layer.mlp.down_proj, "sharded-to-all", group=group)
+
+
+def embedding_rows_rotated(model, group, spec, arch, config):
+    """moe_tensor done right, but every rank's embedding rows are gathered
+    in the wrong order (the last 1/N of the vocabulary first): the same wrong
+    table on every rank, so the ranks agree on finite logits."""
+    strategies.moe_tensor(model, group, spec, arch, config)
+    embed = model.model.embed_tokens
+    n = group.size()
+    for name in ("weight", "scales", "biases"):
+        if name in embed:
+            table = embed[name]
+            cut = table.shape[0] - table.shape[0] // n
+            setattr(embed, name, mx.concatenate([table[cut:], table[:cut]]))
+
+
+class _NoHistoryForOneToken(nn.Module):
+    """Attention whose one-token step reads no cached keys and values (and
+    never writes them): a wrong KV slice on the decode path only."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x, mask=None, cache=None):
+        if x.shape[1] == 1:
+            return self.inner(x, None, None)
+        return self.inner(x, mask, cache)
+
+
+def decode_without_history(model, group, spec, arch, config):
+    strategies.moe_tensor(model, group, spec, arch, config)
+    layer = model.layers[-1]
+    layer.self_attn = _NoHistoryForOneToken(layer.self_attn)
+
+
+def stages_sharing_a_cache(model, group, spec, arch, config):
+    """exod's pipeline stage, with the second layer a rank holds given the
+    first one's cache: whole, unchanged layers, the stages tiled right, and
+    every rank's one-pass logits agree; only the cached path goes wrong."""
+    strategies.pipeline(model, group, spec, arch, config)
+    stage = model.exod_stage
+    make = model.make_cache
+
+    def shared():
+        caches = make()
+        caches[stage.start + 1] = caches[stage.start]
+        return caches
+
+    model.make_cache = shared
+
+
+strategies.register("dense_layer_without_sum", dense_layer_without_sum)
+strategies.register("embedding_rows_rotated", embedding_rows_rotated)
+strategies.register("decode_without_history", decode_without_history)
+strategies.register("stages_sharing_a_cache", stages_sharing_a_cache, whole_layers=True)
 strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
 strategies.register("stages_in_rank_order", stages_in_rank_order, whole_layers=True)
 strategies.register("heads_across_output_groups", heads_across_output_groups)

@@ -31,7 +31,7 @@ def test_run_demo_on_two_ranks_streams_an_answer(data_dir):
                 env={"EXOD_DATA_DIR": str(data_dir)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
-    assert "over 2 local ranks" in proc.stderr and "rank 1 ready: canary layer" in proc.stderr
+    assert "over 2 local ranks" in proc.stderr and "rank 1 ready: canary " in proc.stderr
     assert "8 tokens" in proc.stderr
 
 

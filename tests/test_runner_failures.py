@@ -27,6 +27,40 @@ def fp32_models(tmp_path_factory):
     return built
 
 
+@pytest.fixture(scope="module")
+def models(fp32_models, tmp_path_factory):
+    """fp32, and 4-bit weights with bf16 activations, where rounding is
+    largest and the canary's limit is loosest."""
+    built = dict(fp32_models)
+    for name in ("qwen3_moe", "deepseek_v41"):
+        built[f"{name}-4bit"] = synthetic.build(
+            tmp_path_factory.mktemp(f"{name}-4bit"), synthetic.TINY_CONFIGS[name],
+            quantization={"group_size": 32, "bits": 4}, dtype="bfloat16")
+    return built
+
+
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("model,strategy,reason", [
+    ("qwen3_moe", "moe_tensor_without_sum", "canary: layer"),
+    # Layer 0 is dense (mlp_only_layers): not the first MoE layer.
+    ("qwen3_moe", "dense_layer_without_sum", "canary: layer 0 "),
+    ("qwen3_moe", "embedding_rows_rotated", "canary: the embedding differs"),
+    ("qwen3_moe", "decode_without_history", "decode"),
+    ("qwen3_moe", "stages_sharing_a_cache", "decode"),
+    ("deepseek_v41", "heads_across_output_groups", "canary: layer"),
+])
+def test_a_broken_cut_fails_the_canary_on_fp32_and_quantized_weights(model, strategy, reason, variant, models):
+    with LocalInstance(models[model + variant], strategy, 2, env=PLUGIN_ENV) as instance:
+        assert ended(instance, 120)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: "), rank.status.reason
+            assert reason in rank.status.reason, rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+        assert any(s.state == pb.LOADED for s in instance.statuses[0])
+
+
 def ended(instance, timeout):
     return instance.wait_for(lambda i: all(r.terminal.is_set() for r in i.ranks), timeout)
 

@@ -53,10 +53,24 @@ class Architecture:
     # state, and how to call one (layer module, probe input) -> output.
     canary_layers: Callable[[dict], list[int]] = field(default=lambda cfg: list(range(int(cfg["num_hidden_layers"]))))
     probe: Callable[[object, object, dict], object] = field(default=lambda layer, x, cfg: layer(x, None, None))
+    # How to run one layer down the cached path (layer, x, cfg, cache) ->
+    # output, for the canary's chunked prefill and one-token steps; None
+    # where a layer cannot be run with a cache alone (the whole-model cached
+    # check still covers it).
+    step: Optional[Callable[[object, object, dict, object], object]] = field(default=lambda layer, x, cfg, cache: _step(layer, x, cache))
     # Only for a model that keeps state outside its layers, which exod's
     # generic stage (runner/pipeline.py) cannot carry between ranks:
     # (model, group, split) -> None makes the model one pipeline stage.
     pipeline: Optional[Callable[[object, object, list], None]] = None
+
+
+def _step(layer, x, cache):
+    """A decoder layer's usual call with its cache and the causal mask
+    mlx-lm's models build (none for one token), as an array: some layers
+    (DeepSeek-V3's) add the mask and do not take mlx-lm's "causal"."""
+    from mlx_lm.models.base import create_attention_mask
+
+    return layer(x, create_attention_mask(x, cache, return_array=True), cache)
 
 
 # What a strategy needs from mlx-lm's class beyond the architecture's proof:

@@ -113,5 +113,6 @@ ARCHITECTURE = Architecture(
     experts=lambda cfg: (int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])),
     canary_layers=_canary_layers,
     probe=_probe,
+    step=None,  # a layer reads compressed history the model keeps outside it
     pipeline=_pipeline,
 )
