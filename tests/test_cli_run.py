@@ -36,7 +36,7 @@ def test_run_demo_on_two_ranks_streams_an_answer(data_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["run", "no-such-model"], "neither a model directory nor a built-in model"),
+    (["run", "no-such-model"], "no complete checkpoint of no-such-model is on this machine"),
     (["run", "demo", "--ranks", "0"], "--ranks must be at least 1"),
     (["run", "demo", "--context", "0"], "--context and --max-tokens must be positive"),
     (["run-rank", "--spec", "/nonexistent/spec.json"], "cannot read /nonexistent/spec.json"),
