@@ -484,5 +484,6 @@ def dir_here(text: str, store: Store) -> Path:
         return Path(name.model_id)
     held = store.find(name.model_id, name.revision)
     if held is None:
-        raise ModelError(f"no complete checkpoint of {name} is on this machine; `exod pull {text}` fetches it")
+        raise ModelError(f"no complete checkpoint of {name} is on this machine (nor is it a directory, or a "
+                         f"built-in model: {', '.join(synthetic.NAMED)}); `exod pull {text}` fetches it")
     return held.root

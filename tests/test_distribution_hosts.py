@@ -205,6 +205,9 @@ def test_a_source_killed_mid_transfer(tmp_path, moe):
             wait(lambda: (d := downloading(net, 1, iid)) and int(d.get("bytes_done", 0)) > 0.2 * total, 120, 0.05)
             d = downloading(net, 1, iid)
             assert set(d["source"].split(", ")) == {"h0", "h3"}, d
+            assert float(d["rate_bytes_per_s"]) > 0 and float(d["deadline_s"]) > 60
+            listing = in_ns(net, 1, [sys.executable, "-m", "exod.daemon.cli", "instances"]).stdout
+            assert "downloading" in listing and "MB/s from" in listing and "eta" in listing, listing
             daemons[0].send_signal(signal.SIGKILL)
             daemons[0].wait(5)
             until_state(net, 1, iid, "INSTANCE_READY", 300)

@@ -108,8 +108,8 @@ async def _invoke(channel, service, method, request):
             async def chunks():
                 yield request
             await rpc(chunks(), timeout=5)
-        elif method == "Generate":
-            async for _ in rpc(request, timeout=5):
+        elif pb.DESCRIPTOR.services_by_name[service].methods_by_name[method].server_streaming:
+            async for _ in rpc(request, timeout=5):  # Generate, ReadModelFile, Pull
                 pass
         else:
             await rpc(request, timeout=5)
