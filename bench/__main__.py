@@ -2,11 +2,11 @@ import argparse
 import json
 import sys
 
-from . import discovery, matrix, memory, overhead, planning, ready, runner, security, suite, traffic
+from . import discovery, matrix, memory, overhead, planning, ready, runner, security, serving, suite, traffic
 
 BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run,
            "ready": ready.run, "traffic": traffic.run, "memory": memory.run, "matrix": matrix.run,
-           "security": security.run}
+           "security": security.run, "serving": serving.run}
 
 
 def main() -> int:

@@ -12,6 +12,9 @@ report (bench/report.json, or --out) and a short summary on stderr.
              decode tokens/s, and whether the planner's choice was fastest
   security   the peer plane with and without mutual TLS: heartbeat round
              trip, a streamed 64-token answer, bulk throughput
+  serving    concurrent chats against mlx_lm.server (1-16 at once, one node
+             and two hosts), TTFT with and without the prefix cache, the
+             lockstep's cost per decode step
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -24,11 +27,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import discovery, matrix, memory, planning, ready, runner, security, traffic
+from . import discovery, matrix, memory, planning, ready, runner, security, serving, traffic
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
     "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run, "security": security.run,
+    "serving": serving.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 
