@@ -17,6 +17,9 @@ report (bench/report.json, or --out) and a short summary on stderr.
   transfer   checkpoint bytes between namespace hosts against raw TCP (an
              unlimited veth and a 20 Mbit tbf link), and time to Ready when
              only a third host holds the model, against copying it first
+  serving    concurrent chats against mlx_lm.server (1-16 at once, one node
+             and two hosts), TTFT with and without the prefix cache, the
+             lockstep's cost per decode step
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -29,13 +32,14 @@ import time
 import traceback
 from pathlib import Path
 
-from . import chaos, discovery, matrix, memory, planning, ready, runner, security, traffic, transfer
+from . import chaos, discovery, matrix, memory, planning, ready, runner, security, serving, traffic, transfer
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
     "memory": memory.run, "traffic": traffic.run, "matrix": matrix.run, "security": security.run,
     "chaos": chaos.run,
     "transfer": transfer.run,
+    "serving": serving.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 

@@ -59,6 +59,10 @@ MAX_REMOVE = 16   # sequences rank 0 may drop at one control
 PREFILL_CHUNK = PREFILL_CHUNK_TOKENS
 PREFILL_BATCH = 4
 STATS_EVERY_S = 1.0
+# A step that prefills may take far longer than a decode step (up to a chunk
+# of PREFILL_CHUNK tokens on a slow CPU): its deadline is this many times the
+# peer deadline, which is sized for a collective that makes no progress.
+PREFILL_DEADLINE_FACTOR = 4
 TOKENS_PER_S_WINDOW_S = 5.0
 _HASH_MOD = 2_147_483_629  # a prime below 2^31: hashes fit int32 all-sums
 
@@ -153,6 +157,7 @@ class Server:
             prefix_cache_tokens = prefix_cache_bytes = 0
         self.prefix = PrefixCache(prefix_cache_tokens, prefix_cache_bytes)
         self.active: dict[int, "Sequence | None"] = {}  # engine uid -> rank 0's Sequence (None elsewhere)
+        self.prefilling: set[int] = set()  # joined, no token yet
         self.dropping: set[int] = set()   # rank 0: finished here, still in the batch until a control drops it
         self.joining: list = []           # rank 0: what the control in flight asks to join
         self.pending = None               # the control in flight
@@ -214,7 +219,7 @@ class Server:
                     if self._apply(values):
                         return
                     continue
-                self.progress("Running", peer_timeout_s)
+                self.progress("Running", peer_timeout_s * (PREFILL_DEADLINE_FACTOR if self.prefilling else 1))
                 self._set_state(pb.RUNNING)
                 with mx.stream(self.stream):
                     _, responses = self.engine.next()
@@ -234,6 +239,7 @@ class Server:
     def _observe(self, responses) -> None:
         now = time.perf_counter()
         for r in responses:
+            self.prefilling.discard(r.uid)
             self.token_hash = (self.token_hash * 31 + r.uid * 7919 + r.token + 1) % _HASH_MOD
             seq = self.active.get(r.uid)
             ended = r.finish_reason is not None
@@ -249,6 +255,7 @@ class Server:
     def _left(self, uid: int, tokens, cache) -> None:
         """A sequence left the batch, on every rank at this point."""
         self.active.pop(uid, None)
+        self.prefilling.discard(uid)
         self.dropping.discard(uid)
         if cache is not None and tokens:
             self.prefix.insert(list(tokens), cache)
@@ -301,6 +308,7 @@ class Server:
                     logits_processors=[[capture]] if capture else None,
                     stop_sequences=[StopSequences([[t] for t in join["stops"]])])
             self.active[uid] = Sequence(self, admitted[i], capture, reused) if self.rank == 0 else None
+            self.prefilling.add(uid)
         self.peak_batch = max(self.peak_batch, len(self.active))
 
     def stop_all(self, reason: int, error: str = "") -> None:
