@@ -288,13 +288,15 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
 
 def overhead_bytes(model: ModelProfile, strategy: str, n: int, context: int) -> int:
     """Process base, the activations of one prefill chunk (never longer than
-    the context), and the runner's canary, which reads one whole uncut layer
-    a second time while it warms up where the strategy cuts layers (a
-    pipeline stage's layers are whole already)."""
+    the context), and the runner's canary: on more than one rank it reads
+    the checkpoint's uncut parts a second time while it warms up, one at a
+    time (the embedding and lm_head together, then one layer), so the widest
+    of them is added."""
     width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
     tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
     activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
-    canary = 0 if strategy == "pipeline" else max((sum(p.full.values()) for p in model.layers), default=0)
+    widest_layer = max((sum(p.full.values()) for p in model.layers), default=0)
+    canary = 0 if n == 1 else max(widest_layer, sum(model.outside.full.values()))
     return int(constants.PROCESS_BASE_BYTES + activations + canary)
 
 
@@ -308,7 +310,7 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
                  + p.kv_bytes("pipeline", 1, 1, 1) * settings.prefix_tokens for p in model.layers]
     layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
     outside_mem = sum(model.outside.full.values())
-    base = overhead_bytes(model, "pipeline", 1, settings.context)
+    base = overhead_bytes(model, "pipeline", n, settings.context)
     mem_prefix = _prefix(layer_mem)
     read_prefix = _prefix(layer_read)
     rates = [cost.decode_rates(node) for node in order]

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
@@ -188,8 +189,8 @@ def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
 
 
 def _delta(cut, uncut) -> mx.array:
-    """max |cut - uncut| relative to max(1, max |uncut|), lazily (the checks
-    are evaluated together, at the cost of one sync); capped to what a
+    """max |cut - uncut| relative to max(1, max |uncut|), lazily (a part's
+    checks are evaluated together, then its uncut weights dropped); capped to what a
     float32 all-sum carries, and at the cap when cut is not finite."""
     cut, uncut = cut.astype(mx.float32), uncut.astype(mx.float32)
     delta = mx.abs(cut - uncut).max() / mx.maximum(1.0, mx.abs(uncut).max())
@@ -280,6 +281,9 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
         checks.append((EMBEDDING, -1, _delta(model.model.embed_tokens(tokens), reference.model.embed_tokens(tokens))))
         h = mx.random.normal((1, 2, hidden), key=mx.random.key(PROBE_SEED + 1)).astype(dtype)
         checks.append((LM_HEAD, -1, _delta(_lm_head(model)(h), _lm_head(reference)(h))))
+        _settle(checks)
+        _release(reference.model.embed_tokens)
+        _release(getattr(reference, "lm_head", None))
 
     probe = mx.random.normal((1, PROBE_TOKENS, hidden), key=mx.random.key(PROBE_SEED)).astype(dtype)
     chosen = [i for i in choose_layers(model, config, arch, instance_id) if i not in partial]
@@ -297,9 +301,27 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
             cut = arch.step(layer, x, config, cut_cache)
             uncut = arch.step(uncut_layer, x, config, uncut_cache)
             checks.append((LAYER_DECODE, index, _delta(cut, uncut)))
+        # One uncut layer in memory at a time: the planner counts one (the
+        # widest) as the canary's share of a rank's peak.
+        _settle(checks)
+        _release(uncut_layer)
+        reference_caches[index] = None
     del reference, reference_caches, own_caches
     mx.clear_cache()
     return chosen
+
+
+def _settle(checks: list) -> None:
+    """Evaluate the checks so far, so that nothing holds the uncut weights they read."""
+    mx.eval([d for _, _, d in checks])
+
+
+def _release(module) -> None:
+    """Free a reference part's weights. Emptying the parameters works
+    whatever holds the module (a model's `layers` may be a fresh list)."""
+    if module is not None:
+        module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
+    mx.clear_cache()
 
 
 def _steps(length: int) -> list[tuple[int, int]]:

@@ -9,6 +9,11 @@ from contextlib import contextmanager
 
 SUBNET = "198.18.0"
 
+# The namespaces this process made. Other labs may run beside this one (another
+# suite, a bench), so a test checks only what it made itself was cleaned up.
+_made: set[str] = set()
+RUN_ENV = "EXOD_LAB_RUN"
+
 
 def _ip(*args, ns=None, check=True):
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
@@ -20,12 +25,14 @@ class Lab:
 
     def __init__(self, hosts: int):
         tag = uuid.uuid4().hex[:6]
-        self.switch = f"exsw-{tag}"
-        self.hosts = [f"exh{i}-{tag}" for i in range(hosts)]
+        run = os.environ.get(RUN_ENV, "")  # marks the namespaces of a child process's labs
+        self.switch = f"exsw-{tag}{run}"
+        self.hosts = [f"exh{i}-{tag}{run}" for i in range(hosts)]
         self.addresses = [f"{SUBNET}.{i + 1}" for i in range(hosts)]
         self.tag = tag
 
     def create(self) -> None:
+        _made.update([self.switch, *self.hosts])
         _ip("ip", "netns", "add", self.switch)
         _ip("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
         _ip("ip", "link", "set", "br0", "up", ns=self.switch)
@@ -74,6 +81,15 @@ def lab(hosts: int):
         created.destroy()
 
 
-def leftover_namespaces() -> list[str]:
+def child_run() -> tuple[dict, str]:
+    """An environment for a child process whose labs carry a mark of their own,
+    and that mark, for leftover_namespaces."""
+    run = f"-{uuid.uuid4().hex[:8]}"
+    return {**os.environ, RUN_ENV: run}, run
+
+
+def leftover_namespaces(run: str | None = None) -> list[str]:
+    """Namespaces this process made, or a child given `run` made, that still exist."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(("exsw-", "exh"))]
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n in _made or (run and n.startswith(("exsw-", "exh")) and n.endswith(run))]

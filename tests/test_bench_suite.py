@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.netns import leftover_namespaces
+from tests.netns import child_run, leftover_namespaces
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,8 +20,9 @@ def _positive(value) -> bool:
 
 def test_the_suites_smallest_cell_runs_and_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "report.json"
+    env, run = child_run()
     done = subprocess.run([sys.executable, "-m", "bench", "run", "--smallest", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["ok"] is True and set(report["benchmarks"]) == {"matrix"}
@@ -49,4 +50,4 @@ def test_the_suites_smallest_cell_runs_and_writes_a_well_formed_report(tmp_path)
 
     summary = out.with_suffix(".txt").read_text()
     assert "10gbe" in summary and "pipeline" in summary
-    assert not leftover_namespaces()
+    assert not leftover_namespaces(run)

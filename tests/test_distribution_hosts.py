@@ -139,11 +139,13 @@ def test_slices_only_reach_each_host(tmp_path, moe):
             for host in (1, 2):
                 assert received[host] < 0.75 * total, (host, received[host], total)
                 assert received[host] > 0.3 * total  # it did fetch its half of the experts
+            until_state(net, 2, placed["instance_id"], "INSTANCE_READY", 10)
             sharded = chat(net, 2)
             assert http(net, 1, "DELETE", f"/v1/instances/{placed['instance_id']}")[0] == 200
 
             single = place(net, 0, {"model": REPO_ID, "nodes": ["h0"], "ranks": 1})
             until_state(net, 0, single["instance_id"], "INSTANCE_READY", 300)
+            until_state(net, 1, single["instance_id"], "INSTANCE_READY", 10)  # the record has reached h1
             assert chat(net, 1) == sharded and sharded
             assert http(net, 0, "DELETE", f"/v1/instances/{single['instance_id']}")[0] == 200
 
@@ -153,6 +155,7 @@ def test_slices_only_reach_each_host(tmp_path, moe):
             until_state(net, 2, again["instance_id"], "INSTANCE_READY", 300)
             received = [rx(net, i) - before[i] for i in range(3)]
             assert max(received[1], received[2]) < 2_000_000, received  # heartbeats, records, no weights
+            until_state(net, 0, again["instance_id"], "INSTANCE_READY", 10)
             assert chat(net, 0) == sharded
             assert http(net, 2, "DELETE", f"/v1/instances/{again['instance_id']}")[0] == 200
             out = in_ns(net, 0, [sys.executable, "-m", "exod.daemon.cli", "ls"])
@@ -168,13 +171,14 @@ def test_slices_only_reach_each_host(tmp_path, moe):
                 stage = int(r["transfer"]["bytes_to_fetch"])
                 assert stage < 0.75 * total
                 assert 0.95 * stage < received[host] < 1.05 * stage + 2_000_000, (r["node_name"], stage, received)
+            until_state(net, 0, pipe["instance_id"], "INSTANCE_READY", 10)
             assert chat(net, 0) == sharded
             stop_all(procs)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert not [n for n in leftover_namespaces() if n.endswith(net.tag)]  # others' tests may run meanwhile
+    assert not leftover_namespaces()
 
 
 def downloading(net, index, iid):
@@ -235,7 +239,7 @@ def test_a_source_killed_mid_transfer(tmp_path, moe):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert not [n for n in leftover_namespaces() if n.endswith(net.tag)]  # others' tests may run meanwhile
+    assert not leftover_namespaces()
 
 
 def test_the_hub_when_no_node_holds_it(tmp_path, tmp_path_factory):
@@ -296,4 +300,4 @@ def test_the_hub_when_no_node_holds_it(tmp_path, tmp_path_factory):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert not [n for n in leftover_namespaces() if n.endswith(net.tag)]  # others' tests may run meanwhile
+    assert not leftover_namespaces()
