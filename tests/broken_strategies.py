@@ -25,12 +25,20 @@ def heads_across_output_groups(model, group, spec, arch, config):
     r+2N... while o_a_proj/o_b_proj give it whole contiguous groups."""
     n = group.size()
     heads = int(config["num_attention_heads"])
-    order = [h for r in range(n) for h in range(r, heads, n)]
+    order = mx.array([h for r in range(n) for h in range(r, heads, n)])
     for layer in model.layers:
-        attn = layer.self_attn
-        w = attn.q_b_proj.weight
-        attn.q_b_proj.weight = w.reshape(heads, -1, w.shape[-1])[mx.array(order)].reshape(w.shape)
-        attn.sinks = attn.sinks[mx.array(order)]
+        if "self_attn" in layer:  # mlx-lm's deepseek_v41
+            attn = layer.self_attn
+            w = attn.q_b_proj.weight
+            attn.q_b_proj.weight = w.reshape(heads, -1, w.shape[-1])[order].reshape(w.shape)
+            attn.sinks = attn.sinks[order]
+        else:  # exod's deepseek_v4 class: the query rows (and their quantization) of each head move
+            attn = layer.attn
+            for name in ("weight", "scales", "biases"):
+                if name in attn.wq_b:
+                    w = attn.wq_b[name]
+                    setattr(attn.wq_b, name, w.reshape(heads, -1, w.shape[-1])[order].reshape(w.shape))
+            attn.attn_sink = attn.attn_sink[order]
     model.shard(group)
 
 
