@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 # DeepSeek-V4-Flash's structure (models/catalog/deepseek-v4-flash.json),
-# scaled down: hyper-connections of 4 streams, 3 hash-routed layers, layers
-# of every compress ratio of the card (0: window only; 4: overlapping pools
-# and the indexer; 128) plus a ratio-16 layer whose plain pools fill within
-# a short test, a window of 8 so that it wraps, an index top-k of 2 so that
-# the indexer chooses, a SwiGLU limit low enough to clamp.
+# scaled down: hyper-connections of 4 streams, 3 hash-routed layers (the
+# third one compressed, as in the card), layers of every compress ratio
+# (0: window only; 4: overlapping pools and the indexer; 128: plain pools;
+# transformers' deepseek_v4 config, which tokenizer loading parses, accepts
+# no other ratio), a window of 8 so that it wraps, an index top-k of 2 so
+# that the indexer chooses, a SwiGLU limit low enough to clamp.
 V4_MINI = dict(
     model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], hidden_size=64,
     num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8,
@@ -20,7 +21,7 @@ V4_MINI = dict(
     n_shared_experts=1, num_experts_per_tok=2, num_hash_layers=3, scoring_func="sqrtsoftplus",
     topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5, swiglu_limit=0.25,
     hidden_act="silu", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=2, index_head_dim=16,
-    index_topk=2, sliding_window=8, compress_ratios=[0, 0, 4, 128, 4, 16], compress_rope_theta=160000,
+    index_topk=2, sliding_window=8, compress_ratios=[0, 0, 4, 128, 4, 128], compress_rope_theta=160000,
     rope_theta=10000, rope_scaling={"type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
                                     "original_max_position_embeddings": 256},
     max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
