@@ -17,7 +17,7 @@ from typing import Optional
 V4_MINI = dict(
     model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], hidden_size=64,
     num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8,
-    q_lora_rank=32, o_lora_rank=16, o_groups=2, moe_intermediate_size=192, n_routed_experts=8,
+    q_lora_rank=32, o_lora_rank=32, o_groups=2, moe_intermediate_size=192, n_routed_experts=8,
     n_shared_experts=1, num_experts_per_tok=2, num_hash_layers=3, scoring_func="sqrtsoftplus",
     topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5, swiglu_limit=0.25,
     hidden_act="silu", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=2, index_head_dim=16,

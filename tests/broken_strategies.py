@@ -42,6 +42,14 @@ def heads_across_output_groups(model, group, spec, arch, config):
     model.shard(group)
 
 
+def heads_by_output_groups(model, group, spec, arch, config):
+    """Not broken: the control for heads_across_output_groups. The class's
+    own head-parallel shard() (whole output groups per rank), run although
+    the planner does not offer tensor for V4; it must pass the canary, so
+    that the broken variant fails for its head order alone."""
+    model.shard(group)
+
+
 def hang_while_loading(model, group, spec, arch, config):
     while True:
         time.sleep(0.1)
@@ -135,6 +143,7 @@ strategies.register("stages_sharing_a_cache", stages_sharing_a_cache, whole_laye
 strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
 strategies.register("stages_in_rank_order", stages_in_rank_order, whole_layers=True)
 strategies.register("heads_across_output_groups", heads_across_output_groups)
+strategies.register("heads_by_output_groups", heads_by_output_groups)
 strategies.register("hang_while_loading", hang_while_loading)
 
 

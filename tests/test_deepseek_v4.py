@@ -21,6 +21,9 @@ from mlx_lm.utils import _get_classes, load_model
 import exod.models
 from exod.models import catalog, inventory, synthetic
 
+from .runner_helpers import reference, sharded
+from .test_runner_failures import PLUGIN_ENV
+
 OWN_FILE = Path(exod.models.__file__).with_name("deepseek_v4_model.py")
 
 
@@ -152,3 +155,14 @@ def test_loads_the_cards_recipe_8bit_affine_and_mxfp4_experts(v4_mini, tmp_path)
     assert np.isfinite(got).all()
     # 4-bit experts on a 64-wide model: close, not equal.
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_head_parallel_by_whole_output_groups_matches_the_single_process(v4_mini):
+    """The control of the canary test in test_runner_failures.py: the same
+    head-parallel cut with each rank's heads those of its output groups
+    passes the canary and computes the single process's logits and tokens,
+    so heads_across_output_groups fails there for its head order alone."""
+    expected = reference(v4_mini)
+    got = sharded(v4_mini, "heads_by_output_groups", 2, env=PLUGIN_ENV)
+    assert np.abs(got["logits"] - expected["logits"]).max() <= 1e-4
+    assert got["tokens"] == expected["tokens"]
