@@ -221,14 +221,9 @@ def build(
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    # Every floating tensor in `dtype`. A class's cast_predicate (which
-    # mlx_lm.convert honours, and the inventory too) is not applied here:
-    # with float32 sinks and hyper-connections in a bf16 deepseek_v41 or
-    # deepseek_v4 model, the runner's greedy tokens part from
-    # tests/runner_helpers.reference's loop after a few steps, on one rank as
-    # on two (a serving-path rounding, not a cut), which the bf16 tests'
-    # token comparison would report as a pipeline fault.
-    model.set_dtype(getattr(mx, dtype))
+    # As mlx_lm.convert casts: tensors the class's cast_predicate keeps
+    # (DeepSeek's float32 router biases, V4's sinks and hyper-connections) stay float32.
+    cast(model, getattr(mx, dtype))
     if quantization:
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints its bits/weight
             model, config = quantize_model(
