@@ -135,7 +135,9 @@ def lazy_model_entries(config: dict, rules: list):
         if missing:
             raise ModelError(f"config.json lacks {', '.join(missing)} (needed by {config['model_type']})") from None
         raise ModelError(f"config does not build a {config['model_type']} model: {e}") from None
-    model.set_dtype(getattr(mx, checkpoint_dtype(config)))
+    from .synthetic import cast
+
+    cast(model, getattr(mx, checkpoint_dtype(config)))
     quant = config.get("quantization")
     if quant:
         default = quantization.default_params(quant)

@@ -7,6 +7,26 @@ import json
 from pathlib import Path
 from typing import Optional
 
+# DeepSeek-V4-Flash's structure (models/catalog/deepseek-v4-flash.json),
+# scaled down: hyper-connections of 4 streams, 3 hash-routed layers (the
+# third one compressed, as in the card), layers of every compress ratio
+# (0: window only; 4: overlapping pools and the indexer; 128: plain pools;
+# transformers' deepseek_v4 config, which tokenizer loading parses, accepts
+# no other ratio), a window of 8 so that it wraps, an index top-k of 2 so
+# that the indexer chooses, a SwiGLU limit low enough to clamp.
+V4_MINI = dict(
+    model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], hidden_size=64,
+    num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8,
+    q_lora_rank=32, o_lora_rank=32, o_groups=2, moe_intermediate_size=192, n_routed_experts=8,
+    n_shared_experts=1, num_experts_per_tok=2, num_hash_layers=3, scoring_func="sqrtsoftplus",
+    topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5, swiglu_limit=0.25,
+    hidden_act="silu", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=2, index_head_dim=16,
+    index_topk=2, sliding_window=8, compress_ratios=[0, 0, 4, 128, 4, 128], compress_rope_theta=160000,
+    rope_theta=10000, rope_scaling={"type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
+                                    "original_max_position_embeddings": 256},
+    max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
 # Small configs of each supported architecture, shaped like the real thing:
 # MoE layers after dense ones, shared experts, MLA, grouped KV heads.
 TINY_CONFIGS = {
@@ -49,6 +69,8 @@ TINY_CONFIGS = {
         candidate_topk_blocks=0, hc_mult=2, hc_sinkhorn_iters=4, max_position_embeddings=4096,
         rms_norm_eps=1e-6,
     ),
+    # exod's own deepseek_v4 class (models/deepseek_v4_model.py): v4-mini.
+    "deepseek_v4": dict(V4_MINI, vocab_size=512),
     "glm4_moe": dict(
         model_type="glm4_moe", vocab_size=512, hidden_size=128, intermediate_size=256,
         moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -153,6 +175,7 @@ NAMED = {
         norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192,
         tie_word_embeddings=False,
     ),
+    "v4-mini": V4_MINI,
     "calibration-tensor": dict(
         model_type="qwen3_moe", hidden_size=768, intermediate_size=1536, moe_intermediate_size=384,
         num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=6, head_dim=64,
@@ -198,7 +221,9 @@ def build(
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
+    # As mlx_lm.convert casts: tensors the class's cast_predicate keeps
+    # (DeepSeek's float32 router biases, V4's sinks and hyper-connections) stay float32.
+    cast(model, getattr(mx, dtype))
     if quantization:
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints its bits/weight
             model, config = quantize_model(
@@ -215,6 +240,18 @@ def build(
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
+
+
+def cast(model, dtype) -> None:
+    """The model's floating parameters to `dtype`, except those its class
+    keeps in float32 (its cast_predicate, as mlx_lm.convert honours it)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    keep = getattr(model, "cast_predicate", None) or (lambda _: True)
+    changed = [(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
+               if mx.issubdtype(v.dtype, mx.floating) and keep(k)]
+    model.update(tree_unflatten(changed))
 
 
 def corpus(sentences: int = 4000, seed: int = 0) -> list[str]:

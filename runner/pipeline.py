@@ -18,20 +18,29 @@ own layer list, with three edits to that list:
 
 Models build attention masks from a cache outside the loop (cache[0], or the
 first cache of each kind). Those caches belong to layers this rank may not
-run, so the cache list is made with every skipped layer's cache aliased to a
-cache of the same kind that a held layer keeps up to date: every layer sees
-every token, so same-kind caches hold the same offsets. The mask is then the
-one the whole model would build, with no work per step. A model that keeps
-state outside its layers in some other way (hyper-connection streams, a
-layer reading another layer's cache) gives its architecture module a
-`pipeline` hook instead.
+run, so they must still count every token. Where a skipped layer's cache is
+one of mlx-lm's key/value caches, the skipped layer advances it with keys
+and values of width zero: the offsets (and, batched, the left padding) are
+the whole model's, the cache holds no bytes, and mlx-lm's batch merge,
+filter and extend treat it like any other, so a stage batches and keeps a
+prefix cache. Other caches (recurrent state, an architecture's own) are
+aliased instead to a held cache of the same kind, which a held layer keeps
+up to date: every layer sees every token, so same-kind caches hold the same
+offsets; such a stage serves one sequence at a time, since a merge would cut
+the aliases (runner/engine.py). A model that keeps state outside its layers
+in some other way (hyper-connection streams, a layer reading another
+layer's cache) gives its architecture module a `pipeline` hook instead.
 """
 
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
+
+# Caches whose update_and_fetch takes keys and values of any width, and whose
+# batch forms (mlx-lm's merge) keep offsets and padding per sequence.
+ADVANCEABLE = (KVCache, RotatingKVCache)
 
 
 class PipelineError(Exception):
@@ -94,15 +103,18 @@ def apply(model, group, split: list[int]) -> Stage:
         raise PipelineError(f"pipeline split {split} does not cover {len(layers)} layers on {size} ranks")
     stage = split_ranges(split, rank)
     last = len(layers) - 1
+    make = getattr(model, "make_cache", None)
+    kinds = make() if make else [KVCache() for _ in layers]
+    advance = all(type(kinds[i]) in ADVANCEABLE for i in range(len(layers)) if not stage.start <= i < stage.end)
     for i, layer in enumerate(layers):
         held = stage.start <= i < stage.end
         recv_from = rank + 1 if held and i == stage.start and rank < size - 1 else None
         send_to = rank - 1 if held and i == stage.end - 1 and rank > 0 else None
         gather = i == last and size > 1
         if not held or recv_from is not None or send_to is not None or gather:
-            layers[i] = StageLayer(layer, held, group, recv_from, send_to, gather)
-    make = getattr(model, "make_cache", None)
-    model.make_cache = lambda: aliased_caches(make() if make else [KVCache() for _ in layers], stage)
+            layers[i] = StageLayer(layer, held, group, recv_from, send_to, gather, advance=advance and not held)
+    if not advance:
+        model.make_cache = lambda: aliased_caches(make() if make else [KVCache() for _ in layers], stage)
     model.exod_stage = stage
     return stage
 
@@ -111,7 +123,7 @@ class StageLayer(nn.Module):
     """One slot of the layer list on this rank: the layer itself (held) or
     nothing (Elsewhere), with this stage's sends and receives around it."""
 
-    def __init__(self, layer, held: bool, group, recv_from=None, send_to=None, gather=False):
+    def __init__(self, layer, held: bool, group, recv_from=None, send_to=None, gather=False, advance=False):
         super().__init__()
         for key, value in _plain_attributes(layer):
             setattr(self, key, value)
@@ -121,12 +133,19 @@ class StageLayer(nn.Module):
         self._recv_from = recv_from
         self._send_to = send_to
         self._gather = gather
+        self._advance = advance
 
     def __call__(self, x, *args, **kwargs):
         if self._recv_from is not None:
             # The embedding this rank computed only gives the shape and dtype.
             x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
         out = self["layer"](x, *args, **kwargs) if "layer" in self else x
+        if self._advance:
+            cache = _cache_argument(args, kwargs)
+            if cache is not None:
+                # The skipped layer's tokens, zero bytes wide (see the module's docstring).
+                empty = mx.zeros((x.shape[0], 1, x.shape[1], 0), dtype=x.dtype)
+                cache.update_and_fetch(empty, empty)
         if self._send_to is not None:
             out = mx.distributed.send(out, self._send_to, group=self._group)
             cache = _cache_argument(args, kwargs)

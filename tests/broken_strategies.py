@@ -25,12 +25,28 @@ def heads_across_output_groups(model, group, spec, arch, config):
     r+2N... while o_a_proj/o_b_proj give it whole contiguous groups."""
     n = group.size()
     heads = int(config["num_attention_heads"])
-    order = [h for r in range(n) for h in range(r, heads, n)]
+    order = mx.array([h for r in range(n) for h in range(r, heads, n)])
     for layer in model.layers:
-        attn = layer.self_attn
-        w = attn.q_b_proj.weight
-        attn.q_b_proj.weight = w.reshape(heads, -1, w.shape[-1])[mx.array(order)].reshape(w.shape)
-        attn.sinks = attn.sinks[mx.array(order)]
+        if "self_attn" in layer:  # mlx-lm's deepseek_v41
+            attn = layer.self_attn
+            w = attn.q_b_proj.weight
+            attn.q_b_proj.weight = w.reshape(heads, -1, w.shape[-1])[order].reshape(w.shape)
+            attn.sinks = attn.sinks[order]
+        else:  # exod's deepseek_v4 class: the query rows (and their quantization) of each head move
+            attn = layer.attn
+            for name in ("weight", "scales", "biases"):
+                if name in attn.wq_b:
+                    w = attn.wq_b[name]
+                    setattr(attn.wq_b, name, w.reshape(heads, -1, w.shape[-1])[order].reshape(w.shape))
+            attn.attn_sink = attn.attn_sink[order]
+    model.shard(group)
+
+
+def heads_by_output_groups(model, group, spec, arch, config):
+    """Not broken: the control for heads_across_output_groups. The class's
+    own head-parallel shard() (whole output groups per rank), run although
+    the planner does not offer tensor for V4; it must pass the canary, so
+    that the broken variant fails for its head order alone."""
     model.shard(group)
 
 
@@ -127,6 +143,7 @@ strategies.register("stages_sharing_a_cache", stages_sharing_a_cache, whole_laye
 strategies.register("moe_tensor_without_sum", moe_tensor_without_sum)
 strategies.register("stages_in_rank_order", stages_in_rank_order, whole_layers=True)
 strategies.register("heads_across_output_groups", heads_across_output_groups)
+strategies.register("heads_by_output_groups", heads_by_output_groups)
 strategies.register("hang_while_loading", hang_while_loading)
 
 

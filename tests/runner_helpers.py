@@ -24,7 +24,10 @@ def reference(model_dir: Path) -> dict:
     tokens = []
     for _ in range(STEPS):
         step = model(token, cache=cache)[:, -1, :]
-        token = mx.argmax(step, axis=-1)[None]
+        # Greedy as mlx-lm's generate_step (and so the runner) picks: the
+        # argmax of the log-probabilities, computed in the logits' dtype. In
+        # bf16 their rounding can break a near-tie the raw logits would not.
+        token = mx.argmax(step - mx.logsumexp(step, axis=-1, keepdims=True), axis=-1)[None]
         tokens.append(int(token.item()))
     return {"logits": np.array(logits.tolist()), "tokens": tokens}
 

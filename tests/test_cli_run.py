@@ -35,6 +35,15 @@ def test_run_demo_on_two_ranks_streams_an_answer(data_dir):
     assert "8 tokens" in proc.stderr
 
 
+def test_run_v4_mini_with_moe_tensor_on_two_ranks(data_dir):
+    """The README's DeepSeek-V4 line: built on first use, planned, cut, canaried, served."""
+    proc = exod("run", "v4-mini", "--ranks", "2", "--strategy", "moe_tensor", "--max-tokens", "8",
+                "--prompt", "hello", env={"EXOD_DATA_DIR": str(data_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert "v4-mini as moe_tensor over 2 local ranks" in proc.stderr and "rank 1 ready: canary " in proc.stderr
+    assert "8 tokens" in proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["run", "no-such-model"], "no complete checkpoint of no-such-model is on this machine"),
     (["run", "demo", "--ranks", "0"], "--ranks must be at least 1"),

@@ -55,3 +55,19 @@ def test_windows_of_different_sizes_are_different_kinds():
     caches = [RotatingKVCache(max_size=16), RotatingKVCache(max_size=32), RotatingKVCache(max_size=16)]
     aliased = stage.aliased_caches(caches, stage.Stage(0, 1))
     assert aliased[2] is caches[0] and aliased[1] is caches[1]
+
+
+def test_a_skipped_layer_advances_its_key_value_cache_by_zero_bytes():
+    model, _ = build("gemma3_text")  # a sliding window's cache and a global one
+    layers = stage.layer_list(model)
+    caches = make_prompt_cache(model)
+    x = mx.ones((2, 5, 128))
+    for i in (0, 2):  # RotatingKVCache, KVCache
+        skipped = stage.StageLayer(layers[i], held=False, group=None, advance=True)
+        assert mx.array_equal(skipped(x, None, caches[i]), x)
+        skipped(x[:, :1], None, cache=caches[i])
+        assert caches[i].offset == 6 and caches[i].keys.shape[-1] == 0 and caches[i].nbytes == 0
+    # Without advancing (a cache that must be aliased), the cache is left alone.
+    fresh = make_prompt_cache(model)
+    stage.StageLayer(layers[2], held=False, group=None)(x, None, fresh[2])
+    assert fresh[2].offset == 0

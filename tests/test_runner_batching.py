@@ -67,11 +67,8 @@ def test_greedy_and_seeded_answers_are_the_same_alone_and_in_a_batch(instance, d
     assert together == alone
     assert instance.wait_for(lambda i: all(r.status.state == pb.READY and r.status.batch_size == 0
                                            for r in i.ranks), 10)
-    # A pipeline stage serves one sequence at a time (docs/serving.md): the
-    # same answers, one after another.
-    batch = 1 if instance.specs[0].strategy == "pipeline" else 4
-    assert [r.status.peak_batch_size for r in instance.ranks] == [batch] * len(instance.ranks)
-    assert all(s.max_batch == batch and s.batch_size <= batch for per_rank in instance.statuses for s in per_rank
+    assert [r.status.peak_batch_size for r in instance.ranks] == [4] * len(instance.ranks)
+    assert all(s.max_batch == 4 and s.batch_size <= 4 for per_rank in instance.statuses for s in per_rank
                if s.state in (pb.READY, pb.RUNNING))
 
 
@@ -83,10 +80,6 @@ def test_prefix_cache_serves_a_repeated_prefix_on_every_rank_and_changes_no_toke
     second = drain(instance.submit(make("turn2", system + [11, 12, 13], 8)))
     third = drain(instance.submit(make("other", system + [50, 51], 8)))
     assert tokens(second) == tokens(first)
-    if instance.specs[0].strategy == "pipeline":  # no prefix cache on a stage (docs/serving.md)
-        assert second[-1].cached_tokens == third[-1].cached_tokens == 0
-        assert all(r.status.prefix_cache.capacity_tokens == 0 for r in instance.ranks)
-        return
     # The repeated prompt reuses all but its last token; another question
     # after the same system prompt reuses the system prompt.
     assert second[-1].cached_tokens == len(system) + 2

@@ -22,7 +22,7 @@ PLUGIN_ENV = {"EXOD_RUNNER_PLUGINS": "tests.broken_strategies", "PYTHONPATH": st
 @pytest.fixture(scope="module")
 def fp32_models(tmp_path_factory):
     built = {}
-    for name in ("qwen3_moe", "deepseek_v41"):
+    for name in ("qwen3_moe", "deepseek_v41", "deepseek_v4"):
         built[name] = synthetic.build(tmp_path_factory.mktemp(name), synthetic.TINY_CONFIGS[name])
     return built
 
@@ -32,7 +32,7 @@ def models(fp32_models, tmp_path_factory):
     """fp32, and 4-bit weights with bf16 activations, where rounding is
     largest and the canary's limit is loosest."""
     built = dict(fp32_models)
-    for name in ("qwen3_moe", "deepseek_v41"):
+    for name in ("qwen3_moe", "deepseek_v41", "deepseek_v4"):
         built[f"{name}-4bit"] = synthetic.build(
             tmp_path_factory.mktemp(f"{name}-4bit"), synthetic.TINY_CONFIGS[name],
             quantization={"group_size": 32, "bits": 4}, dtype="bfloat16")
@@ -48,6 +48,8 @@ def models(fp32_models, tmp_path_factory):
     ("qwen3_moe", "decode_without_history", "decode"),
     ("qwen3_moe", "stages_sharing_a_cache", "decode"),
     ("deepseek_v41", "heads_across_output_groups", "canary: layer"),
+    # exod's own deepseek_v4 class (v4-mini), whose shard() keeps whole output groups.
+    ("deepseek_v4", "heads_across_output_groups", "canary: layer"),
 ])
 def test_a_broken_cut_fails_the_canary_on_fp32_and_quantized_weights(model, strategy, reason, variant, models):
     with LocalInstance(models[model + variant], strategy, 2, env=PLUGIN_ENV) as instance:
@@ -72,6 +74,7 @@ def never_ready(instance):
 @pytest.mark.parametrize("model,strategy", [
     ("qwen3_moe", "moe_tensor_without_sum"),
     ("deepseek_v41", "heads_across_output_groups"),
+    ("deepseek_v4", "heads_across_output_groups"),
 ])
 def test_a_broken_strategy_fails_the_canary_and_never_reports_ready(model, strategy, fp32_models):
     with LocalInstance(fp32_models[model], strategy, 2, env=PLUGIN_ENV) as instance:

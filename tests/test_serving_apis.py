@@ -44,8 +44,8 @@ def cluster(tmp_path_factory):
         until(lambda: len(a.on_loop(lambda: [m for m in a.node.view.members.values() if m.status == pb.UP])) == 2,
               20)
         ids = []
-        # Two instances that batch (a pipeline stage serves one at a time, docs/serving.md).
-        for strategy in ("moe_tensor", "tensor"):
+        # Two instances that batch.
+        for strategy in ("moe_tensor", "pipeline"):
             status, _, placed = call(a.port, "POST", "/v1/instances", {
                 "model": "demo", "strategy": strategy, "nodes": ["a", "b"], "ranks": 2,
                 "context_length": CONTEXT, "concurrency": 4}, JSON)

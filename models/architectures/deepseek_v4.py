@@ -1,6 +1,13 @@
-"""DeepSeek-V4 family (deepseek_v41 in mlx-lm, and V4 checkpoints described by
-catalog cards): hyper-connections, a grouped low-rank output projection, and
-attention over a raw sliding window plus time-compressed history."""
+"""DeepSeek-V4 family: hyper-connections, a grouped low-rank output
+projection, and attention over a raw sliding window plus time-compressed
+history. Two classes: mlx-lm's deepseek_v41 (self_attn/mlp names, layers that
+read other layers' compressed history, its own pipeline()), and deepseek_v4,
+the V4-Flash checkpoint's model type, run by exod's own class
+(models/deepseek_v4_model.py) while the installed mlx-lm has none. In the
+latter every layer reads only its own cache, so exod's generic pipeline
+stage carries it: the hyper-connection streams are the hidden state passed
+between stages, and the token ids the hash-routed layers read are on every
+rank already."""
 
 from typing import Optional
 
@@ -42,19 +49,25 @@ def _kv_cache(cfg: dict, element_bytes: int) -> list[KvPart]:
     return parts
 
 
+def _is_v41(cfg: dict) -> bool:
+    return cfg.get("model_type") == "deepseek_v41"
+
+
 def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
-    """Mirrors mlx-lm's deepseek_v41 Model.shard(): whole heads and whole output
-    groups per rank (slicing heads across an output group is the bug this
-    project exists to catch)."""
+    """Mirrors the classes' shard(): whole heads and whole output groups per
+    rank (slicing heads across an output group is the bug this project
+    exists to catch). deepseek_v41 names first, then deepseek_v4's."""
     heads = int(cfg["num_attention_heads"])
     groups = int(cfg["o_groups"])
-    if path.endswith("self_attn.q_b_proj"):
+    if path.endswith("self_attn.q_b_proj") or path.endswith(".attn.wq_b"):
         return Split("rows", heads, "attention heads")
-    if path.endswith("self_attn.sinks"):
+    if path.endswith("self_attn.sinks") or path.endswith(".attn.attn_sink"):
         return Split("axis0", heads, "attention heads")
     if path.endswith("self_attn.o_a_proj"):
         return Split("axis0", groups, "output groups")
-    if path.endswith("self_attn.o_b_proj"):
+    if path.endswith(".attn.wo_a"):
+        return Split("rows", groups, "output groups")
+    if path.endswith("self_attn.o_b_proj") or path.endswith(".attn.wo_b"):
         cols = groups * int(cfg["o_lora_rank"])
         return Split("cols", quant_group_units(groups, cols, cfg, path), "output groups")
     if ".shared_experts." in path + ".":
@@ -66,7 +79,9 @@ def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
 
 def _canary_layers(cfg: dict) -> list[int]:
     """Layers that read compressed history only from themselves, so one can
-    be computed alone from a hidden state."""
+    be computed alone from a hidden state (every deepseek_v4 layer)."""
+    if not _is_v41(cfg):
+        return list(range(int(cfg["num_hidden_layers"])))
     from mlx_lm.models import deepseek_v41 as impl
 
     args = impl.ModelArgs.from_dict(cfg)
@@ -76,8 +91,19 @@ def _canary_layers(cfg: dict) -> list[int]:
 
 def _probe(layer, x, cfg: dict):
     """One decoder layer on hidden state x: expand into the hyper-connection
-    streams as the model's first layer sees them, return the streams."""
+    streams as the model's first layer sees them, return the streams.
+    deepseek_v4 layers also take the token ids (hash-routed layers read
+    them) and a fresh cache of their own."""
     import mlx.core as mx
+
+    if not _is_v41(cfg):
+        import importlib
+
+        own = importlib.import_module("mlx_lm.models.deepseek_v4")
+        batch, length, hidden = x.shape
+        streams = mx.broadcast_to(x[:, :, None, :], (batch, length, int(cfg["hc_mult"]), hidden))
+        tokens = mx.broadcast_to(mx.arange(length) * 7 % int(cfg["vocab_size"]), (batch, length))
+        return layer(streams, tokens, own.LayerCache(int(cfg.get("sliding_window") or 128)))
     from mlx_lm.models import deepseek_v41 as impl
 
     args = impl.ModelArgs.from_dict(cfg)
@@ -93,11 +119,16 @@ def _probe(layer, x, cfg: dict):
 
 
 def _pipeline(model, group, split: list) -> None:
-    """Layers read compressed history from other layers' caches and pass
-    hyper-connection streams, state outside the layers that exod's generic
-    stage cannot carry: the class's own pipeline() sends it between stages
-    (rank 0 runs the last layers, as in the generic stage)."""
-    model.model.pipeline(group, split)
+    """deepseek_v41: layers read compressed history from other layers'
+    caches, state outside the layers that exod's generic stage cannot carry:
+    the class's own pipeline() sends it between stages (rank 0 runs the last
+    layers, as in the generic stage). deepseek_v4: exod's generic stage."""
+    if hasattr(model.model, "pipeline"):
+        model.model.pipeline(group, split)
+        return
+    from exod.runner import pipeline as stage
+
+    stage.apply(model, group, split)
 
 
 ARCHITECTURE = Architecture(
