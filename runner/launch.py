@@ -232,7 +232,8 @@ class LocalInstance:
                  hosts: Optional[list[str]] = None, log_dir: Optional[Path] = None, instance_id: str = "",
                  start_only: Optional[list[int]] = None, rank_hosts: Optional[list[list[str]]] = None,
                  rank_prefix: Optional[list[list[str]]] = None, model_dirs: Optional[list] = None,
-                 max_batch: int = 8, prefix_cache_tokens: int = 0, max_queue: Optional[int] = None):
+                 max_batch: int = 8, prefix_cache_tokens: int = 0, max_queue: Optional[int] = None,
+                 prefill_step_tokens: int = 0):
         """model_dirs: each rank's own model directory (shard checkpoints),
         instead of model_dir for all; rank_hosts: the ring addresses as each rank sees them, when they
         differ (a rank reaching its peers through relays); rank_prefix: the
@@ -253,6 +254,7 @@ class LocalInstance:
                           pipeline_layers=pipeline_layers or [], deadlines=deadlines,
                           context_length=context_length, max_batch=max_batch,
                           prefix_cache_tokens=prefix_cache_tokens, max_queue=max_queue,
+                          prefill_step_tokens=prefill_step_tokens,
                           estimated_bytes=(estimated_bytes or [0] * world_size)[r])
             for r in range(world_size)
         ]

@@ -186,7 +186,8 @@ class Rank:
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),
                              self.spec.context_length or int(config.get("max_position_embeddings") or 4096),
                              max_batch=self.spec.max_batch or 1, prefix_cache_tokens=self.spec.prefix_cache_tokens,
-                             prefix_cache_bytes=self.spec.prefix_cache_bytes)
+                             prefix_cache_bytes=self.spec.prefix_cache_bytes,
+                             prefill_step_tokens=self.spec.prefill_step_tokens)
         self.serving.set()
         # Ready carries the batch bound and the cache from the start.
         self._serving_state(pb.READY, canary_layer=verdict.layer, canary_max_delta=verdict.max_delta,

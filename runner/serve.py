@@ -127,7 +127,8 @@ class Control:
 
 class Server:
     def __init__(self, model, tokenizer, group, inbox: Inbox, emit, report, progress, context_length: int,
-                 max_batch: int = 1, prefix_cache_tokens: int = 0, prefix_cache_bytes: int = 0):
+                 max_batch: int = 1, prefix_cache_tokens: int = 0, prefix_cache_bytes: int = 0,
+                 prefill_step_tokens: int = 0):
         """report(state, **status fields); progress(phase, seconds): the watchdog's deadline."""
         self.model = model
         self.tokenizer = tokenizer
@@ -148,7 +149,8 @@ class Server:
         self.stream = mx.default_stream(mx.default_device())
         prefill_batch = min(self.max_batch, PREFILL_BATCH)
         self.engine, self.max_batch = engine.make(model, self.max_batch, prefill_batch,
-                                                  max(1, PREFILL_CHUNK // prefill_batch), self.stream)
+                                                  prefill_step_tokens or max(1, PREFILL_CHUNK // prefill_batch),
+                                                  self.stream)
         if self.rank == 0:
             inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
         if engine.aliased_caches(model):
