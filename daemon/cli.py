@@ -174,11 +174,13 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
     print(f"\nchosen: {describe(chosen)}, {chosen.predicted_decode_tokens_per_s:.1f} tok/s predicted "
           f"(compute {chosen.predicted_compute_s * 1e3:.2f} ms + communication "
           f"{chosen.predicted_communication_s * 1e3:.2f} ms per token)")
-    print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
+    print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'SHARE':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
           f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}  TRANSFER")
     for r in chosen.ranks:
         m = r.memory
-        print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {m.weights_bytes / 1e9:8.1f}G "
+        # A cutting strategy's share: grains of every cut tensor (models/shares.py).
+        share = f"{r.share}/{r.share_of}" if r.share_of else "-"
+        print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {share:>9} {m.weights_bytes / 1e9:8.1f}G "
               f"{(m.routed_experts_bytes + m.shared_experts_bytes) / 1e9:8.1f}G {m.attention_bytes / 1e9:7.1f}G "
               f"{m.kv_cache_bytes / 1e9:7.1f}G {m.overhead_bytes / 1e9:8.1f}G {m.total_bytes / 1e9:8.1f}G "
               f"{r.usable_bytes / 1e9:8.1f}G  {transfer_text(r)}")

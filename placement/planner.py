@@ -1,11 +1,18 @@
 """The placement planner: every candidate, its per-rank memory, its predicted
-speed, and the choice. Pure: no I/O, no clocks."""
+speed, and the choice. Pure: no I/O, no clocks.
 
+A strategy that cuts tensors gives each rank its own share, in whole grains
+(placement/strategies.py): on nodes of unequal speed or memory the shares
+are uneven, chosen so that every rank's step takes the same time within
+what its memory holds."""
+
+import math
 from dataclasses import dataclass
 
 from exod.proto import exod_pb2 as pb
 
 from . import constants, cost
+from . import strategies as strategy_objects
 from .errors import PlanError
 from .profile import CLASS_FIELD, CLASS_LABEL, CLASSES, ModelProfile, Part, profile
 from .units import gb
@@ -76,7 +83,7 @@ def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
     if request.HasField("prefix_cache_bytes"):
         # Asked for as bytes of the whole model's KV; held as tokens, so that
         # every rank caches the same tokens of its own share of the KV.
-        per_token = sum(part.kv_bytes("pipeline", 1, 1, 1) for part in model.layers + [model.outside])
+        per_token = sum(part.kv_bytes("pipeline", 1, 1, 1, 1) for part in model.layers + [model.outside])
         prefix_tokens = int(request.prefix_cache_bytes // per_token) if per_token else 0
     else:
         prefix_tokens = context  # by default, one context's worth
@@ -158,26 +165,9 @@ def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProf
 
 
 def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
-    """Why a strategy cannot run on n ranks at all, whatever the memory.
-    These mirror the runner's refusals (runner/strategies.py) and come from
-    the same rules through the spec, so that what the planner accepts, the
-    runner runs."""
-    if n == 1:
-        return []  # one rank is never a sharding: the runner loads the whole model
-    reasons = []
-    if strategy == "moe_tensor" and not model.is_moe:
-        return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
-    if strategy not in model.proven:
-        return [model.refused.get(strategy) or
-                f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
-    if strategy == "pipeline" and n > model.num_layers:
-        return [f"pipeline needs at least one layer per rank: {n} ranks, {model.num_layers} layers"]
-    if strategy in ("tensor", "moe_tensor"):
-        for units, unit, tensor in model.divisibility[strategy]:
-            if units % n:
-                reasons.append(f"{strategy} over {n} ranks: {tensor} has {units} {unit}, not divisible by {n}")
-                break
-    return reasons
+    """Why a strategy cannot run on n ranks at all, whatever the memory
+    (placement/strategies.py)."""
+    return strategy_objects.BY_NAME[strategy].reasons(model, n)
 
 
 # ------------------------------------------------------------------ one candidate
@@ -205,19 +195,20 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
             placement.ranks.append(pb.RankPlacement(rank=rank, node_id=node.node_id, node_name=node.name,
                                                     usable_bytes=usable[rank]))
         return placement
+    of = model.grains.get(strategy, 0) if n > 1 else 0
     if strategy == "pipeline":
         # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
         # which runs the last layers.
         stages = pipeline_split(model, order[::-1], usable[::-1], settings)
         bounds = stages[::-1] if stages else [(0, 0)] * n
+        held = [(1, 1)] * n
     else:
         bounds = [(0, model.num_layers)] * n
+        held = [(share, of) for share in rank_shares(model, strategy, order, usable, settings, memo)] \
+            if of else [(1, 1)] * n
     compute = []
-    for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
-        key = (strategy, n, start, end)
-        if key not in memo:
-            memo[key] = rank_memory(model, strategy, n, start, end, settings)
-        memory, read = memo[key]
+    for rank, (node, (start, end), (share, whole)) in enumerate(zip(order, bounds, held)):
+        memory, read = _rank_memory(model, strategy, share, whole, start, end, settings, memo)
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
         compute.append(seconds)
@@ -225,8 +216,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
             pb.RankPlacement(
                 rank=rank, node_id=node.node_id, node_name=node.name,
                 layer_start=start, layer_end=end,
-                shard_index=rank if strategy != "pipeline" else 0,
-                shard_count=n if strategy != "pipeline" else 1,
+                share=share if of else 0, share_of=of,
                 memory=memory, usable_bytes=usable[rank], fits=fits,
                 predicted_compute_s=seconds,
             )
@@ -256,28 +246,70 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     return placement
 
 
+def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile], usable: list[int],
+                settings: Settings, memo: dict) -> list[int]:
+    """Each rank's grains of a cutting strategy: step times balanced at each
+    node's decode rate, within each node's memory (placement/strategies.py).
+    Memory and bytes read are affine in the grains held, so two exact
+    breakdowns (no grains, all of them) give each rank's cap, checked
+    exactly after."""
+    of = model.grains[strategy]
+    empty, read0 = _rank_memory(model, strategy, 0, of, 0, model.num_layers, settings, memo)
+    full, read1 = _rank_memory(model, strategy, of, of, 0, model.num_layers, settings, memo)
+    per_grain_bytes = (full.total_bytes - empty.total_bytes) / of
+    per_grain_read = (read1 - read0) / of
+    fixed, slope, caps = [], [], []
+    for node, room in zip(order, usable):
+        rate, step, layer = cost.decode_rates(node)
+        fixed.append(read0 / rate + step + model.num_layers * layer)
+        slope.append(per_grain_read / rate)
+        if per_grain_bytes <= 0:
+            cap = of if empty.total_bytes <= room else 0
+        else:
+            cap = max(0, min(of, math.floor((room - empty.total_bytes) / per_grain_bytes)))
+            while cap > 0 and _rank_memory(model, strategy, cap, of, 0, model.num_layers, settings,
+                                           memo)[0].total_bytes > room:
+                cap -= 1
+        caps.append(cap)
+    shares, _ = strategy_objects.balance(of, fixed, slope, caps)
+    return shares
+
+
+def _rank_memory(model: ModelProfile, strategy: str, share: int, of: int, start: int, end: int,
+                 settings: Settings, memo: dict) -> tuple[pb.MemoryBreakdown, float]:
+    key = (strategy, share, of, start, end)
+    if key not in memo:
+        memo[key] = rank_memory(model, strategy, of, start, end, settings, share=(share, of))
+    return memo[key]
+
+
 def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int,
-                settings: Settings) -> tuple[pb.MemoryBreakdown, float]:
-    """Per-rank breakdown and the bytes one decode step reads there. Every
-    rank holds the embedding, final norm and lm_head: pipeline stages all
-    compute the logits from the gathered last hidden state, as mlx-lm does."""
+                settings: Settings, share: tuple[int, int] | None = None) -> tuple[pb.MemoryBreakdown, float]:
+    """Per-rank breakdown and the bytes one decode step reads there, for a
+    rank holding `share` = (grains, of) of what the strategy cuts (None:
+    1 of n, an even split). Every rank holds the embedding, final norm and
+    lm_head: pipeline stages all compute the logits from the gathered last
+    hidden state, as mlx-lm does."""
+    held, of = share if share is not None else (1, n)
+    if strategy not in ("tensor", "moe_tensor"):
+        held, of = 1, 1
     by_class = dict.fromkeys(CLASSES, 0)
     kv = 0.0
     prefix = 0.0
     read = 0.0
     parts: list[Part] = model.layers[start:end] + [model.outside]
     for part in parts:
-        for cls, value in part.weights(strategy, n).items():
+        for cls, value in part.weights(strategy, held, of).items():
             by_class[cls] += value
-        kv += part.kv_bytes(strategy, n, settings.context, settings.concurrency)
+        kv += part.kv_bytes(strategy, held, of, settings.context, settings.concurrency)
         # This rank's share of the prefix cache's tokens (no window cap: an
         # entry keeps every token it was inserted with).
-        prefix += part.kv_bytes(strategy, n, 1, 1) * settings.prefix_tokens
-        read += part.read(strategy, n)
+        prefix += part.kv_bytes(strategy, held, of, 1, 1) * settings.prefix_tokens
+        read += part.read(strategy, held, of)
     # A decode step also reads this rank's KV cache for one sequence.
     read += kv / settings.concurrency
     weights = sum(by_class.values())
-    overhead = overhead_bytes(model, strategy, n, settings.context)
+    overhead = overhead_bytes(model, strategy, held, settings.context, of)
     memory = pb.MemoryBreakdown(
         weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead, prefix_cache_bytes=int(prefix),
         total_bytes=weights + int(kv) + int(prefix) + overhead,
@@ -286,12 +318,15 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     return memory, read
 
 
-def overhead_bytes(model: ModelProfile, strategy: str, n: int, context: int) -> int:
+def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int, of: int | None = None) -> int:
     """Process base, the activations of one prefill chunk (never longer than
     the context), and the runner's canary, which reads one whole uncut layer
     a second time while it warms up where the strategy cuts layers (a
-    pipeline stage's layers are whole already)."""
-    width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
+    pipeline stage's layers are whole already). share of `of` grains (of
+    None: share is n, an even split)."""
+    held, of = (1, share) if of is None else (share, of)
+    width = model.hidden_size + (model.max_intermediate * held // of if strategy != "pipeline" and of
+                                 else model.max_intermediate)
     tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
     activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
     canary = 0 if strategy == "pipeline" else max((sum(p.full.values()) for p in model.layers), default=0)
@@ -304,9 +339,9 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
     time, subject to each node's memory. When memory cannot be met, the
     time-balanced split is returned so that the shortfall can be reported."""
     n, layers = len(order), model.num_layers
-    layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, settings.context, settings.concurrency)
-                 + p.kv_bytes("pipeline", 1, 1, 1) * settings.prefix_tokens for p in model.layers]
-    layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
+    layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, 1, settings.context, settings.concurrency)
+                 + p.kv_bytes("pipeline", 1, 1, 1, 1) * settings.prefix_tokens for p in model.layers]
+    layer_read = [p.read_all + p.kv_bytes("pipeline", 1, 1, settings.context, 1) for p in model.layers]
     outside_mem = sum(model.outside.full.values())
     base = overhead_bytes(model, "pipeline", 1, settings.context)
     mem_prefix = _prefix(layer_mem)

@@ -2,11 +2,14 @@
 
 Per layer (and for the tensors outside any layer): bytes by tensor class,
 the part of those bytes each strategy divides, the bytes one decode step
-reads, and the KV-cache parts. Plus the divisibility each strategy needs.
+reads, and the KV-cache parts. Plus the grains each tensor strategy cuts
+in (models/shares.py): a rank's share of every cut tensor is `share` of
+`of` grains, so that the bytes it holds are exact for uneven shares too.
 """
 
 from dataclasses import dataclass, field
 
+from exod.models import shares
 from exod.models.quantization import DTYPE_BYTES
 from exod.proto import exod_pb2 as pb
 
@@ -37,27 +40,28 @@ class Part:
     read_split: dict = field(default_factory=lambda: dict.fromkeys(SPLITTING, 0.0))
     kv: list = field(default_factory=list)  # (bytes_per_token, window_tokens, split_units)
 
-    def weights(self, strategy: str, n: int) -> dict:
-        """Bytes by class on one rank of n under strategy."""
-        if strategy not in SPLITTING or n == 1:
+    def weights(self, strategy: str, share: int, of: int) -> dict:
+        """Bytes by class on a rank holding `share` of `of` grains (1 of n:
+        an even split). Exact: every cut tensor's bytes divide by `of`."""
+        if strategy not in SPLITTING or share == of:
             return dict(self.full)
         split = self.split[strategy]
-        return {c: self.full[c] - split[c] + split[c] // n for c in CLASSES}
+        return {c: self.full[c] - split[c] + split[c] * share // of for c in CLASSES}
 
-    def read(self, strategy: str, n: int) -> float:
-        """Bytes one decode step reads on one rank of n."""
-        if strategy not in SPLITTING or n == 1:
+    def read(self, strategy: str, share: int, of: int) -> float:
+        """Bytes one decode step reads on a rank holding `share` of `of` grains."""
+        if strategy not in SPLITTING or share == of:
             return self.read_all
-        return self.read_all - self.read_split[strategy] + self.read_split[strategy] / n
+        return self.read_all - self.read_split[strategy] + self.read_split[strategy] * share / of
 
-    def kv_bytes(self, strategy: str, n: int, context: int, concurrency: int) -> float:
+    def kv_bytes(self, strategy: str, share: int, of: int, context: int, concurrency: int) -> float:
         total = 0.0
         for per_token, window, units in self.kv:
             tokens = min(context, window) if window else context
-            share = per_token * tokens * concurrency
-            if strategy == "tensor" and units and units % n == 0:
-                share /= n
-            total += share
+            part = per_token * tokens * concurrency
+            if strategy == "tensor" and units and share != of and units % of == 0:
+                part = part * share / of  # whole kv heads: a grain is a KV-head group
+            total += part
         return total
 
 
@@ -73,8 +77,9 @@ class ModelProfile:
     activation_bytes: int  # bytes per activation element (checkpoint dtype)
     layers: list  # Part per layer
     outside: Part  # tensors outside any layer: embedding, lm_head, final norm
-    # strategy -> list of (units, unit name, example tensor): n must divide units
+    # strategy -> list of (units, unit name, example tensor) of the cut tensors
     divisibility: dict
+    grains: dict  # strategy -> grains every cut tensor divides into (0: none cut)
     moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
     total_bytes: int
     max_intermediate: int  # widest intermediate one token passes through
@@ -124,6 +129,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         layers=layers,
         outside=outside,
         divisibility={s: sorted((u, n, t) for u, (n, t) in d.items()) for s, d in divisibility.items()},
+        grains={s: shares.grains_of(d) for s, d in divisibility.items()},
         moe_layers=len(moe_layer_ids),
         total_bytes=spec.total_bytes,
         max_intermediate=max_intermediate,

@@ -7,8 +7,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace
+from mlx.utils import tree_map_with_path
 
+from exod.models import shares as grains
 from exod.models.architectures import LAYER
 from exod.models.architectures.base import strategy_refusal
 
@@ -63,11 +64,53 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
             return [f"pipeline needs at least one layer per rank: {world} ranks, {layers} layers"]
         return []
     rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
-    for path in paths:
-        split = rule(path, config)
-        if split is not None and split.units % world:
-            return [f"{name} over {world} ranks: {path} has {split.units} {split.unit}, not divisible by {world}"]
+    splits = [(path, rule(path, config)) for path in paths]
+    splits = [(path, split) for path, split in splits if split is not None]
+    count = grains.grains_of(split.units for _, split in splits)
+    if splits and count < world:
+        path, split = min(splits, key=lambda ps: (ps[1].units, ps[0]))
+        return [grain_refusal(name, world, count, f"{path} has {split.units} {split.unit}")]
     return []
+
+
+def grain_refusal(name: str, world: int, count: int, example: str) -> str:
+    """The planner's words too (placement/strategies.py)."""
+    return (f"{name} over {world} ranks: the cut tensors share only {count} whole grain(s) "
+            f"({example}), fewer than {world} ranks")
+
+
+def rank_grains(name: str, model, arch, config: dict, spec, group) -> tuple[int, int, int]:
+    """(lo, hi, of): the grains this rank holds of every tensor `name` cuts,
+    from the spec's shares (models/shares.py; none: the most even)."""
+    rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
+    units = [split.units for path, _ in model.named_modules() if (split := rule(path, config)) is not None]
+    count = grains.grains_of(units)
+    try:
+        held = grains.check(list(spec.shares) or grains.even(count, group.size()), count, group.size())
+    except grains.ShareError as e:
+        raise StrategyError(f"{name}: {e}") from None
+    return (*grains.bounds(held, group.rank()), count)
+
+
+def cut(module, side: str, lo: int, hi: int, of: int, rank: int) -> None:
+    """Keep grains [lo, hi) of `of` of a module's arrays. rows: the output
+    axis (weights, their quantization scales and biases on axis -2, a bias
+    on its only axis); cols: the input axis (-1), the bias kept whole and
+    only on rank 0, since it is added once after the sum."""
+
+    def keep(path: str, x):
+        if not isinstance(x, mx.array):
+            return x
+        is_bias = path.rsplit(".", 1)[-1] == "bias"
+        if side == "cols" and is_bias:
+            return x if rank == 0 else mx.zeros_like(x)
+        axis = -1 if side == "cols" or is_bias or x.ndim < 2 else -2
+        a, b = grains.cut(x.shape[axis], lo, hi, of)
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(a, b)
+        return mx.contiguous(x[tuple(index)])
+
+    module.update(tree_map_with_path(keep, module.parameters()))
 
 
 def _holds_arrays(module) -> bool:
@@ -120,22 +163,20 @@ class AllSumOutput(nn.Module):
 
 
 def moe_tensor(model, group, spec, arch, config) -> None:
-    """Experts split 1/N on their intermediate dimension; attention, router,
-    dense layers and embeddings replicated; each MoE block's output summed."""
+    """Experts split on their intermediate dimension, each rank its share
+    (spec.shares, in grains: whole quantization groups, or elements of an
+    unquantized checkpoint); attention, router, dense layers and embeddings
+    replicated; each MoE block's output summed."""
     if group is None:
         return
     _refuse("moe_tensor", model, group, arch, config)
+    lo, hi, of = rank_grains("moe_tensor", model, arch, config, spec, group)
     blocks = set()
-    for path, module in model.named_modules():
+    for path, module in list(model.named_modules()):
         split = arch.moe_tensor_split(path, config)
         if split is None:
             continue
-        if split.side == "rows":
-            shard_inplace(module, "all-to-sharded", group=group)
-        else:
-            shard_inplace(module, "sharded-to-all", group=group)
-            if "bias" in module and group.rank() != 0:
-                module.bias = mx.zeros_like(module.bias)  # added once, after the sum
+        cut(module, split.side, lo, hi, of, group.rank())
         blocks.add(moe_block_path(path))
     if not blocks:
         raise StrategyError(f"{config['model_type']}: the architecture names no expert projections to split")

@@ -124,10 +124,10 @@ def test_deepseek_v4_kv_is_window_plus_compressed_history():
 def test_quantized_tensor_split_needs_whole_groups():
     config = {**synthetic.TINY_CONFIGS["qwen3_moe"], "quantization": {"group_size": 64, "bits": 4}}
     model = profile(inventory.from_config(config, "q"))
-    # down_proj has 128 intermediate columns = 2 groups of 64: 2 ranks fine, 4 not.
+    # down_proj has 128 intermediate columns = 2 groups of 64: 2 grains, so 2 ranks fine, 3 or 4 not.
     assert not planner.structural_reasons(model, "moe_tensor", 2)
     reasons = planner.structural_reasons(model, "moe_tensor", 4)
-    assert reasons and "not divisible by 4" in reasons[0]
+    assert reasons and "only 2 whole grain(s)" in reasons[0] and "fewer than 4 ranks" in reasons[0]
 
 
 def two_node_cluster(memory):
