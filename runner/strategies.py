@@ -7,7 +7,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from exod.models import shares as grains
 from exod.models.architectures import LAYER
@@ -142,11 +142,73 @@ def pipeline(model, group, spec, arch, config) -> None:
 
 
 def tensor(model, group, spec, arch, config) -> None:
-    """mlx-lm's own shard(): heads, kv heads and MLPs split across ranks."""
+    """mlx-lm's own shard(): heads, kv heads and MLPs split across ranks,
+    each rank its share in grains (spec.shares): whole KV-head groups with
+    their query heads and a matching slice of the MLP (models/shares.py).
+
+    Even shares are shard() itself. For uneven ones, shard() cuts one
+    grain, as if the group had one rank per grain and this rank were its
+    first grain's; every tensor it cut is then widened to the rank's grains
+    from the uncut (lazy) tensor, every count it divided (heads, kv heads)
+    is multiplied back by the grains held, and the group it was handed is
+    replaced by the real one. So the cut stays the class's own, whatever
+    the model, and only its width changes."""
     if group is None:
         return
     _refuse("tensor", model, group, arch, config)
-    model.shard(group)
+    lo, hi, of = rank_grains("tensor", model, arch, config, spec, group)
+    if (hi - lo) * group.size() == of and lo == group.rank() * (hi - lo):
+        model.shard(group)
+        return
+    whole = dict(tree_flatten(model.parameters()))
+    counts = {(path, key): value for path, module in model.named_modules() for key, value in _attributes(module)
+              if type(value) is int}
+    grain = OneGrain(of, lo)
+    model.shard(grain)
+    for path, cut_array in tree_flatten(model.parameters()):
+        before = whole.get(path)
+        if before is None or before.shape == cut_array.shape:
+            continue
+        axes = [i for i, (a, b) in enumerate(zip(before.shape, cut_array.shape)) if a != b]
+        if len(axes) != 1 or before.shape[axes[0]] != cut_array.shape[axes[0]] * of:
+            raise StrategyError(f"tensor: shard() cut {path} from {list(before.shape)} to "
+                                f"{list(cut_array.shape)}, not one grain of {of}")
+        axis, width = axes[0], cut_array.shape[axes[0]]
+        index = [slice(None)] * before.ndim
+        index[axis] = slice(lo * width, hi * width)
+        _assign(model, path, mx.contiguous(before[tuple(index)]))
+    for path, module in model.named_modules():
+        for key, value in _attributes(module):
+            if value is grain:
+                setattr(module, key, group)
+            elif type(value) is int and counts.get((path, key)) == value * of and value:
+                setattr(module, key, value * (hi - lo))
+
+
+def _attributes(module) -> list:
+    """A module's plain attributes (counts, its group): MLX keeps them
+    outside the module's dict of arrays and children."""
+    return [(k, v) for k, v in vars(module).items() if not k.startswith("_")]
+
+
+class OneGrain:
+    """Stands in for the group while shard() cuts one grain of `of`: a
+    group of `of` ranks, this one holding grain `lo`. Never used to
+    communicate: tensor() puts the real group in its place before any call."""
+
+    def __init__(self, of: int, lo: int):
+        self._of, self._lo = of, lo
+
+    def size(self) -> int:
+        return self._of
+
+    def rank(self) -> int:
+        return self._lo
+
+
+def _assign(model, path: str, value) -> None:
+    parent_path, name = path.rsplit(".", 1)
+    resolve(model, parent_path)[name] = value
 
 
 class AllSumOutput(nn.Module):
