@@ -137,8 +137,8 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.N
     fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
     by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
     by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
-    latency = {(a.node_id, b.node_id): cost.hop(links, a.node_id, b.node_id, pb.RING).latency_s
-               for a in nodes for b in nodes}
+    latency = {a.node_id: {b.node_id: cost.hop(links, a.node_id, b.node_id, pb.RING).latency_s for b in nodes}
+               for a in nodes}
     orders, seen = [], set()
     for k in range(1, len(nodes) + 1):
         for ranking in (by_speed, by_room):
@@ -152,13 +152,13 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.N
 
 
 def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProfile]:
-    order, rest = [subset[0]], list(subset[1:])
+    by_id = {n.node_id: n for n in subset}
+    order, rest = [subset[0].node_id], [n.node_id for n in subset[1:]]
     while rest:
-        last = order[-1].node_id
-        nearest = min(rest, key=lambda n: latency[last, n.node_id])
+        nearest = min(rest, key=latency[order[-1]].__getitem__)  # the first of equals, in subset order
         rest.remove(nearest)
         order.append(nearest)
-    return order
+    return [by_id[i] for i in order]
 
 
 # ------------------------------------------------------------------ feasibility
@@ -199,7 +199,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     if strategy == "pipeline":
         # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
         # which runs the last layers.
-        stages = pipeline_split(model, order[::-1], usable[::-1], settings)
+        stages = pipeline_split(model, order[::-1], usable[::-1], settings, memo)
         bounds = stages[::-1] if stages else [(0, 0)] * n
         held = [(1, 1)] * n
     else:
@@ -334,44 +334,57 @@ def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int,
 
 
 def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int],
-                   settings: Settings) -> list[tuple[int, int]] | None:
+                   settings: Settings, memo: dict | None = None) -> list[tuple[int, int]] | None:
     """Contiguous layer ranges that minimise the slowest stage's predicted
     time, subject to each node's memory. When memory cannot be met, the
-    time-balanced split is returned so that the shortfall can be reported."""
+    time-balanced split is returned so that the shortfall can be reported.
+    memo: shared by the candidates of one plan: the per-layer bytes once,
+    and the split of every sequence of (rates, memory) already solved."""
+    memo = {} if memo is None else memo
     n, layers = len(order), model.num_layers
-    layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, 1, settings.context, settings.concurrency)
-                 + p.kv_bytes("pipeline", 1, 1, 1, 1) * settings.prefix_tokens for p in model.layers]
-    layer_read = [p.read_all + p.kv_bytes("pipeline", 1, 1, settings.context, 1) for p in model.layers]
-    outside_mem = sum(model.outside.full.values())
-    base = overhead_bytes(model, "pipeline", 1, settings.context)
-    mem_prefix = _prefix(layer_mem)
-    read_prefix = _prefix(layer_read)
+    if "pipeline layers" not in memo:
+        layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, 1, settings.context, settings.concurrency)
+                     + p.kv_bytes("pipeline", 1, 1, 1, 1) * settings.prefix_tokens for p in model.layers]
+        layer_read = [p.read_all + p.kv_bytes("pipeline", 1, 1, settings.context, 1) for p in model.layers]
+        fixed_mem = overhead_bytes(model, "pipeline", 1, settings.context) + sum(model.outside.full.values())
+        memo["pipeline layers"] = (_prefix(layer_mem), _prefix(layer_read), fixed_mem)
+    mem_prefix, read_prefix, fixed_mem = memo["pipeline layers"]
     rates = [cost.decode_rates(node) for node in order]
+    key = ("pipeline split", tuple(rates), tuple(usable))
+    if key in memo:
+        return memo[key]
     fixed_time = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
+    per_byte = [1.0 / rate for rate, _, _ in rates]
+    per_layer = [layer for _, _, layer in rates]
+    room = [u - fixed_mem for u in usable]
 
     def stage_time(r, a, b):
-        rate, _, layer = rates[r]
-        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / rate + (b - a) * layer
-
-    def stage_mem(r, a, b):
-        return base + outside_mem + mem_prefix[b] - mem_prefix[a]
+        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) * per_byte[r] + (b - a) * per_layer[r]
 
     def assign(limit, respect_memory):
         bounds, start = [], 0
         for r in range(n):
             last = layers - (n - r - 1)
             end = last if r == n - 1 else start + 1
-            while end < last and stage_time(r, start, end + 1) <= limit and (
-                not respect_memory or stage_mem(r, start, end + 1) <= usable[r]
-            ):
+            # The stage's time and memory grow with each layer it takes.
+            budget = limit - fixed_time[r] + read_prefix[start] * per_byte[r] + start * per_layer[r]
+            cap = room[r] + mem_prefix[start] if respect_memory else float("inf")
+            b, layer = per_byte[r], per_layer[r]
+            while end < last and read_prefix[end + 1] * b + (end + 1) * layer <= budget \
+                    and mem_prefix[end + 1] <= cap:
                 end += 1
-            if stage_time(r, start, end) > limit or (respect_memory and stage_mem(r, start, end) > usable[r]):
+            if stage_time(r, start, end) > limit or (respect_memory and mem_prefix[end] > cap):
                 return None
             bounds.append((start, end))
             start = end
         return bounds
 
-    high = max(stage_time(r, 0, layers) for r in range(n))
+    memo[key] = _bisect_split(assign, max(stage_time(r, 0, layers) for r in range(n)))
+    return memo[key]
+
+
+def _bisect_split(assign, high: float):
+    """The split of the smallest slowest-stage time found by bisection."""
     for respect_memory in (True, False):
         if assign(high, respect_memory) is None:
             continue
