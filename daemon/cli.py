@@ -242,12 +242,14 @@ def cmd_run(args) -> int:
     chosen = max(fitting, key=lambda c: c.predicted_decode_tokens_per_s)
     strategy = {v: k for k, v in STRATEGY_BY_NAME.items()}[chosen.strategy]
     split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else None
+    shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and args.ranks > 1 else None
     log = sys.stderr
     print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks", file=log)
     deadlines = pb.RunnerDeadlines(load_s=args.load_timeout)
     with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=split, context_length=args.context,
                        deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks],
-                       max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens) as instance:
+                       max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
+                       shares=shares) as instance:
         try:
             instance.wait_ready(args.load_timeout + 120)
         except LaunchError as e:

@@ -240,7 +240,7 @@ def fsync_dir(path: Path) -> None:
 
 def file_part(name: str, size: int) -> Part:
     """A whole small file (config, tokenizer) as a part to fetch."""
-    return Part(name, name, "U8", (size,), (size,), None, 0, 1, 0, size, size, 1)
+    return Part(name, name, "U8", (size,), (size,), None, (0, 1, 1), 0, size, size, 1)
 
 
 class ShardWriter:
