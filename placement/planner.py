@@ -14,7 +14,8 @@ from exod.proto import exod_pb2 as pb
 from . import constants, cost
 from . import strategies as strategy_objects
 from .errors import PlanError
-from .profile import CLASS_FIELD, CLASS_LABEL, CLASSES, ModelProfile, Part, profile
+from .profile import (CLASS_FIELD, CLASS_LABEL, CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL,
+                      READ_SPLIT, SPLIT, ModelProfile, profile, range_sums)
 from .units import gb
 from .wired import sysctl, wired_limit_mb
 
@@ -293,19 +294,19 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     held, of = share if share is not None else (1, n)
     if strategy not in ("tensor", "moe_tensor"):
         held, of = 1, 1
-    by_class = dict.fromkeys(CLASSES, 0)
-    kv = 0.0
-    prefix = 0.0
-    read = 0.0
-    parts: list[Part] = model.layers[start:end] + [model.outside]
-    for part in parts:
-        for cls, value in part.weights(strategy, held, of).items():
-            by_class[cls] += value
-        kv += part.kv_bytes(strategy, held, of, settings.context, settings.concurrency)
-        # This rank's share of the prefix cache's tokens (no window cap: an
-        # entry keeps every token it was inserted with).
-        prefix += part.kv_bytes(strategy, held, of, 1, 1) * settings.prefix_tokens
-        read += part.read(strategy, held, of)
+    # Sums over layers start..end and the non-layer tensors
+    # (Part.weights/read/kv_bytes, summed once per plan: range_sums).
+    running, outside = range_sums(model, strategy, of, settings.context, settings.concurrency)
+    v = [b - a + o for a, b, o in zip(running[start], running[end], outside)]
+    cut = held != of
+    by_class = {c: v[FULL + i] - v[SPLIT + i] + v[SPLIT + i] * held // of if cut else v[FULL + i]
+                for i, c in enumerate(CLASSES)}
+    fraction = held / of
+    kv = v[KV_FIXED] + v[KV_CUT] * fraction
+    # This rank's share of the prefix cache's tokens (no window cap: an
+    # entry keeps every token it was inserted with).
+    prefix = (v[KV1_FIXED] + v[KV1_CUT] * fraction) * settings.prefix_tokens
+    read = v[READ_ALL] - v[READ_SPLIT] + v[READ_SPLIT] * fraction if cut else v[READ_ALL]
     # A decode step also reads this rank's KV cache for one sequence.
     read += kv / settings.concurrency
     weights = sum(by_class.values())

@@ -83,6 +83,44 @@ class ModelProfile:
     moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
     total_bytes: int
     max_intermediate: int  # widest intermediate one token passes through
+    # Running sums over the layers, per (strategy, grains, context,
+    # concurrency): derived from the fields above, kept so that a plan's
+    # many candidates sum any layer range in O(classes) (range_sums).
+    sums: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+# The columns range_sums keeps per layer.
+N_CLASSES = len(CLASSES)
+FULL, SPLIT, READ_ALL, READ_SPLIT, KV_FIXED, KV_CUT, KV1_FIXED, KV1_CUT = (
+    0, N_CLASSES, 2 * N_CLASSES, 2 * N_CLASSES + 1, 2 * N_CLASSES + 2, 2 * N_CLASSES + 3,
+    2 * N_CLASSES + 4, 2 * N_CLASSES + 5)
+
+
+def range_sums(model: ModelProfile, strategy: str, of: int, context: int, concurrency: int) -> tuple[list, list]:
+    """(running sums over the layers, the non-layer part) of: bytes by
+    class, the bytes the strategy cuts by class, bytes read (all, cut), and
+    KV at (context, concurrency) and per token, each split into what stays
+    whole and what a rank holding some of `of` grains holds a share of."""
+    key = (strategy, of, context, concurrency)
+    if key in model.sums:
+        return model.sums[key]
+
+    def row(part: Part) -> list:
+        split = part.split.get(strategy)
+        kv = [0.0, 0.0, 0.0, 0.0]
+        for per_token, window, units in part.kv:
+            tokens = min(context, window) if window else context
+            cut = strategy == "tensor" and bool(units) and of > 0 and units % of == 0
+            kv[1 if cut else 0] += per_token * tokens * concurrency
+            kv[3 if cut else 2] += per_token
+        return [*(part.full[c] for c in CLASSES), *((split[c] if split else 0) for c in CLASSES),
+                part.read_all, part.read_split[strategy] if split else 0.0, *kv]
+
+    running = [[0] * (KV1_CUT + 1)]
+    for part in model.layers:
+        running.append([a + b for a, b in zip(running[-1], row(part))])
+    model.sums[key] = (running, row(model.outside))
+    return model.sums[key]
 
 
 def profile(spec: pb.ModelSpec) -> ModelProfile:
