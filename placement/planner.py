@@ -226,8 +226,9 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
             placement.reasons.append(shortfall(rank, node.name, memory, usable[rank])
                                      + working_set_advice(node, memory.total_bytes, settings.headroom))
     ids = [node.node_id for node in order]
+    hops = memo.setdefault("hops", {})
     comm = cost.communication_s(strategy, order, links, backend, model.hidden_size,
-                                model.activation_bytes, model.num_layers, model.moe_layers)
+                                model.activation_bytes, model.num_layers, model.moe_layers, hops)
     if strategy == "pipeline":
         # The stages' layers run one after another; the step and the logits
         # run on every rank at once.
@@ -241,7 +242,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     placement.fits = not placement.reasons
     unmeasured = [f"{order[i].name}-{order[(i + 1) % n].name}" for i in range(n)
                   if n > 1 and (i < n - 1 or n > 2)
-                  and not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING).measured]
+                  and not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING, hops).measured]
     if unmeasured:
         placement.reasons.append(f"note: assumed 10 GbE for unmeasured links {', '.join(unmeasured)}")
     return placement
@@ -380,16 +381,20 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
             start = end
         return bounds
 
-    memo[key] = _bisect_split(assign, max(stage_time(r, 0, layers) for r in range(n)))
+    # No split beats every stage paying its fixed time, nor the layers' bytes
+    # read at all the ranks' rates at once: the bisection starts there.
+    bound = max(max(fixed_time), read_prefix[layers] / sum(1.0 / b for b in per_byte))
+    memo[key] = _bisect_split(assign, max(stage_time(r, 0, layers) for r in range(n)), bound * (1 - 1e-9))
     return memo[key]
 
 
-def _bisect_split(assign, high: float):
-    """The split of the smallest slowest-stage time found by bisection."""
+def _bisect_split(assign, high: float, low_bound: float = 0.0):
+    """The split of the smallest slowest-stage time found by bisection,
+    from below a bound no split can beat."""
     for respect_memory in (True, False):
         if assign(high, respect_memory) is None:
             continue
-        low = 0.0
+        low = low_bound
         for _ in range(40):
             mid = (low + high) / 2
             if assign(mid, respect_memory) is None:
