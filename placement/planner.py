@@ -394,7 +394,16 @@ def _bisect_split(assign, high: float, low_bound: float = 0.0):
     for respect_memory in (True, False):
         if assign(high, respect_memory) is None:
             continue
-        low = low_bound
+        # Bracket the optimum from the bound up: it is usually close to it.
+        low, top = low_bound, high
+        for factor in (1.05, 1.25, 2.0):
+            if low_bound * factor >= top:
+                break
+            if assign(low_bound * factor, respect_memory) is None:
+                low = low_bound * factor
+            else:
+                high = low_bound * factor
+                break
         for _ in range(40):
             mid = (low + high) / 2
             if assign(mid, respect_memory) is None:
