@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", help="memory bandwidth per node with --nodes, bytes/s (default 400GB)")
     p.add_argument("--context", type=int)
     p.add_argument("--concurrency", type=int)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
     p.add_argument("--backend", choices=["ring", "jaccl"])
     p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = api_parser("place", cmd_place, "place a model on the cluster through the local daemon")
     p.add_argument("model", help="catalog id, model directory (on every chosen node) or built-in model")
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
     p.add_argument("--context-length", type=int)
     p.add_argument("--concurrency", type=int, help="sequences decoded at once (default 8): the KV of that many "
                                                     "contexts is reserved")
@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
     p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"], help="default: the planner's choice")
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"], help="default: the planner's choice")
     p.add_argument("--prompt", default="Hello! What is a cluster?")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -41,7 +41,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 # Small files a runner needs besides the weights (config, tokenizer, chat template).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 MAX_SIDE_FILE = 64 * 1024 * 1024
-SLICING_STRATEGIES = ("tensor", "moe_tensor")
+SLICING_STRATEGIES = ("tensor", "moe_tensor", "moe_experts")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def is_side_file(name: str, size: int) -> bool:
 
 def strategy_grains(spec, strategy: str) -> int:
     """The grains of a tensor strategy over this spec's cut tensors."""
-    field_name = "moe_tensor_split" if strategy == "moe_tensor" else "tensor_split"
+    field_name = f"{strategy}_split"
     return shares.grains_of(getattr(t, field_name).units for t in spec.tensors
                             if getattr(t, field_name).units)
 
@@ -168,7 +168,7 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
     lo, hi = shares.bounds(held, rank)
     for name, (file, entry) in sorted(tensors.items()):
         t = info.get(name)
-        rule = (t.moe_tensor_split if strategy == "moe_tensor" else t.tensor_split) if t is not None else None
+        rule = getattr(t, f"{strategy}_split") if t is not None else None
         if t is None or not rule.units or t.layer == keep or not entry.shape:
             parts.append(whole(entry, file))
             continue

@@ -9,7 +9,7 @@ outside the layers (every rank computes the logits) once, in parallel.
 
 communication, from the links actually used:
   tensor      2 all-sums per layer of hidden_size activations
-  moe_tensor  1 all-sum per MoE layer
+  moe_tensor, moe_experts  1 all-sum per MoE layer
   pipeline    one send of hidden_size activations per stage boundary, then
               an all-gather of the last hidden state so that every rank
               computes the logits (mlx-lm's pipeline)
@@ -94,7 +94,7 @@ def communication_s(strategy: str, nodes: list[pb.NodeProfile], links: dict, bac
     each = collective_s(nodes)
     if strategy == "tensor":
         return 2 * num_layers * ring_all_sum_s(hops, message, each)
-    if strategy == "moe_tensor":
+    if strategy in ("moe_tensor", "moe_experts"):
         return moe_layers * ring_all_sum_s(hops, message, each)
     sends = sum(h.latency_s + message / h.bandwidth + each for h in hops[: len(hops) - 1])
     gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops)) + each

@@ -15,11 +15,12 @@ from . import constants, cost
 from . import strategies as strategy_objects
 from .errors import PlanError
 from .profile import (CLASS_FIELD, CLASS_LABEL, CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL,
-                      READ_SPLIT, SPLIT, ModelProfile, profile, range_sums)
+                      READ_SPLIT, SPLIT, SPLITTING, ModelProfile, profile, range_sums)
 from .units import gb
 from .wired import sysctl, wired_limit_mb
 
-STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor"}
+STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor",
+                  pb.MOE_EXPERTS: "moe_experts"}
 STRATEGY_BY_NAME = {v: k for k, v in STRATEGY_NAMES.items()}
 BACKEND_NAMES = {pb.RING: "ring", pb.JACCL: "jaccl"}
 
@@ -38,7 +39,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     settings = _settings(model, request)
     nodes, skipped = _select_nodes(cluster, request)
     links = {(link.from_node, link.to_node): link for link in cluster.links}
-    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR]
+    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS]
 
     candidates, impossible = [], []
     memo: dict = {}
@@ -293,7 +294,7 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     lm_head: pipeline stages all compute the logits from the gathered last
     hidden state, as mlx-lm does."""
     held, of = share if share is not None else (1, n)
-    if strategy not in ("tensor", "moe_tensor"):
+    if strategy not in SPLITTING:
         held, of = 1, 1
     # Sums over layers start..end and the non-layer tensors
     # (Part.weights/read/kv_bytes, summed once per plan: range_sums).
@@ -327,7 +328,9 @@ def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int,
     pipeline stage's layers are whole already). share of `of` grains (of
     None: share is n, an even split)."""
     held, of = (1, share) if of is None else (share, of)
-    width = model.hidden_size + (model.max_intermediate * held // of if strategy != "pipeline" and of
+    # moe_experts computes every routed slot of a token on each rank (the
+    # slots of other ranks' experts masked out): its width is not cut.
+    width = model.hidden_size + (model.max_intermediate * held // of if strategy in ("tensor", "moe_tensor") and of
                                  else model.max_intermediate)
     tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
     activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT

@@ -27,7 +27,7 @@ CLASS_LABEL = {
     pb.ROUTER: "router", pb.ROUTED_EXPERTS: "experts", pb.SHARED_EXPERTS: "shared experts",
     pb.NORM: "norms", pb.OTHER_TENSOR: "other",
 }
-SPLITTING = ("tensor", "moe_tensor")
+SPLITTING = ("tensor", "moe_tensor", "moe_experts")
 
 
 @dataclass
@@ -142,7 +142,8 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         else:
             read = t.bytes
         part.read_all += read
-        for strategy, rule in (("tensor", t.tensor_split), ("moe_tensor", t.moe_tensor_split)):
+        for strategy, rule in (("tensor", t.tensor_split), ("moe_tensor", t.moe_tensor_split),
+                               ("moe_experts", t.moe_experts_split)):
             if not rule.units:
                 continue
             part.split[strategy][cls] += t.bytes

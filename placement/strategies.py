@@ -31,8 +31,8 @@ class Strategy:
         planner accepts, the runner runs."""
         if n == 1:
             return []  # one rank is never a sharding: the runner loads the whole model
-        if self.name == "moe_tensor" and not model.is_moe:
-            return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
+        if self.name in ("moe_tensor", "moe_experts") and not model.is_moe:
+            return [f"{self.name} needs a mixture-of-experts model; {model.model_id} is dense"]
         if self.name not in model.proven:
             return [model.refused.get(self.name) or
                     f"{self.name} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
@@ -55,7 +55,9 @@ def grain_refusal(name: str, world: int, count: int, example: str) -> str:
 PIPELINE = Strategy("pipeline", whole_layers=True, cuts=False)
 MOE_TENSOR = Strategy("moe_tensor", whole_layers=False, cuts=True)
 TENSOR = Strategy("tensor", whole_layers=False, cuts=True)
-BY_NAME = {s.name: s for s in (PIPELINE, MOE_TENSOR, TENSOR)}
+# Whole experts per rank (a grain: an expert and its slice of any shared expert).
+MOE_EXPERTS = Strategy("moe_experts", whole_layers=False, cuts=True)
+BY_NAME = {s.name: s for s in (PIPELINE, MOE_TENSOR, TENSOR, MOE_EXPERTS)}
 
 
 def balance(grains: int, fixed: list[float], per_grain: list[float], caps: list[int]) -> tuple[list[int], bool]:

@@ -35,6 +35,7 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIPELINE: _ClassVar[Strategy]
     MOE_TENSOR: _ClassVar[Strategy]
     TENSOR: _ClassVar[Strategy]
+    MOE_EXPERTS: _ClassVar[Strategy]
 
 class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -115,6 +116,7 @@ STRATEGY_UNSPECIFIED: Strategy
 PIPELINE: Strategy
 MOE_TENSOR: Strategy
 TENSOR: Strategy
+MOE_EXPERTS: Strategy
 BACKEND_UNSPECIFIED: Backend
 RING: Backend
 JACCL: Backend
@@ -342,7 +344,7 @@ class SplitRule(_message.Message):
     def __init__(self, axis: _Optional[int] = ..., units: _Optional[int] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "quantization", "bytes", "tensor_class", "layer", "tensor_split", "moe_tensor_split", "parameters")
+    __slots__ = ("name", "shape", "dtype", "quantization", "bytes", "tensor_class", "layer", "tensor_split", "moe_tensor_split", "parameters", "moe_experts_split")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +355,7 @@ class TensorInfo(_message.Message):
     TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
     MOE_TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MOE_EXPERTS_SPLIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -363,7 +366,8 @@ class TensorInfo(_message.Message):
     tensor_split: SplitRule
     moe_tensor_split: SplitRule
     parameters: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., bytes: _Optional[int] = ..., tensor_class: _Optional[_Union[TensorClass, str]] = ..., layer: _Optional[int] = ..., tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., moe_tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., parameters: _Optional[int] = ...) -> None: ...
+    moe_experts_split: SplitRule
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., bytes: _Optional[int] = ..., tensor_class: _Optional[_Union[TensorClass, str]] = ..., layer: _Optional[int] = ..., tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., moe_tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., parameters: _Optional[int] = ..., moe_experts_split: _Optional[_Union[SplitRule, _Mapping]] = ...) -> None: ...
 
 class LayerKvCache(_message.Message):
     __slots__ = ("layer", "bytes_per_token", "window_tokens", "split_units", "kind")

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from exod.models import shares as grains
 from exod.models.architectures import LAYER
-from exod.models.architectures.base import strategy_refusal
+from exod.models.architectures.base import split_rule, strategy_refusal
 
 from . import pipeline as stage
 
@@ -63,7 +63,7 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
         if world > layers:
             return [f"pipeline needs at least one layer per rank: {world} ranks, {layers} layers"]
         return []
-    rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
+    rule = split_rule(name, arch)
     splits = [(path, rule(path, config)) for path in paths]
     splits = [(path, split) for path, split in splits if split is not None]
     count = grains.grains_of(split.units for _, split in splits)
@@ -82,7 +82,7 @@ def grain_refusal(name: str, world: int, count: int, example: str) -> str:
 def rank_grains(name: str, model, arch, config: dict, spec, group) -> tuple[int, int, int]:
     """(lo, hi, of): the grains this rank holds of every tensor `name` cuts,
     from the spec's shares (models/shares.py; none: the most even)."""
-    rule = arch.tensor_split if name == "tensor" else arch.moe_tensor_split
+    rule = split_rule(name, arch)
     units = [split.units for path, _ in model.named_modules() if (split := rule(path, config)) is not None]
     count = grains.grains_of(units)
     try:
@@ -96,7 +96,8 @@ def cut(module, side: str, lo: int, hi: int, of: int, rank: int) -> None:
     """Keep grains [lo, hi) of `of` of a module's arrays. rows: the output
     axis (weights, their quantization scales and biases on axis -2, a bias
     on its only axis); cols: the input axis (-1), the bias kept whole and
-    only on rank 0, since it is added once after the sum."""
+    only on rank 0, since it is added once after the sum; axis0: the first
+    axis of every array (routed experts: whole experts)."""
 
     def keep(path: str, x):
         if not isinstance(x, mx.array):
@@ -104,7 +105,10 @@ def cut(module, side: str, lo: int, hi: int, of: int, rank: int) -> None:
         is_bias = path.rsplit(".", 1)[-1] == "bias"
         if side == "cols" and is_bias:
             return x if rank == 0 else mx.zeros_like(x)
-        axis = -1 if side == "cols" or is_bias or x.ndim < 2 else -2
+        if side == "axis0":
+            axis = 0
+        else:
+            axis = -1 if side == "cols" or is_bias or x.ndim < 2 else -2
         a, b = grains.cut(x.shape[axis], lo, hi, of)
         index = [slice(None)] * x.ndim
         index[axis] = slice(a, b)
@@ -248,6 +252,64 @@ def moe_tensor(model, group, spec, arch, config) -> None:
         parent[name] = AllSumOutput(parent[name], group)
 
 
+class LocalExperts(nn.Module):
+    """A routed-experts module (SwitchGLU's call: x, expert indices) that
+    holds experts [first, first + count) of the model's: each routed slot
+    is computed by the rank that holds its expert, and the slots of other
+    ranks' experts are zero here (their index is pointed at a local expert
+    and the output masked), so that the block's all-sum counts every slot
+    once."""
+
+    def __init__(self, experts: nn.Module, first: int, count: int):
+        super().__init__()
+        self.experts = experts
+        self._first, self._count = first, count
+
+    def __call__(self, x, indices, *args, **kwargs):
+        local = indices - self._first
+        mine = (local >= 0) & (local < self._count)
+        y = self.experts(x, mx.where(mine, local, 0), *args, **kwargs)
+        return y * mine[..., None].astype(y.dtype)
+
+
+def moe_experts(model, group, spec, arch, config) -> None:
+    """Expert-parallel: each rank holds whole routed experts, its share in
+    grains (spec.shares; a grain is one expert with its slice of any shared
+    expert, which is cut on its intermediate axis as moe_tensor cuts it),
+    computes only the routed slots of its experts, and each MoE block's
+    output is summed over the ranks. Attention, routers, dense layers and
+    embeddings are replicated."""
+    if group is None:
+        return
+    _refuse("moe_experts", model, group, arch, config)
+    place_experts(model, group, arch, config, *rank_grains("moe_experts", model, arch, config, spec, group))
+
+
+def place_experts(model, group, arch, config, lo: int, hi: int, of: int) -> None:
+    """moe_experts' cut, sums and masks for grains [lo, hi) of `of`."""
+    rule = split_rule("moe_experts", arch)
+    blocks, routed = set(), {}
+    for path, module in list(model.named_modules()):
+        split = rule(path, config)
+        if split is None:
+            continue
+        cut(module, split.side, lo, hi, of, group.rank())
+        if split.side == "axis0":
+            first, last = grains.cut(split.units, lo, hi, of)
+            routed[path.rsplit(".", 1)[0]] = (first, last - first)
+        blocks.add(moe_block_path(path))
+    if not routed:
+        raise StrategyError(f"{config['model_type']}: the architecture names no routed experts to place")
+    for path, (first, count) in sorted(routed.items()):
+        parent_path, name = path.rsplit(".", 1)
+        parent = resolve(model, parent_path)
+        parent[name] = LocalExperts(parent[name], first, count)
+    for path in sorted(blocks):
+        parent_path, name = path.rsplit(".", 1)
+        parent = resolve(model, parent_path)
+        parent[name] = AllSumOutput(parent[name], group)
+
+
 def moe_block_path(path: str) -> str:
     """The layer's direct child that holds an expert projection: the MoE block."""
     m = LAYER.search(path)
@@ -266,3 +328,4 @@ def resolve(model, path: str):
 register("pipeline", pipeline, whole_layers=True)
 register("tensor", tensor)
 register("moe_tensor", moe_tensor)
+register("moe_experts", moe_experts)

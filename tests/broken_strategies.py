@@ -155,6 +155,25 @@ def uneven_grains_dropped(model, group, spec, arch, config):
     _moe_tensor_with_grains(model, group, arch, config, lo, hi, of)
 
 
+def experts_on_two_ranks(model, group, spec, arch, config):
+    """moe_experts where each rank keeps as many experts as its share says
+    but starts them at rank x its own width: with shares 4, 3, 1 of 8,
+    ranks hold experts 0-3, 3-5 and 2, so experts 2 and 3 are computed on
+    two ranks for the same tokens and summed twice, and 6 and 7 on none."""
+    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+    start = group.rank() * (hi - lo)
+    strategies.place_experts(model, group, arch, config, start, start + hi - lo, of)
+
+
+def expert_on_no_rank(model, group, spec, arch, config):
+    """moe_experts where the last rank drops its last expert: every routed
+    slot to it is zero everywhere."""
+    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+    strategies.place_experts(model, group, arch, config, lo, hi - (group.rank() == group.size() - 1), of)
+
+
+strategies.register("experts_on_two_ranks", experts_on_two_ranks)
+strategies.register("expert_on_no_rank", expert_on_no_rank)
 strategies.register("uneven_grains_overlapping", uneven_grains_overlapping)
 strategies.register("uneven_grains_dropped", uneven_grains_dropped)
 strategies.register("dense_layer_without_sum", dense_layer_without_sum)

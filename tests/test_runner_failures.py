@@ -78,6 +78,20 @@ def test_a_broken_uneven_assignment_fails_the_canary(strategy, variant, models):
         assert never_ready(instance)
 
 
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("strategy,shares", [("experts_on_two_ranks", [4, 3, 1]), ("expert_on_no_rank", [1, 3, 4])])
+def test_a_broken_expert_placement_fails_the_canary(strategy, shares, variant, models):
+    """moe_experts on 3 ranks: an expert on two ranks (its tokens counted
+    twice) or on none never reaches Ready."""
+    with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
+        assert ended(instance, 180)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+
+
 def ended(instance, timeout):
     return instance.wait_for(lambda i: all(r.terminal.is_set() for r in i.ranks), timeout)
 
