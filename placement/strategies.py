@@ -12,6 +12,7 @@ grains' bytes at its own rate, and the slowest rank sets the pace. Memory
 caps each rank's grains. Pure: no I/O, no clocks.
 """
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -77,13 +78,23 @@ def balance(grains: int, fixed: list[float], per_grain: list[float], caps: list[
     top = caps if within else [grains] * n
     cont = _water_fill(grains, fixed, per_grain, top)
     shares = [max(1, min(top[r], math.floor(cont[r] + 1e-9))) for r in range(n)]
-    while sum(shares) > grains:  # the floor of 1 over-gave
-        r = max((r for r in range(n) if shares[r] > 1), key=lambda r: fixed[r] + per_grain[r] * shares[r])
-        shares[r] -= 1
-    while sum(shares) < grains:
-        open_ranks = [r for r in range(n) if shares[r] < top[r]]
-        r = min(open_ranks, key=lambda r: (fixed[r] + per_grain[r] * (shares[r] + 1), r))
-        shares[r] += 1
+    extra = sum(shares) - grains
+    if extra > 0:  # the floor of one grain over-gave: take from the slowest
+        heap = [(-(fixed[r] + per_grain[r] * shares[r]), r) for r in range(n) if shares[r] > 1]
+        heapq.heapify(heap)
+        for _ in range(extra):
+            _, r = heapq.heappop(heap)
+            shares[r] -= 1
+            if shares[r] > 1:
+                heapq.heappush(heap, (-(fixed[r] + per_grain[r] * shares[r]), r))
+    elif extra < 0:  # give each grain left to the rank it slows least
+        heap = [(fixed[r] + per_grain[r] * (shares[r] + 1), r) for r in range(n) if shares[r] < top[r]]
+        heapq.heapify(heap)
+        for _ in range(-extra):
+            _, r = heapq.heappop(heap)
+            shares[r] += 1
+            if shares[r] < top[r]:
+                heapq.heappush(heap, (fixed[r] + per_grain[r] * (shares[r] + 1), r))
     return shares, within
 
 
