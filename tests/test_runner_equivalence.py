@@ -101,6 +101,11 @@ UNEVEN = [
     ("qwen2", "tensor", [4, 3, 1], "fp32"),
     ("qwen2", "tensor", [3, 2, 2, 1], "fp32"),
     ("qwen2", "tensor", [2, 1, 1], "q4"),
+    # moe_experts: a grain is one of the 8 experts (with 1/8 of a shared expert).
+    ("qwen3_moe", "moe_experts", [4, 3, 1], "fp32"),
+    ("qwen3_moe", "moe_experts", [3, 2, 2, 1], "q4"),
+    ("qwen2_moe", "moe_experts", [1, 5, 2], "fp32"),
+    ("deepseek_v3", "moe_experts", [2, 2, 3, 1], "fp32"),
 ]
 
 
