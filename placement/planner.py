@@ -43,7 +43,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
 
     candidates, impossible = [], []
     memo: dict = {}
-    for order in candidate_orders(nodes, links):
+    for order in candidate_orders(nodes, links, memo.setdefault("hops", {})):
         if request.ranks and len(order) != request.ranks:
             continue
         for strategy in strategies:
@@ -134,12 +134,12 @@ def _backends(order: list[pb.NodeProfile], links: dict, forced: int) -> list[int
     return [b for b in found if b == forced] if forced else found
 
 
-def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.NodeProfile]]:
+def candidate_orders(nodes: list[pb.NodeProfile], links: dict, hops: dict | None = None) -> list[list[pb.NodeProfile]]:
     """Node subsets worth trying, each in one rank order: for every size, the
     fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
     by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
     by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
-    latency = {a.node_id: {b.node_id: cost.hop(links, a.node_id, b.node_id, pb.RING).latency_s for b in nodes}
+    latency = {a.node_id: {b.node_id: cost.hop(links, a.node_id, b.node_id, pb.RING, hops).latency_s for b in nodes}
                for a in nodes}
     orders, seen = [], set()
     for k in range(1, len(nodes) + 1):
@@ -194,8 +194,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         # memory and speed would only offer numbers for something impossible.
         placement.rejected = True
         for rank, node in enumerate(order):
-            placement.ranks.append(pb.RankPlacement(rank=rank, node_id=node.node_id, node_name=node.name,
-                                                    usable_bytes=usable[rank]))
+            placement.ranks.add(rank=rank, node_id=node.node_id, node_name=node.name, usable_bytes=usable[rank])
         return placement
     of = model.grains.get(strategy, 0) if n > 1 else 0
     if strategy == "pipeline":
@@ -214,14 +213,12 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
         compute.append(seconds)
-        placement.ranks.append(
-            pb.RankPlacement(
-                rank=rank, node_id=node.node_id, node_name=node.name,
-                layer_start=start, layer_end=end,
-                share=share if of else 0, share_of=of,
-                memory=memory, usable_bytes=usable[rank], fits=fits,
-                predicted_compute_s=seconds,
-            )
+        placement.ranks.add(
+            rank=rank, node_id=node.node_id, node_name=node.name,
+            layer_start=start, layer_end=end,
+            share=share if of else 0, share_of=of,
+            memory=memory, usable_bytes=usable[rank], fits=fits,
+            predicted_compute_s=seconds,
         )
         if not fits:
             placement.reasons.append(shortfall(rank, node.name, memory, usable[rank])
