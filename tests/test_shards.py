@@ -52,7 +52,8 @@ def run(root, strategy, world, dirs, split=None, rank_shares=None):
     return np.array(final.prompt_logits), [t.token for c in chunks for t in c.tokens if c is not final or t.token]
 
 
-@pytest.mark.parametrize("strategy,variant", [("moe_tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+@pytest.mark.parametrize("strategy,variant", [("moe_tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4"),
+                                              ("moe_experts", "q4")])
 def test_each_rank_from_its_own_shard_computes_what_one_process_does(models, tmp_path, strategy, variant):
     root = models[variant]
     split = [2, 2] if strategy == "pipeline" else None
