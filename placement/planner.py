@@ -9,6 +9,7 @@ what its memory holds."""
 import math
 from dataclasses import dataclass
 
+from exod.models.shares import even as shares_even
 from exod.proto import exod_pb2 as pb
 
 from . import constants, cost
@@ -272,6 +273,11 @@ def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile],
                 cap -= 1
         caps.append(cap)
     shares, _ = strategy_objects.balance(of, fixed, slope, caps)
+    even = shares_even(of, len(order))
+    if shares != even and all(s <= c for s, c in zip(even, caps)):
+        slowest = max(f + k * s for f, k, s in zip(fixed, slope, shares))
+        if max(f + k * s for f, k, s in zip(fixed, slope, even)) <= slowest * (1 + constants.EVEN_SHARES_MARGIN):
+            return even
     return shares
 
 

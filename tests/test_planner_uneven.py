@@ -109,3 +109,19 @@ def test_the_preview_shows_each_ranks_share(tmp_path):
     assert "SHARE" in table
     assert f"{ranks[0]['share']}/{ranks[0]['share_of']}" in table
     assert f"{ranks[1]['share']}/{ranks[1]['share_of']}" in table
+
+
+def test_nodes_of_one_kind_keep_even_shares_despite_bandwidth_noise():
+    """Two of the same Mac, bandwidths measured 3% apart: the balanced
+    shares would be barely faster, so the even ones stay (and so do their
+    shards); 40% apart, the faster node takes more."""
+    spec = catalog.resolve("deepseek-v4-flash")
+    request = pb.PlacementRequest(strategy=pb.MOE_TENSOR, ranks=2, context_length=4096)
+
+    def chosen_shares(bandwidths):
+        cluster = pb.Cluster(nodes=[node(f"n{i}", 200, b) for i, b in enumerate(bandwidths)])
+        return [r.share for r in plan(spec, cluster, request).chosen.ranks]
+
+    assert chosen_shares([800, 824]) == [16, 16]
+    fast, slow = chosen_shares([800, 560])
+    assert fast + slow == 32 and fast > slow
