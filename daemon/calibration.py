@@ -90,7 +90,7 @@ def _collective_s(world: int, quick: bool, rate: float, step: float, layer: floa
     with tempfile.TemporaryDirectory(prefix="exod-calibrate-") as tmp:
         model_dir = synthetic.ensure_named("calibration-tensor", Path(tmp))
         shape = profile(inventory.from_directory(model_dir))
-        read = sum(p.read("tensor", world) for p in shape.layers) + shape.outside.read("tensor", world)
+        read = sum(p.read("tensor", 1, world) for p in shape.layers) + shape.outside.read("tensor", 1, world)
         compute = read / rate + step + shape.num_layers * layer
         tokens = 24 if quick else 48
         try:

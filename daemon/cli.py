@@ -174,11 +174,13 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
     print(f"\nchosen: {describe(chosen)}, {chosen.predicted_decode_tokens_per_s:.1f} tok/s predicted "
           f"(compute {chosen.predicted_compute_s * 1e3:.2f} ms + communication "
           f"{chosen.predicted_communication_s * 1e3:.2f} ms per token)")
-    print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
+    print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'SHARE':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
           f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}  TRANSFER")
     for r in chosen.ranks:
         m = r.memory
-        print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {m.weights_bytes / 1e9:8.1f}G "
+        # A cutting strategy's share: grains of every cut tensor (models/shares.py).
+        share = f"{r.share}/{r.share_of}" if r.share_of else "-"
+        print(f"{r.rank:4} {r.node_name:16} {f'{r.layer_start}-{r.layer_end}':>9} {share:>9} {m.weights_bytes / 1e9:8.1f}G "
               f"{(m.routed_experts_bytes + m.shared_experts_bytes) / 1e9:8.1f}G {m.attention_bytes / 1e9:7.1f}G "
               f"{m.kv_cache_bytes / 1e9:7.1f}G {m.overhead_bytes / 1e9:8.1f}G {m.total_bytes / 1e9:8.1f}G "
               f"{r.usable_bytes / 1e9:8.1f}G  {transfer_text(r)}")
@@ -240,12 +242,14 @@ def cmd_run(args) -> int:
     chosen = max(fitting, key=lambda c: c.predicted_decode_tokens_per_s)
     strategy = {v: k for k, v in STRATEGY_BY_NAME.items()}[chosen.strategy]
     split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else None
+    shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and args.ranks > 1 else None
     log = sys.stderr
     print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks", file=log)
     deadlines = pb.RunnerDeadlines(load_s=args.load_timeout)
     with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=split, context_length=args.context,
                        deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks],
-                       max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens) as instance:
+                       max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
+                       shares=shares) as instance:
         try:
             instance.wait_ready(args.load_timeout + 120)
         except LaunchError as e:
@@ -666,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", help="memory bandwidth per node with --nodes, bytes/s (default 400GB)")
     p.add_argument("--context", type=int)
     p.add_argument("--concurrency", type=int)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
     p.add_argument("--backend", choices=["ring", "jaccl"])
     p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
@@ -691,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = api_parser("place", cmd_place, "place a model on the cluster through the local daemon")
     p.add_argument("model", help="catalog id, model directory (on every chosen node) or built-in model")
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
     p.add_argument("--context-length", type=int)
     p.add_argument("--concurrency", type=int, help="sequences decoded at once (default 8): the KV of that many "
                                                     "contexts is reserved")
@@ -764,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
     p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor"], help="default: the planner's choice")
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"], help="default: the planner's choice")
     p.add_argument("--prompt", default="Hello! What is a cluster?")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -289,7 +289,8 @@ class Models:
         return max([MIN_RATE, *rates])
 
     def plan_rank(self, checkpoint: ckpt.Checkpoint, spec: pb.RunnerSpec) -> shards.RankPlan:
-        return shards.plan_rank(checkpoint, spec.strategy, spec.rank, spec.world_size, list(spec.pipeline_layers))
+        return shards.plan_rank(checkpoint, spec.strategy, spec.rank, spec.world_size, list(spec.pipeline_layers),
+                                rank_shares=list(spec.shares))
 
     def deadline_s(self, nbytes: int, sources: list, hub_bytes: int = 0) -> float:
         rate = max([MIN_RATE, *(self.link_rate(s.node_id) for s in sources if s.node_id)])
@@ -500,12 +501,14 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
         strategy = STRATEGY_NAMES[candidate.strategy]
         split = [r.layer_end - r.layer_start for r in candidate.ranks] if strategy == "pipeline" else []
         world = len(candidate.ranks)
+        rank_shares = [r.share for r in candidate.ranks] if strategy != "pipeline" else []
         slowest, total = 0.0, 0
         candidate.revision = checkpoint.revision
         for r in candidate.ranks:
-            key = (strategy, r.rank, world, tuple(split))
+            key = (strategy, r.rank, world, tuple(split), tuple(rank_shares))
             if key not in cache:
-                cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec)
+                cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec,
+                                              rank_shares=rank_shares)
             plan = cache[key]
             needed = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
             held = list(nodes[r.node_id].models) if r.node_id in nodes else []
@@ -539,7 +542,8 @@ def _local_bytes(checkpoint, plan, held: list, sizes: dict, strategy: str, rank:
         if h.store == "shard":
             s = h.shard
             if (s.strategy, s.rank, s.world_size) == (strategy, rank, world) and \
-                    (strategy != "pipeline" or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)):
+                    (strategy != "pipeline" or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)) and \
+                    tuple(s.grains) == tuple(plan.needs.grains):
                 return whole
             continue
         if h.complete:

@@ -101,6 +101,8 @@ def spec_problem(spec: pb.RunnerSpec) -> str | None:
         return "ring needs one host per rank"
     if len(spec.hosts) > MAX_WORLD_SIZE or len(spec.pipeline_layers) > MAX_WORLD_SIZE:
         return "too many hosts or stages"
+    if spec.shares and len(spec.shares) != spec.world_size:
+        return "shares name one count of grains per rank"
     if spec.world_size > 1 and len(spec.rendezvous_secret) < 32:
         return "a multi-rank spec needs its instance's rendezvous secret"
     return None

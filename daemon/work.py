@@ -404,13 +404,15 @@ class Work:
         self.changed()
         strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
         split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
+        shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and len(chosen.ranks) > 1 else []
         # Travels only inside StartRunner, over the authenticated peer plane.
         rendezvous_secret = secrets.token_hex(32)
         starts = []
         for rank, (node_id, reservation_id) in zip(chosen.ranks, admitted):
             spec = pb.RunnerSpec(instance_id=instance_id, node_id=node_id, rank=rank.rank,
                                  world_size=len(chosen.ranks), backend=chosen.backend, hosts=hosts,
-                                 strategy=strategy, pipeline_layers=split, rendezvous_secret=rendezvous_secret,
+                                 strategy=strategy, pipeline_layers=split, shares=shares,
+                                 rendezvous_secret=rendezvous_secret,
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length,
                                  max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
                                  prefix_cache_bytes=rank.memory.prefix_cache_bytes,

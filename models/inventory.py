@@ -14,7 +14,7 @@ from typing import Optional
 from exod.proto import exod_pb2 as pb
 
 from . import architectures, quantization
-from .architectures.base import STRATEGIES, strategy_refusal
+from .architectures.base import STRATEGIES, split_rule, strategy_refusal
 from .errors import ModelError
 from .safetensors_header import read_header
 
@@ -307,7 +307,8 @@ def _tensor_info(arch, config, name, shape, dtype, nbytes, params) -> pb.TensorI
         elif suffix in ("scales", "biases"):
             parameters = 0
     info.parameters = parameters
-    for field, split_of in (("tensor_split", arch.tensor_split), ("moe_tensor_split", arch.moe_tensor_split)):
+    for field, split_of in (("tensor_split", arch.tensor_split), ("moe_tensor_split", arch.moe_tensor_split),
+                            ("moe_experts_split", split_rule("moe_experts", arch))):
         split = split_of(module, config)
         if split is None:
             continue

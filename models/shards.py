@@ -5,7 +5,8 @@ A rank needs
 - pipeline: the tensors of its layers and every tensor outside the layers
   (embedding, final norm, lm_head: every stage computes the logits);
 - tensor and moe_tensor: every tensor, but of each tensor the strategy cuts
-  only its own part, rank r of N taking the r-th equal part along the cut
+  only its own part, rank r taking the grains its share names along the cut
+  (models/shares.py; the r-th equal part when the shares are even)
   axis, exactly as mlx.nn.layers.distributed.shard_inplace cuts it
   ("all-to-sharded": axis -2 of weight, scales and biases, -1 of a 1-D
   bias; "sharded-to-all": axis -1, a bias not cut); and one layer whole,
@@ -28,18 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import shares
 from .errors import ModelError
 from .safetensors_header import Entry
 
 SHARD_FILE = "shard.safetensors"
 MANIFEST = "exod-shard.json"
-FORMAT = 1
+FORMAT = 2  # 2: parts named by grains (uneven shares)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Small files a runner needs besides the weights (config, tokenizer, chat template).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 MAX_SIDE_FILE = 64 * 1024 * 1024
-SLICING_STRATEGIES = ("tensor", "moe_tensor")
+SLICING_STRATEGIES = ("tensor", "moe_tensor", "moe_experts")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,7 @@ class Part:
     full_shape: tuple
     shape: tuple           # as stored in the shard
     axis: Optional[int]    # absolute axis cut; None: the whole tensor
-    part: int
-    parts: int
+    grains: tuple          # (lo, hi, of): grains [lo, hi) of `of` along axis; whole: (0, 1, 1)
     offset: int            # source byte ranges: `count` blocks of `length`, `stride` apart
     length: int
     stride: int
@@ -75,29 +76,30 @@ class RankNeeds:
     side_files: list = field(default_factory=list)  # names of config/tokenizer files
     layer_range: tuple = (0, 0)
     canary_layer: int = -1
+    grains: tuple = ()  # tensor strategies: (lo, hi, of), the grains this rank holds
 
     @property
     def tensor_bytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
 
-def slice_of(entry: Entry, axis: int, part: int, parts: int) -> tuple:
-    """(offset, length, stride, count, shape) of part `part` of `parts`
+def slice_of(entry: Entry, axis: int, lo: int, hi: int, of: int) -> tuple:
+    """(offset, length, stride, count, shape) of grains [lo, hi) of `of`
     along `axis` of a C-order tensor."""
     shape = tuple(entry.shape)
     element = DTYPE_BYTES[entry.code]
-    if shape[axis] % parts:
-        raise ModelError(f"{entry.name}: axis {axis} of {list(shape)} does not divide into {parts} parts")
-    width = shape[axis] // parts
+    try:
+        a, b = shares.cut(shape[axis], lo, hi, of)
+    except shares.ShareError:
+        raise ModelError(f"{entry.name}: axis {axis} of {list(shape)} does not divide into {of} grains") from None
     inner = math.prod(shape[axis + 1:]) * element
     outer = math.prod(shape[:axis])
-    stored = shape[:axis] + (width,) + shape[axis + 1:]
-    length = width * inner
-    return entry.start + part * length, length, shape[axis] * inner, outer, stored
+    stored = shape[:axis] + (b - a,) + shape[axis + 1:]
+    return entry.start + a * inner, (b - a) * inner, shape[axis] * inner, outer, stored
 
 
 def whole(entry: Entry, file: str) -> Part:
-    return Part(entry.name, file, entry.code, tuple(entry.shape), tuple(entry.shape), None, 0, 1,
+    return Part(entry.name, file, entry.code, tuple(entry.shape), tuple(entry.shape), None, (0, 1, 1),
                 entry.start, entry.nbytes, entry.nbytes, 1)
 
 
@@ -129,10 +131,18 @@ def is_side_file(name: str, size: int) -> bool:
         and name != "model.safetensors.index.json"
 
 
+def strategy_grains(spec, strategy: str) -> int:
+    """The grains of a tensor strategy over this spec's cut tensors."""
+    field_name = f"{strategy}_split"
+    return shares.grains_of(getattr(t, field_name).units for t in spec.tensors
+                            if getattr(t, field_name).units)
+
+
 def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int, world: int,
-               pipeline_layers: list, files: dict) -> RankNeeds:
+               pipeline_layers: list, files: dict, rank_shares=()) -> RankNeeds:
     """tensors: name -> (file, Entry) over the checkpoint; spec: its
-    ModelSpec (split rules, layers); files: name -> size of every file."""
+    ModelSpec (split rules, layers); files: name -> size of every file;
+    rank_shares: each rank's grains (tensor strategies; empty: even)."""
     info = {t.name: t for t in spec.tensors}
     side = sorted(n for n, size in files.items() if is_side_file(n, size))
     parts, absent = [], {}
@@ -150,17 +160,23 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
     if strategy not in SLICING_STRATEGIES:
         return RankNeeds([whole(e, f) for _, (f, e) in sorted(tensors.items())], {}, side, (0, spec.num_layers))
     keep = canary_layer(spec, config, arch)
+    grains = strategy_grains(spec, strategy)
+    try:
+        held = shares.check(list(rank_shares) or shares.even(grains, world), grains, world)
+    except shares.ShareError as e:
+        raise ModelError(f"{strategy}: {e}") from None
+    lo, hi = shares.bounds(held, rank)
     for name, (file, entry) in sorted(tensors.items()):
         t = info.get(name)
-        rule = (t.moe_tensor_split if strategy == "moe_tensor" else t.tensor_split) if t is not None else None
+        rule = getattr(t, f"{strategy}_split") if t is not None else None
         if t is None or not rule.units or t.layer == keep or not entry.shape:
             parts.append(whole(entry, file))
             continue
         axis = rule.axis % len(entry.shape)
-        offset, length, stride, count, stored = slice_of(entry, axis, rank, world)
-        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, rank, world,
+        offset, length, stride, count, stored = slice_of(entry, axis, lo, hi, grains)
+        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, grains),
                           offset, length, stride, count))
-    return RankNeeds(parts, {}, side, (0, spec.num_layers), keep)
+    return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (lo, hi, grains))
 
 
 def shard_key(model_id: str, revision: str, strategy: str, rank: int, world: int, needs: RankNeeds,
@@ -181,8 +197,8 @@ def manifest(model_id: str, revision: str, strategy: str, rank: int, world: int,
     return {
         "format": FORMAT, "model_id": model_id, "revision": revision, "strategy": strategy, "rank": rank,
         "world_size": world, "key": key, "layer_start": needs.layer_range[0], "layer_end": needs.layer_range[1],
-        "canary_layer": needs.canary_layer, "source_digests": digests,
-        "tensors": {p.tensor: {"shape": list(p.full_shape), "axis": p.axis, "part": p.part, "parts": p.parts}
+        "canary_layer": needs.canary_layer, "grains": list(needs.grains), "source_digests": digests,
+        "tensors": {p.tensor: {"shape": list(p.full_shape), "axis": p.axis, "grains": list(p.grains)}
                     for p in needs.parts if p.axis is not None},
         "absent": {name: {"dtype": code, "shape": list(shape)} for name, (code, shape) in needs.absent.items()},
     }
@@ -224,7 +240,7 @@ def fsync_dir(path: Path) -> None:
 
 def file_part(name: str, size: int) -> Part:
     """A whole small file (config, tokenizer) as a part to fetch."""
-    return Part(name, name, "U8", (size,), (size,), None, 0, 1, 0, size, size, 1)
+    return Part(name, name, "U8", (size,), (size,), None, (0, 1, 1), 0, size, size, 1)
 
 
 class ShardWriter:
@@ -369,16 +385,19 @@ class RankPlan:
         return self.needs.side_files
 
 
-def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=(), spec=None) -> RankPlan:
+def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=(), spec=None,
+              rank_shares=()) -> RankPlan:
     """What rank `rank` of `world` under `strategy` needs of `checkpoint`
-    (models/checkpoint.Checkpoint); `spec`: its ModelSpec, when at hand."""
+    (models/checkpoint.Checkpoint); `spec`: its ModelSpec, when at hand;
+    rank_shares: every rank's grains (tensor strategies; empty: even)."""
     from .architectures import for_model_type
 
     spec = spec if spec is not None else checkpoint.spec(checkpoint.model_id)
     config = checkpoint.config
     arch = for_model_type(config["model_type"])
     sizes = {name: size for name, (size, _) in checkpoint.files.items()}
-    needs = rank_needs(checkpoint.tensors(), spec, config, arch, strategy, rank, world, list(pipeline_layers), sizes)
+    needs = rank_needs(checkpoint.tensors(), spec, config, arch, strategy, rank, world, list(pipeline_layers), sizes,
+                       list(rank_shares))
     digests = {f: checkpoint.files[f][1] for f in sorted({p.file for p in needs.parts} | set(needs.side_files))
                if checkpoint.files.get(f, (0, ""))[1]}
     key = shard_key(checkpoint.model_id, checkpoint.revision, strategy, rank, world, needs, digests)

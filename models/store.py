@@ -152,7 +152,8 @@ class Holding:
         if self.shard:
             s = self.shard
             holding.shard.CopyFrom(pb.ShardOf(strategy=s["strategy"], rank=s["rank"], world_size=s["world_size"],
-                                              layer_start=s.get("layer_start", 0), layer_end=s.get("layer_end", 0)))
+                                              layer_start=s.get("layer_start", 0), layer_end=s.get("layer_end", 0),
+                                              grains=s.get("grains", [])))
         return holding
 
 

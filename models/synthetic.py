@@ -50,10 +50,11 @@ TINY_CONFIGS = {
         qk_nope_head_dim=32, routed_scaling_factor=1.0, n_group=1, topk_group=1,
         max_position_embeddings=2048, rope_theta=10000.0,
     ),
-    # Biased q, k and v projections.
+    # Biased q, k and v projections; 16 heads in 8 KV-head groups, so that
+    # tensor runs on 3 and 4 ranks in uneven whole KV-head groups.
     "qwen2": dict(
         model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, rms_norm_eps=1e-6,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
     # The DeepSeek-V4 attention: grouped low-rank output, sinks, a raw window

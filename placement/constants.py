@@ -42,6 +42,12 @@ ASSUMED_RDMA_RTT_S = 10e-6
 # Within this fraction of the fastest prediction, fewer nodes win.
 FEWER_NODES_MARGIN = 0.05
 
+# Even shares win over balanced uneven ones predicted at most this much
+# faster (when they fit): nodes of one kind, whose measured bandwidths
+# differ by noise, keep the same shares placement after placement, so that
+# their shard checkpoints are found again.
+EVEN_SHARES_MARGIN = 0.05
+
 # Default context and concurrency of a request. Concurrency is the number of
 # sequences an instance decodes at once (its runner's batch bound): the KV
 # of that many full contexts is reserved.

@@ -9,7 +9,7 @@ outside the layers (every rank computes the logits) once, in parallel.
 
 communication, from the links actually used:
   tensor      2 all-sums per layer of hidden_size activations
-  moe_tensor  1 all-sum per MoE layer
+  moe_tensor, moe_experts  1 all-sum per MoE layer
   pipeline    one send of hidden_size activations per stage boundary, then
               an all-gather of the last hidden state so that every rank
               computes the logits (mlx-lm's pipeline)
@@ -33,7 +33,14 @@ class Hop:
     measured: bool
 
 
-def hop(links: dict, a: str, b: str, backend: int) -> Hop:
+def hop(links: dict, a: str, b: str, backend: int, cache: dict | None = None) -> Hop:
+    """The link a-b as the backend uses it; cache: hops already made, for
+    one plan's many candidates."""
+    if cache is not None:
+        key = (a, b, backend)
+        if key not in cache:
+            cache[key] = hop(links, a, b, backend)
+        return cache[key]
     link = links.get((a, b)) or links.get((b, a))
     if link is None:
         return Hop(constants.ASSUMED_LINK_RTT_S / 2, constants.ASSUMED_LINK_BANDWIDTH, False)
@@ -71,23 +78,23 @@ def ring_all_sum_s(hops: list[Hop], message_bytes: float, per_collective_s: floa
     return 2 * (n - 1) * (latency + message_bytes / n / bandwidth) + per_collective_s
 
 
-def ring_hops(order: list[str], links: dict, backend: int) -> list[Hop]:
+def ring_hops(order: list[str], links: dict, backend: int, cache: dict | None = None) -> list[Hop]:
     n = len(order)
     if n < 2:
         return []
-    return [hop(links, order[i], order[(i + 1) % n], backend) for i in range(n)]
+    return [hop(links, order[i], order[(i + 1) % n], backend, cache) for i in range(n)]
 
 
 def communication_s(strategy: str, nodes: list[pb.NodeProfile], links: dict, backend: int, hidden: int,
-                    activation_bytes: int, num_layers: int, moe_layers: int) -> float:
-    hops = ring_hops([n.node_id for n in nodes], links, backend)
+                    activation_bytes: int, num_layers: int, moe_layers: int, cache: dict | None = None) -> float:
+    hops = ring_hops([n.node_id for n in nodes], links, backend, cache)
     if not hops:
         return 0.0
     message = hidden * activation_bytes
     each = collective_s(nodes)
     if strategy == "tensor":
         return 2 * num_layers * ring_all_sum_s(hops, message, each)
-    if strategy == "moe_tensor":
+    if strategy in ("moe_tensor", "moe_experts"):
         return moe_layers * ring_all_sum_s(hops, message, each)
     sends = sum(h.latency_s + message / h.bandwidth + each for h in hops[: len(hops) - 1])
     gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops)) + each

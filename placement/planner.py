@@ -1,17 +1,27 @@
 """The placement planner: every candidate, its per-rank memory, its predicted
-speed, and the choice. Pure: no I/O, no clocks."""
+speed, and the choice. Pure: no I/O, no clocks.
 
+A strategy that cuts tensors gives each rank its own share, in whole grains
+(placement/strategies.py): on nodes of unequal speed or memory the shares
+are uneven, chosen so that every rank's step takes the same time within
+what its memory holds."""
+
+import math
 from dataclasses import dataclass
 
+from exod.models.shares import even as shares_even
 from exod.proto import exod_pb2 as pb
 
 from . import constants, cost
+from . import strategies as strategy_objects
 from .errors import PlanError
-from .profile import CLASS_FIELD, CLASS_LABEL, CLASSES, ModelProfile, Part, profile
+from .profile import (CLASS_FIELD, CLASS_LABEL, CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL,
+                      READ_SPLIT, SPLIT, SPLITTING, ModelProfile, profile, range_sums)
 from .units import gb
 from .wired import sysctl, wired_limit_mb
 
-STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor"}
+STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor",
+                  pb.MOE_EXPERTS: "moe_experts"}
 STRATEGY_BY_NAME = {v: k for k, v in STRATEGY_NAMES.items()}
 BACKEND_NAMES = {pb.RING: "ring", pb.JACCL: "jaccl"}
 
@@ -30,11 +40,11 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     settings = _settings(model, request)
     nodes, skipped = _select_nodes(cluster, request)
     links = {(link.from_node, link.to_node): link for link in cluster.links}
-    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR]
+    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS]
 
     candidates, impossible = [], []
     memo: dict = {}
-    for order in candidate_orders(nodes, links):
+    for order in candidate_orders(nodes, links, memo.setdefault("hops", {})):
         if request.ranks and len(order) != request.ranks:
             continue
         for strategy in strategies:
@@ -76,7 +86,7 @@ def _settings(model: ModelProfile, request: pb.PlacementRequest) -> Settings:
     if request.HasField("prefix_cache_bytes"):
         # Asked for as bytes of the whole model's KV; held as tokens, so that
         # every rank caches the same tokens of its own share of the KV.
-        per_token = sum(part.kv_bytes("pipeline", 1, 1, 1) for part in model.layers + [model.outside])
+        per_token = sum(part.kv_bytes("pipeline", 1, 1, 1, 1) for part in model.layers + [model.outside])
         prefix_tokens = int(request.prefix_cache_bytes // per_token) if per_token else 0
     else:
         prefix_tokens = context  # by default, one context's worth
@@ -125,13 +135,13 @@ def _backends(order: list[pb.NodeProfile], links: dict, forced: int) -> list[int
     return [b for b in found if b == forced] if forced else found
 
 
-def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.NodeProfile]]:
+def candidate_orders(nodes: list[pb.NodeProfile], links: dict, hops: dict | None = None) -> list[list[pb.NodeProfile]]:
     """Node subsets worth trying, each in one rank order: for every size, the
     fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
     by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
     by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
-    latency = {(a.node_id, b.node_id): cost.hop(links, a.node_id, b.node_id, pb.RING).latency_s
-               for a in nodes for b in nodes}
+    latency = {a.node_id: {b.node_id: cost.hop(links, a.node_id, b.node_id, pb.RING, hops).latency_s for b in nodes}
+               for a in nodes}
     orders, seen = [], set()
     for k in range(1, len(nodes) + 1):
         for ranking in (by_speed, by_room):
@@ -145,39 +155,22 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict) -> list[list[pb.N
 
 
 def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProfile]:
-    order, rest = [subset[0]], list(subset[1:])
+    by_id = {n.node_id: n for n in subset}
+    order, rest = [subset[0].node_id], [n.node_id for n in subset[1:]]
     while rest:
-        last = order[-1].node_id
-        nearest = min(rest, key=lambda n: latency[last, n.node_id])
+        nearest = min(rest, key=latency[order[-1]].__getitem__)  # the first of equals, in subset order
         rest.remove(nearest)
         order.append(nearest)
-    return order
+    return [by_id[i] for i in order]
 
 
 # ------------------------------------------------------------------ feasibility
 
 
 def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
-    """Why a strategy cannot run on n ranks at all, whatever the memory.
-    These mirror the runner's refusals (runner/strategies.py) and come from
-    the same rules through the spec, so that what the planner accepts, the
-    runner runs."""
-    if n == 1:
-        return []  # one rank is never a sharding: the runner loads the whole model
-    reasons = []
-    if strategy == "moe_tensor" and not model.is_moe:
-        return [f"moe_tensor needs a mixture-of-experts model; {model.model_id} is dense"]
-    if strategy not in model.proven:
-        return [model.refused.get(strategy) or
-                f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(model.proven))})"]
-    if strategy == "pipeline" and n > model.num_layers:
-        return [f"pipeline needs at least one layer per rank: {n} ranks, {model.num_layers} layers"]
-    if strategy in ("tensor", "moe_tensor"):
-        for units, unit, tensor in model.divisibility[strategy]:
-            if units % n:
-                reasons.append(f"{strategy} over {n} ranks: {tensor} has {units} {unit}, not divisible by {n}")
-                break
-    return reasons
+    """Why a strategy cannot run on n ranks at all, whatever the memory
+    (placement/strategies.py)."""
+    return strategy_objects.BY_NAME[strategy].reasons(model, n)
 
 
 # ------------------------------------------------------------------ one candidate
@@ -202,41 +195,39 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         # memory and speed would only offer numbers for something impossible.
         placement.rejected = True
         for rank, node in enumerate(order):
-            placement.ranks.append(pb.RankPlacement(rank=rank, node_id=node.node_id, node_name=node.name,
-                                                    usable_bytes=usable[rank]))
+            placement.ranks.add(rank=rank, node_id=node.node_id, node_name=node.name, usable_bytes=usable[rank])
         return placement
+    of = model.grains.get(strategy, 0) if n > 1 else 0
     if strategy == "pipeline":
         # mlx-lm's pipeline runs the stages from the last rank down to rank 0,
         # which runs the last layers.
-        stages = pipeline_split(model, order[::-1], usable[::-1], settings)
+        stages = pipeline_split(model, order[::-1], usable[::-1], settings, memo)
         bounds = stages[::-1] if stages else [(0, 0)] * n
+        held = [(1, 1)] * n
     else:
         bounds = [(0, model.num_layers)] * n
+        held = [(share, of) for share in rank_shares(model, strategy, order, usable, settings, memo)] \
+            if of else [(1, 1)] * n
     compute = []
-    for rank, (node, (start, end)) in enumerate(zip(order, bounds)):
-        key = (strategy, n, start, end)
-        if key not in memo:
-            memo[key] = rank_memory(model, strategy, n, start, end, settings)
-        memory, read = memo[key]
+    for rank, (node, (start, end), (share, whole)) in enumerate(zip(order, bounds, held)):
+        memory, read = _rank_memory(model, strategy, share, whole, start, end, settings, memo, n)
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
         compute.append(seconds)
-        placement.ranks.append(
-            pb.RankPlacement(
-                rank=rank, node_id=node.node_id, node_name=node.name,
-                layer_start=start, layer_end=end,
-                shard_index=rank if strategy != "pipeline" else 0,
-                shard_count=n if strategy != "pipeline" else 1,
-                memory=memory, usable_bytes=usable[rank], fits=fits,
-                predicted_compute_s=seconds,
-            )
+        placement.ranks.add(
+            rank=rank, node_id=node.node_id, node_name=node.name,
+            layer_start=start, layer_end=end,
+            share=share if of else 0, share_of=of,
+            memory=memory, usable_bytes=usable[rank], fits=fits,
+            predicted_compute_s=seconds,
         )
         if not fits:
             placement.reasons.append(shortfall(rank, node.name, memory, usable[rank])
                                      + working_set_advice(node, memory.total_bytes, settings.headroom))
     ids = [node.node_id for node in order]
+    hops = memo.setdefault("hops", {})
     comm = cost.communication_s(strategy, order, links, backend, model.hidden_size,
-                                model.activation_bytes, model.num_layers, model.moe_layers)
+                                model.activation_bytes, model.num_layers, model.moe_layers, hops)
     if strategy == "pipeline":
         # The stages' layers run one after another; the step and the logits
         # run on every rank at once.
@@ -250,34 +241,84 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
     placement.fits = not placement.reasons
     unmeasured = [f"{order[i].name}-{order[(i + 1) % n].name}" for i in range(n)
                   if n > 1 and (i < n - 1 or n > 2)
-                  and not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING).measured]
+                  and not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING, hops).measured]
     if unmeasured:
         placement.reasons.append(f"note: assumed 10 GbE for unmeasured links {', '.join(unmeasured)}")
     return placement
 
 
+def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile], usable: list[int],
+                settings: Settings, memo: dict) -> list[int]:
+    """Each rank's grains of a cutting strategy: step times balanced at each
+    node's decode rate, within each node's memory (placement/strategies.py).
+    Memory and bytes read are affine in the grains held, so two exact
+    breakdowns (no grains, all of them) give each rank's cap, checked
+    exactly after."""
+    of = model.grains[strategy]
+    n = len(order)
+    empty, read0 = _rank_memory(model, strategy, 0, of, 0, model.num_layers, settings, memo, n)
+    full, read1 = _rank_memory(model, strategy, of, of, 0, model.num_layers, settings, memo, n)
+    per_grain_bytes = (full.total_bytes - empty.total_bytes) / of
+    per_grain_read = (read1 - read0) / of
+    fixed, slope, caps = [], [], []
+    for node, room in zip(order, usable):
+        rate, step, layer = cost.decode_rates(node)
+        fixed.append(read0 / rate + step + model.num_layers * layer)
+        slope.append(per_grain_read / rate)
+        if per_grain_bytes <= 0:
+            cap = of if empty.total_bytes <= room else 0
+        else:
+            cap = max(0, min(of, math.floor((room - empty.total_bytes) / per_grain_bytes)))
+            while cap > 0 and _rank_memory(model, strategy, cap, of, 0, model.num_layers, settings,
+                                           memo, n)[0].total_bytes > room:
+                cap -= 1
+        caps.append(cap)
+    shares, _ = strategy_objects.balance(of, fixed, slope, caps)
+    even = shares_even(of, len(order))
+    if shares != even and all(s <= c for s, c in zip(even, caps)):
+        slowest = max(f + k * s for f, k, s in zip(fixed, slope, shares))
+        if max(f + k * s for f, k, s in zip(fixed, slope, even)) <= slowest * (1 + constants.EVEN_SHARES_MARGIN):
+            return even
+    return shares
+
+
+def _rank_memory(model: ModelProfile, strategy: str, share: int, of: int, start: int, end: int,
+                 settings: Settings, memo: dict, ranks: int) -> tuple[pb.MemoryBreakdown, float]:
+    key = (strategy, share, of, start, end, ranks > 1)
+    if key not in memo:
+        memo[key] = rank_memory(model, strategy, of, start, end, settings, share=(share, of), ranks=ranks)
+    return memo[key]
+
+
 def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int,
-                settings: Settings) -> tuple[pb.MemoryBreakdown, float]:
-    """Per-rank breakdown and the bytes one decode step reads there. Every
-    rank holds the embedding, final norm and lm_head: pipeline stages all
-    compute the logits from the gathered last hidden state, as mlx-lm does."""
-    by_class = dict.fromkeys(CLASSES, 0)
-    kv = 0.0
-    prefix = 0.0
-    read = 0.0
-    parts: list[Part] = model.layers[start:end] + [model.outside]
-    for part in parts:
-        for cls, value in part.weights(strategy, n).items():
-            by_class[cls] += value
-        kv += part.kv_bytes(strategy, n, settings.context, settings.concurrency)
-        # This rank's share of the prefix cache's tokens (no window cap: an
-        # entry keeps every token it was inserted with).
-        prefix += part.kv_bytes(strategy, n, 1, 1) * settings.prefix_tokens
-        read += part.read(strategy, n)
+                settings: Settings, share: tuple[int, int] | None = None,
+                ranks: int | None = None) -> tuple[pb.MemoryBreakdown, float]:
+    """Per-rank breakdown and the bytes one decode step reads there, for a
+    rank holding `share` = (grains, of) of what the strategy cuts (None:
+    1 of n, an even split). Every rank holds the embedding, final norm and
+    lm_head: pipeline stages all compute the logits from the gathered last
+    hidden state, as mlx-lm does. ranks: the instance's rank count (None: n),
+    for the canary's share of the overhead."""
+    held, of = share if share is not None else (1, n)
+    if strategy not in SPLITTING:
+        held, of = 1, 1
+    # Sums over layers start..end and the non-layer tensors
+    # (Part.weights/read/kv_bytes, summed once per plan: range_sums).
+    running, outside = range_sums(model, strategy, of, settings.context, settings.concurrency)
+    v = [b - a + o for a, b, o in zip(running[start], running[end], outside)]
+    cut = held != of
+    by_class = {c: v[FULL + i] - v[SPLIT + i] + v[SPLIT + i] * held // of if cut else v[FULL + i]
+                for i, c in enumerate(CLASSES)}
+    fraction = held / of
+    kv = v[KV_FIXED] + v[KV_CUT] * fraction
+    # This rank's share of the prefix cache's tokens (no window cap: an
+    # entry keeps every token it was inserted with).
+    prefix = (v[KV1_FIXED] + v[KV1_CUT] * fraction) * settings.prefix_tokens
+    read = v[READ_ALL] - v[READ_SPLIT] + v[READ_SPLIT] * fraction if cut else v[READ_ALL]
     # A decode step also reads this rank's KV cache for one sequence.
     read += kv / settings.concurrency
     weights = sum(by_class.values())
-    overhead = overhead_bytes(model, strategy, n, settings.context)
+    overhead = overhead_bytes(model, strategy, held, settings.context, of, ranks=n if ranks is None else ranks)
     memory = pb.MemoryBreakdown(
         weights_bytes=weights, kv_cache_bytes=int(kv), overhead_bytes=overhead, prefix_cache_bytes=int(prefix),
         total_bytes=weights + int(kv) + int(prefix) + overhead,
@@ -286,63 +327,100 @@ def rank_memory(model: ModelProfile, strategy: str, n: int, start: int, end: int
     return memory, read
 
 
-def overhead_bytes(model: ModelProfile, strategy: str, n: int, context: int) -> int:
+def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int, of: int | None = None,
+                   ranks: int = 1) -> int:
     """Process base, the activations of one prefill chunk (never longer than
     the context), and the runner's canary: on more than one rank it reads
     the checkpoint's uncut parts a second time while it warms up, one at a
     time (the embedding and lm_head together, then one layer), so the widest
-    of them is added."""
-    width = model.hidden_size + (model.max_intermediate // n if strategy != "pipeline" else model.max_intermediate)
+    of them is added. share of `of` grains (of None: share is n, an even
+    split); ranks: how many ranks the instance has."""
+    held, of = (1, share) if of is None else (share, of)
+    # moe_experts computes every routed slot of a token on each rank (the
+    # slots of other ranks' experts masked out): its width is not cut.
+    width = model.hidden_size + (model.max_intermediate * held // of if strategy in ("tensor", "moe_tensor") and of
+                                 else model.max_intermediate)
     tokens = min(context, constants.PREFILL_CHUNK_TOKENS)
     activations = tokens * width * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
+    return int(constants.PROCESS_BASE_BYTES + activations + (canary_bytes(model) if ranks > 1 else 0))
+
+
+def canary_bytes(model: ModelProfile) -> int:
+    """The widest uncut part the canary holds at once (runner/canary.py)."""
     widest_layer = max((sum(p.full.values()) for p in model.layers), default=0)
-    canary = 0 if n == 1 else max(widest_layer, sum(model.outside.full.values()))
-    return int(constants.PROCESS_BASE_BYTES + activations + canary)
+    return max(widest_layer, sum(model.outside.full.values()))
 
 
 def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int],
-                   settings: Settings) -> list[tuple[int, int]] | None:
+                   settings: Settings, memo: dict | None = None) -> list[tuple[int, int]] | None:
     """Contiguous layer ranges that minimise the slowest stage's predicted
     time, subject to each node's memory. When memory cannot be met, the
-    time-balanced split is returned so that the shortfall can be reported."""
+    time-balanced split is returned so that the shortfall can be reported.
+    memo: shared by the candidates of one plan: the per-layer bytes once,
+    and the split of every sequence of (rates, memory) already solved."""
+    memo = {} if memo is None else memo
     n, layers = len(order), model.num_layers
-    layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, settings.context, settings.concurrency)
-                 + p.kv_bytes("pipeline", 1, 1, 1) * settings.prefix_tokens for p in model.layers]
-    layer_read = [p.read_all + p.kv_bytes("pipeline", 1, settings.context, 1) for p in model.layers]
-    outside_mem = sum(model.outside.full.values())
-    base = overhead_bytes(model, "pipeline", n, settings.context)
-    mem_prefix = _prefix(layer_mem)
-    read_prefix = _prefix(layer_read)
+    if "pipeline layers" not in memo:
+        layer_mem = [sum(p.full.values()) + p.kv_bytes("pipeline", 1, 1, settings.context, settings.concurrency)
+                     + p.kv_bytes("pipeline", 1, 1, 1, 1) * settings.prefix_tokens for p in model.layers]
+        layer_read = [p.read_all + p.kv_bytes("pipeline", 1, 1, settings.context, 1) for p in model.layers]
+        fixed_mem = overhead_bytes(model, "pipeline", 1, settings.context) + sum(model.outside.full.values())
+        memo["pipeline layers"] = (_prefix(layer_mem), _prefix(layer_read), fixed_mem)
+    mem_prefix, read_prefix, fixed_mem = memo["pipeline layers"]
     rates = [cost.decode_rates(node) for node in order]
+    key = ("pipeline split", tuple(rates), tuple(usable))
+    if key in memo:
+        return memo[key]
     fixed_time = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
+    per_byte = [1.0 / rate for rate, _, _ in rates]
+    per_layer = [layer for _, _, layer in rates]
+    # The canary's uncut part, on more than one stage (not in the memo: n varies).
+    room = [u - fixed_mem - (canary_bytes(model) if n > 1 else 0) for u in usable]
 
     def stage_time(r, a, b):
-        rate, _, layer = rates[r]
-        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) / rate + (b - a) * layer
-
-    def stage_mem(r, a, b):
-        return base + outside_mem + mem_prefix[b] - mem_prefix[a]
+        return fixed_time[r] + (read_prefix[b] - read_prefix[a]) * per_byte[r] + (b - a) * per_layer[r]
 
     def assign(limit, respect_memory):
         bounds, start = [], 0
         for r in range(n):
             last = layers - (n - r - 1)
             end = last if r == n - 1 else start + 1
-            while end < last and stage_time(r, start, end + 1) <= limit and (
-                not respect_memory or stage_mem(r, start, end + 1) <= usable[r]
-            ):
+            # The stage's time and memory grow with each layer it takes.
+            budget = limit - fixed_time[r] + read_prefix[start] * per_byte[r] + start * per_layer[r]
+            cap = room[r] + mem_prefix[start] if respect_memory else float("inf")
+            b, layer = per_byte[r], per_layer[r]
+            while end < last and read_prefix[end + 1] * b + (end + 1) * layer <= budget \
+                    and mem_prefix[end + 1] <= cap:
                 end += 1
-            if stage_time(r, start, end) > limit or (respect_memory and stage_mem(r, start, end) > usable[r]):
+            if stage_time(r, start, end) > limit or (respect_memory and mem_prefix[end] > cap):
                 return None
             bounds.append((start, end))
             start = end
         return bounds
 
-    high = max(stage_time(r, 0, layers) for r in range(n))
+    # No split beats every stage paying its fixed time, nor the layers' bytes
+    # read at all the ranks' rates at once: the bisection starts there.
+    bound = max(max(fixed_time), read_prefix[layers] / sum(1.0 / b for b in per_byte))
+    memo[key] = _bisect_split(assign, max(stage_time(r, 0, layers) for r in range(n)), bound * (1 - 1e-9))
+    return memo[key]
+
+
+def _bisect_split(assign, high: float, low_bound: float = 0.0):
+    """The split of the smallest slowest-stage time found by bisection,
+    from below a bound no split can beat."""
     for respect_memory in (True, False):
         if assign(high, respect_memory) is None:
             continue
-        low = 0.0
+        # Bracket the optimum from the bound up: it is usually close to it.
+        low, top = low_bound, high
+        for factor in (1.05, 1.25, 2.0):
+            if low_bound * factor >= top:
+                break
+            if assign(low_bound * factor, respect_memory) is None:
+                low = low_bound * factor
+            else:
+                high = low_bound * factor
+                break
         for _ in range(40):
             mid = (low + high) / 2
             if assign(mid, respect_memory) is None:

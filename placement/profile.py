@@ -2,11 +2,14 @@
 
 Per layer (and for the tensors outside any layer): bytes by tensor class,
 the part of those bytes each strategy divides, the bytes one decode step
-reads, and the KV-cache parts. Plus the divisibility each strategy needs.
+reads, and the KV-cache parts. Plus the grains each tensor strategy cuts
+in (models/shares.py): a rank's share of every cut tensor is `share` of
+`of` grains, so that the bytes it holds are exact for uneven shares too.
 """
 
 from dataclasses import dataclass, field
 
+from exod.models import shares
 from exod.models.quantization import DTYPE_BYTES
 from exod.proto import exod_pb2 as pb
 
@@ -24,7 +27,7 @@ CLASS_LABEL = {
     pb.ROUTER: "router", pb.ROUTED_EXPERTS: "experts", pb.SHARED_EXPERTS: "shared experts",
     pb.NORM: "norms", pb.OTHER_TENSOR: "other",
 }
-SPLITTING = ("tensor", "moe_tensor")
+SPLITTING = ("tensor", "moe_tensor", "moe_experts")
 
 
 @dataclass
@@ -37,27 +40,28 @@ class Part:
     read_split: dict = field(default_factory=lambda: dict.fromkeys(SPLITTING, 0.0))
     kv: list = field(default_factory=list)  # (bytes_per_token, window_tokens, split_units)
 
-    def weights(self, strategy: str, n: int) -> dict:
-        """Bytes by class on one rank of n under strategy."""
-        if strategy not in SPLITTING or n == 1:
+    def weights(self, strategy: str, share: int, of: int) -> dict:
+        """Bytes by class on a rank holding `share` of `of` grains (1 of n:
+        an even split). Exact: every cut tensor's bytes divide by `of`."""
+        if strategy not in SPLITTING or share == of:
             return dict(self.full)
         split = self.split[strategy]
-        return {c: self.full[c] - split[c] + split[c] // n for c in CLASSES}
+        return {c: self.full[c] - split[c] + split[c] * share // of for c in CLASSES}
 
-    def read(self, strategy: str, n: int) -> float:
-        """Bytes one decode step reads on one rank of n."""
-        if strategy not in SPLITTING or n == 1:
+    def read(self, strategy: str, share: int, of: int) -> float:
+        """Bytes one decode step reads on a rank holding `share` of `of` grains."""
+        if strategy not in SPLITTING or share == of:
             return self.read_all
-        return self.read_all - self.read_split[strategy] + self.read_split[strategy] / n
+        return self.read_all - self.read_split[strategy] + self.read_split[strategy] * share / of
 
-    def kv_bytes(self, strategy: str, n: int, context: int, concurrency: int) -> float:
+    def kv_bytes(self, strategy: str, share: int, of: int, context: int, concurrency: int) -> float:
         total = 0.0
         for per_token, window, units in self.kv:
             tokens = min(context, window) if window else context
-            share = per_token * tokens * concurrency
-            if strategy == "tensor" and units and units % n == 0:
-                share /= n
-            total += share
+            part = per_token * tokens * concurrency
+            if strategy == "tensor" and units and share != of and units % of == 0:
+                part = part * share / of  # whole kv heads: a grain is a KV-head group
+            total += part
         return total
 
 
@@ -73,11 +77,50 @@ class ModelProfile:
     activation_bytes: int  # bytes per activation element (checkpoint dtype)
     layers: list  # Part per layer
     outside: Part  # tensors outside any layer: embedding, lm_head, final norm
-    # strategy -> list of (units, unit name, example tensor): n must divide units
+    # strategy -> list of (units, unit name, example tensor) of the cut tensors
     divisibility: dict
+    grains: dict  # strategy -> grains every cut tensor divides into (0: none cut)
     moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
     total_bytes: int
     max_intermediate: int  # widest intermediate one token passes through
+    # Running sums over the layers, per (strategy, grains, context,
+    # concurrency): derived from the fields above, kept so that a plan's
+    # many candidates sum any layer range in O(classes) (range_sums).
+    sums: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+# The columns range_sums keeps per layer.
+N_CLASSES = len(CLASSES)
+FULL, SPLIT, READ_ALL, READ_SPLIT, KV_FIXED, KV_CUT, KV1_FIXED, KV1_CUT = (
+    0, N_CLASSES, 2 * N_CLASSES, 2 * N_CLASSES + 1, 2 * N_CLASSES + 2, 2 * N_CLASSES + 3,
+    2 * N_CLASSES + 4, 2 * N_CLASSES + 5)
+
+
+def range_sums(model: ModelProfile, strategy: str, of: int, context: int, concurrency: int) -> tuple[list, list]:
+    """(running sums over the layers, the non-layer part) of: bytes by
+    class, the bytes the strategy cuts by class, bytes read (all, cut), and
+    KV at (context, concurrency) and per token, each split into what stays
+    whole and what a rank holding some of `of` grains holds a share of."""
+    key = (strategy, of, context, concurrency)
+    if key in model.sums:
+        return model.sums[key]
+
+    def row(part: Part) -> list:
+        split = part.split.get(strategy)
+        kv = [0.0, 0.0, 0.0, 0.0]
+        for per_token, window, units in part.kv:
+            tokens = min(context, window) if window else context
+            cut = strategy == "tensor" and bool(units) and of > 0 and units % of == 0
+            kv[1 if cut else 0] += per_token * tokens * concurrency
+            kv[3 if cut else 2] += per_token
+        return [*(part.full[c] for c in CLASSES), *((split[c] if split else 0) for c in CLASSES),
+                part.read_all, part.read_split[strategy] if split else 0.0, *kv]
+
+    running = [[0] * (KV1_CUT + 1)]
+    for part in model.layers:
+        running.append([a + b for a, b in zip(running[-1], row(part))])
+    model.sums[key] = (running, row(model.outside))
+    return model.sums[key]
 
 
 def profile(spec: pb.ModelSpec) -> ModelProfile:
@@ -99,7 +142,8 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         else:
             read = t.bytes
         part.read_all += read
-        for strategy, rule in (("tensor", t.tensor_split), ("moe_tensor", t.moe_tensor_split)):
+        for strategy, rule in (("tensor", t.tensor_split), ("moe_tensor", t.moe_tensor_split),
+                               ("moe_experts", t.moe_experts_split)):
             if not rule.units:
                 continue
             part.split[strategy][cls] += t.bytes
@@ -124,6 +168,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         layers=layers,
         outside=outside,
         divisibility={s: sorted((u, n, t) for u, (n, t) in d.items()) for s, d in divisibility.items()},
+        grains={s: shares.grains_of(d) for s, d in divisibility.items()},
         moe_layers=len(moe_layer_ids),
         total_bytes=spec.total_bytes,
         max_intermediate=max_intermediate,

@@ -35,6 +35,7 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIPELINE: _ClassVar[Strategy]
     MOE_TENSOR: _ClassVar[Strategy]
     TENSOR: _ClassVar[Strategy]
+    MOE_EXPERTS: _ClassVar[Strategy]
 
 class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -115,6 +116,7 @@ STRATEGY_UNSPECIFIED: Strategy
 PIPELINE: Strategy
 MOE_TENSOR: Strategy
 TENSOR: Strategy
+MOE_EXPERTS: Strategy
 BACKEND_UNSPECIFIED: Backend
 RING: Backend
 JACCL: Backend
@@ -222,18 +224,20 @@ class ModelFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ShardOf(_message.Message):
-    __slots__ = ("strategy", "rank", "world_size", "layer_start", "layer_end")
+    __slots__ = ("strategy", "rank", "world_size", "layer_start", "layer_end", "grains")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    GRAINS_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     rank: int
     world_size: int
     layer_start: int
     layer_end: int
-    def __init__(self, strategy: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    grains: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, strategy: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., grains: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelHolding(_message.Message):
     __slots__ = ("model_id", "revision", "files", "complete", "store", "bytes", "shard")
@@ -340,7 +344,7 @@ class SplitRule(_message.Message):
     def __init__(self, axis: _Optional[int] = ..., units: _Optional[int] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "quantization", "bytes", "tensor_class", "layer", "tensor_split", "moe_tensor_split", "parameters")
+    __slots__ = ("name", "shape", "dtype", "quantization", "bytes", "tensor_class", "layer", "tensor_split", "moe_tensor_split", "parameters", "moe_experts_split")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +355,7 @@ class TensorInfo(_message.Message):
     TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
     MOE_TENSOR_SPLIT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MOE_EXPERTS_SPLIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -361,7 +366,8 @@ class TensorInfo(_message.Message):
     tensor_split: SplitRule
     moe_tensor_split: SplitRule
     parameters: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., bytes: _Optional[int] = ..., tensor_class: _Optional[_Union[TensorClass, str]] = ..., layer: _Optional[int] = ..., tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., moe_tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., parameters: _Optional[int] = ...) -> None: ...
+    moe_experts_split: SplitRule
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, _Mapping]] = ..., bytes: _Optional[int] = ..., tensor_class: _Optional[_Union[TensorClass, str]] = ..., layer: _Optional[int] = ..., tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., moe_tensor_split: _Optional[_Union[SplitRule, _Mapping]] = ..., parameters: _Optional[int] = ..., moe_experts_split: _Optional[_Union[SplitRule, _Mapping]] = ...) -> None: ...
 
 class LayerKvCache(_message.Message):
     __slots__ = ("layer", "bytes_per_token", "window_tokens", "split_units", "kind")
@@ -457,34 +463,34 @@ class MemoryBreakdown(_message.Message):
     def __init__(self, embedding_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., dense_mlp_bytes: _Optional[int] = ..., router_bytes: _Optional[int] = ..., routed_experts_bytes: _Optional[int] = ..., shared_experts_bytes: _Optional[int] = ..., norm_bytes: _Optional[int] = ..., other_bytes: _Optional[int] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., overhead_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class RankPlacement(_message.Message):
-    __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "shard_index", "shard_count", "memory", "usable_bytes", "fits", "predicted_compute_s", "address", "transfer")
+    __slots__ = ("rank", "node_id", "node_name", "layer_start", "layer_end", "memory", "usable_bytes", "fits", "predicted_compute_s", "address", "transfer", "share", "share_of")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
-    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
-    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     USABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FITS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_OF_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_id: str
     node_name: str
     layer_start: int
     layer_end: int
-    shard_index: int
-    shard_count: int
     memory: MemoryBreakdown
     usable_bytes: int
     fits: bool
     predicted_compute_s: float
     address: str
     transfer: Transfer
-    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ..., transfer: _Optional[_Union[Transfer, _Mapping]] = ...) -> None: ...
+    share: int
+    share_of: int
+    def __init__(self, rank: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., memory: _Optional[_Union[MemoryBreakdown, _Mapping]] = ..., usable_bytes: _Optional[int] = ..., fits: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., address: _Optional[str] = ..., transfer: _Optional[_Union[Transfer, _Mapping]] = ..., share: _Optional[int] = ..., share_of: _Optional[int] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("bytes_needed", "bytes_local", "bytes_to_fetch", "sources", "predicted_s")
@@ -711,7 +717,7 @@ class RunnerDeadlines(_message.Message):
     def __init__(self, connect_s: _Optional[float] = ..., load_s: _Optional[float] = ..., warmup_s: _Optional[float] = ..., peer_s: _Optional[float] = ...) -> None: ...
 
 class RunnerSpec(_message.Message):
-    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "prefill_step_tokens")
+    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "shares", "prefill_step_tokens")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -731,6 +737,7 @@ class RunnerSpec(_message.Message):
     PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
@@ -751,8 +758,9 @@ class RunnerSpec(_message.Message):
     prefix_cache_tokens: int
     prefix_cache_bytes: int
     max_queue: int
+    shares: _containers.RepeatedScalarFieldContainer[int]
     prefill_step_tokens: int
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_step_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., shares: _Optional[_Iterable[int]] = ..., prefill_step_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

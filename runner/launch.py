@@ -233,11 +233,12 @@ class LocalInstance:
                  start_only: Optional[list[int]] = None, rank_hosts: Optional[list[list[str]]] = None,
                  rank_prefix: Optional[list[list[str]]] = None, model_dirs: Optional[list] = None,
                  max_batch: int = 8, prefix_cache_tokens: int = 0, max_queue: Optional[int] = None,
-                 prefill_step_tokens: int = 0):
+                 shares: Optional[list[int]] = None, prefill_step_tokens: int = 0):
         """model_dirs: each rank's own model directory (shard checkpoints),
         instead of model_dir for all; rank_hosts: the ring addresses as each rank sees them, when they
         differ (a rank reaching its peers through relays); rank_prefix: the
-        command each rank runs under (a network namespace)."""
+        command each rank runs under (a network namespace); shares: each
+        rank's grains of a tensor strategy (models/shares.py; None: even)."""
         self.instance_id = instance_id or f"local-{os.getpid()}-{next(self._ids)}"
         self.hosts = hosts or [f"127.0.0.1:{p}" for p in free_ports(world_size)]
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="exod-logs-"))
@@ -251,7 +252,7 @@ class LocalInstance:
                           rendezvous_secret=secret,
                           backend=pb.RING, hosts=rank_hosts[r] if rank_hosts else self.hosts,
                           model_dir=str(model_dirs[r] if model_dirs else model_dir), strategy=strategy,
-                          pipeline_layers=pipeline_layers or [], deadlines=deadlines,
+                          pipeline_layers=pipeline_layers or [], shares=shares or [], deadlines=deadlines,
                           context_length=context_length, max_batch=max_batch,
                           prefix_cache_tokens=prefix_cache_tokens, max_queue=max_queue,
                           prefill_step_tokens=prefill_step_tokens,

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from exod.models import shares
 from exod.models.shards import MANIFEST, SHARD_FILE, read_manifest
 
 DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
@@ -36,15 +37,20 @@ def is_shard(path: Path) -> bool:
 
 
 def _padded(stored: mx.array, entry: dict) -> mx.array:
-    axis, part, parts = int(entry["axis"]), int(entry["part"]), int(entry["parts"])
-    width = stored.shape[axis]
-    if [*stored.shape[:axis], width * parts, *stored.shape[axis + 1:]] != list(entry["shape"]):
-        raise ShardError(f"shard part of shape {list(stored.shape)} is not 1/{parts} of {entry['shape']}")
+    axis = int(entry["axis"])
+    lo, hi, of = (int(g) for g in entry["grains"])
+    full = list(entry["shape"])
+    try:
+        a, b = shares.cut(full[axis], lo, hi, of)
+    except shares.ShareError:
+        a, b = -1, -1
+    if [*stored.shape[:axis], full[axis], *stored.shape[axis + 1:]] != full or stored.shape[axis] != b - a:
+        raise ShardError(f"shard part of shape {list(stored.shape)} is not grains {lo}-{hi} of {of} of {full}")
     pieces = []
-    for count in (part, parts - part - 1):
+    for width in (a, full[axis] - b):
         shape = list(stored.shape)
-        shape[axis] = width * count
-        pieces.append(mx.zeros(shape, dtype=stored.dtype) if count else None)
+        shape[axis] = width
+        pieces.append(mx.zeros(shape, dtype=stored.dtype) if width else None)
     return mx.concatenate([p for p in (pieces[0], stored, pieces[1]) if p is not None], axis=axis)
 
 
@@ -142,7 +148,7 @@ def check_cut(model, path: Path) -> int:
         if tuple(mine.shape) != tuple(part.shape) or not mx.array_equal(mine, part).item():
             raise ShardError(
                 f"the strategy's cut of {name} is not the part the shard holds "
-                f"(part {entry['part']} of {entry['parts']} along axis {entry['axis']}: shape "
+                f"(grains {entry['grains'][0]}-{entry['grains'][1]} of {entry['grains'][2]} along axis {entry['axis']}: shape "
                 f"{list(part.shape)}; the strategy kept {list(mine.shape)})")
         compared += 1
         del part

@@ -136,6 +136,62 @@ def stages_sharing_a_cache(model, group, spec, arch, config):
     model.make_cache = shared
 
 
+def _moe_tensor_with_grains(model, group, arch, config, lo, hi, of):
+    """moe_tensor's own cut and sums, of grains [lo, hi) of `of`."""
+    blocks = set()
+    for path, module in list(model.named_modules()):
+        split = arch.moe_tensor_split(path, config)
+        if split is not None:
+            strategies.cut(module, split.side, lo, hi, of, group.rank())
+            blocks.add(strategies.moe_block_path(path))
+    for path in sorted(blocks):
+        parent_path, name = path.rsplit(".", 1)
+        parent = strategies.resolve(model, parent_path)
+        parent[name] = strategies.AllSumOutput(parent[name], group)
+
+
+def uneven_grains_overlapping(model, group, spec, arch, config):
+    """Uneven moe_tensor where each rank keeps as many grains as its share
+    says but starts them at rank x its own width, as an even split would:
+    with shares 2, 1, 1 of 4, ranks hold grains 0-1, 1 and 2, so grain 1
+    is summed twice and grain 3 is on no rank."""
+    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec, group)
+    width = hi - lo
+    start = group.rank() * width
+    _moe_tensor_with_grains(model, group, arch, config, start, start + width, of)
+
+
+def uneven_grains_dropped(model, group, spec, arch, config):
+    """Uneven moe_tensor where the last rank holds one grain fewer than its
+    share: every rank's cut is whole and summed, and one grain of every
+    expert is on no rank."""
+    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec, group)
+    if group.rank() == group.size() - 1:
+        hi -= 1
+    _moe_tensor_with_grains(model, group, arch, config, lo, hi, of)
+
+
+def experts_on_two_ranks(model, group, spec, arch, config):
+    """moe_experts where each rank keeps as many experts as its share says
+    but starts them at rank x its own width: with shares 4, 3, 1 of 8,
+    ranks hold experts 0-3, 3-5 and 2, so experts 2 and 3 are computed on
+    two ranks for the same tokens and summed twice, and 6 and 7 on none."""
+    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+    start = group.rank() * (hi - lo)
+    strategies.place_experts(model, group, arch, config, start, start + hi - lo, of)
+
+
+def expert_on_no_rank(model, group, spec, arch, config):
+    """moe_experts where the last rank drops its last expert: every routed
+    slot to it is zero everywhere."""
+    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+    strategies.place_experts(model, group, arch, config, lo, hi - (group.rank() == group.size() - 1), of)
+
+
+strategies.register("experts_on_two_ranks", experts_on_two_ranks)
+strategies.register("expert_on_no_rank", expert_on_no_rank)
+strategies.register("uneven_grains_overlapping", uneven_grains_overlapping)
+strategies.register("uneven_grains_dropped", uneven_grains_dropped)
 strategies.register("dense_layer_without_sum", dense_layer_without_sum)
 strategies.register("embedding_rows_rotated", embedding_rows_rotated)
 strategies.register("decode_without_history", decode_without_history)

@@ -14,7 +14,32 @@ from .conftest import TEST_CLUSTER_KEY
 from exod.daemon.node import Node
 
 
+_BANDWIDTH: dict = {}
+
+
+def one_machine_bandwidth(data_dir) -> None:
+    """Every emulated node on this machine reports the one bandwidth measured
+    here once (the daemon's cache, bandwidth.json), as it is one machine: a
+    copy measured per node differs by noise under load, and the planner
+    would give such nodes uneven shares."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from exod.daemon import profile
+
+    if not _BANDWIDTH:
+        with tempfile.TemporaryDirectory() as tmp:
+            _BANDWIDTH["chip"] = profile.chip()
+            _BANDWIDTH["bytes_per_s"] = profile.measured_bandwidth(Path(tmp) / "bandwidth.json", _BANDWIDTH["chip"])
+    cache = Path(data_dir) / "bandwidth.json"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(_BANDWIDTH))
+
+
 def settings(tmp_path, name, peers=(), **overrides) -> Settings:
+    one_machine_bandwidth(overrides.get("data_dir") or tmp_path / name)
     base = dict(name=name, api_host="127.0.0.1", api_port=0, grpc_host="127.0.0.1", grpc_port=0,
                 peers=list(peers), data_dir=str(tmp_path / name), discovery=False, rtt_probe_s=0.5,
                 throughput_probe_s=5.0, exchange_s=1.0,

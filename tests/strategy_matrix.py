@@ -10,7 +10,7 @@ from exod.placement import synthetic as synthetic_cluster
 from exod.placement.planner import STRATEGY_BY_NAME, STRATEGY_NAMES
 from exod.proto import exod_pb2 as pb
 
-STRATEGIES = ("pipeline", "moe_tensor", "tensor")
+STRATEGIES = ("pipeline", "moe_tensor", "tensor", "moe_experts")
 WORLDS = (1, 2, 3)
 ROOMY = 512 * 10**9  # memory never decides here: only what can run
 

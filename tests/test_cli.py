@@ -39,7 +39,7 @@ def test_plan_json_shape(tmp_path):
     assert rejected, "V4 on 2 ranks: tensor is not proven, so that candidate is rejected"
     for candidate in data["candidates"]:
         assert {"strategy", "backend", "ranks"} <= set(candidate)
-        assert candidate["strategy"] in ("PIPELINE", "MOE_TENSOR", "TENSOR")
+        assert candidate["strategy"] in ("PIPELINE", "MOE_TENSOR", "TENSOR", "MOE_EXPERTS")
         if candidate.get("rejected"):
             # Refused for a reason other than memory: no estimates.
             assert candidate["reasons"] and "predicted_decode_tokens_per_s" not in candidate

@@ -13,6 +13,7 @@ import time
 
 
 from .conftest import REPO
+from .daemon_helpers import one_machine_bandwidth
 from .netns import lab, leftover_namespaces
 
 API = 52415
@@ -44,6 +45,7 @@ def start(net, index, tmp_path, cluster="lab", extra=()):
     data.mkdir(exist_ok=True)
     if not (data / "node_key.pem").exists():
         (data / "node_key.pem").write_bytes(KEYS[index][1])
+    one_machine_bandwidth(data)  # emulated hosts of one machine: one bandwidth
     log = open(tmp_path / f"h{index}.log", "ab")
     return net.run(index, [sys.executable, "-m", "exod.daemon.cli", "start", "--name", f"h{index}",
                            "--api-port", str(API), "--grpc-port", str(GRPC), "--data-dir", str(data),

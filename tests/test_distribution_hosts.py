@@ -25,6 +25,7 @@ import pytest
 from .conftest import REPO
 from .model_fixtures import MOE, build_moe, hf_cache_with
 from .netns import lab, leftover_namespaces
+from .daemon_helpers import one_machine_bandwidth
 from .test_daemon_hosts import API, members, state, wait
 
 REPO_ID = "acme/moe-16x"
@@ -33,6 +34,7 @@ REPO_ID = "acme/moe-16x"
 def start(net, index, tmp_path, env=None, extra=()):
     data = tmp_path / f"h{index}"
     data.mkdir(exist_ok=True)
+    one_machine_bandwidth(data)  # emulated hosts of one machine: one bandwidth, even shares
     log = open(tmp_path / f"h{index}.log", "ab")
     return net.run(index, [sys.executable, "-m", "exod.daemon.cli", "start", "--name", f"h{index}",
                            "--api-port", str(API), "--data-dir", str(data), "--memory-limit", "6GB", "--cluster",

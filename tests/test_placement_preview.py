@@ -50,6 +50,9 @@ def test_preview_plans_on_the_live_view_over_http_and_grpc(tmp_path):
             # The built-in demo model, before it is built on this node.
             status, plan = await asyncio.to_thread(post, url, {"model": "demo", "strategy": "moe_tensor", "nodes": ["a", "b"]})
             assert status == 200 and plan["chosen"]["strategy"] == "MOE_TENSOR"
+            # Each rank's share of every expert, in grains (models/shares.py).
+            held = [(r["share"], r["share_of"]) for r in plan["chosen"]["ranks"]]
+            assert held[0][1] == held[1][1] and held[0][0] + held[1][0] == held[0][1], held
 
             # The same over gRPC.
             channel = member_channel(f"127.0.0.1:{a.grpc_port}")

@@ -83,11 +83,15 @@ def test_overhead_is_process_base_prefill_activations_and_the_canary_layer(moe):
     chunk = min(CONTEXT, constants.PREFILL_CHUNK_TOKENS)
     canary = ATTN + LAYER_NORMS + ROUTER + EXPERTS  # the largest layer, read again whole
     base = constants.PROCESS_BASE_BYTES
-    whole = breakdown(moe, "pipeline", 1, 0, 0, 4)  # whole layers: nothing to read twice
+    whole = breakdown(moe, "pipeline", 1, 0, 0, 4)  # one rank: no canary, nothing to read twice
     assert whole.overhead_bytes == base + int(chunk * (128 + widest) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
     cut = breakdown(moe, "moe_tensor", 2, 0, 0, 4)
     assert cut.overhead_bytes == base + canary + int(
         chunk * (128 + widest // 2) * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT)
+    # A stage of a 2-rank pipeline: its layers are whole, but the canary still
+    # reads the uncut layer it compares with.
+    stage = breakdown(moe, "pipeline", 2, 0, 0, 2)
+    assert stage.overhead_bytes == whole.overhead_bytes + canary
 
 
 def test_mla_kv_is_the_latent_and_never_split():
@@ -124,10 +128,10 @@ def test_deepseek_v4_kv_is_window_plus_compressed_history():
 def test_quantized_tensor_split_needs_whole_groups():
     config = {**synthetic.TINY_CONFIGS["qwen3_moe"], "quantization": {"group_size": 64, "bits": 4}}
     model = profile(inventory.from_config(config, "q"))
-    # down_proj has 128 intermediate columns = 2 groups of 64: 2 ranks fine, 4 not.
+    # down_proj has 128 intermediate columns = 2 groups of 64: 2 grains, so 2 ranks fine, 3 or 4 not.
     assert not planner.structural_reasons(model, "moe_tensor", 2)
     reasons = planner.structural_reasons(model, "moe_tensor", 4)
-    assert reasons and "not divisible by 4" in reasons[0]
+    assert reasons and "only 2 whole grain(s)" in reasons[0] and "fewer than 4 ranks" in reasons[0]
 
 
 def two_node_cluster(memory):

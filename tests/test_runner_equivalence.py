@@ -4,9 +4,12 @@ process, for a 40-token prompt the runner prefills 16 tokens at a time:
 last-position logits and the log-probability of each of the 16 greedy
 tokens within 1e-4, and the same tokens, in
 fp32 and with 4-bit weights (fp32 activations). Pipeline runs on 2 and 3
-ranks, the tensor strategies on 2 (the tiny models' 4 heads do not divide
-by 3, so the planner refuses 3); 4-bit runs on 2 ranks. A few models also
-run on one rank, where the runner cuts nothing.
+ranks, the tensor strategies on 2 and, where the model has at least 3
+grains (models/shares.py), on 3 with the most even shares the planner
+would give identical nodes (43/43/42 of qwen3_moe's 128 expert rows; 3/3/2
+of qwen2's 8 KV-head groups); 4-bit runs on 2 ranks. A few models also run
+on one rank, where the runner cuts nothing. Skewed uneven shares on 3 and
+4 ranks, fp32 and 4-bit, run below.
 tests/test_strategy_coverage.py checks that this is exactly what the runner
 can do."""
 
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 
 from exod.models import architectures, synthetic
+from exod.runner.launch import LocalInstance
 
 from .runner_helpers import reference, sharded
 from .strategy_matrix import accepted
@@ -87,6 +91,53 @@ def test_sharded_runner_matches_single_process(name, strategy, world, variant, r
     assert steps <= LOGIT_BOUND[variant], f"logprobs max |d| = {steps}"
     for status in got["ready"]:
         assert status.canary_max_delta <= 1e-4
+
+
+# Uneven shares, as the planner gives nodes of unequal speed or memory: each
+# rank's grains of every cut tensor (models/shares.py). moe_tensor: fp32
+# grains are single expert rows (128), 4-bit ones 32-wide quantization
+# groups (4); tensor: qwen2's 8 KV-head groups (2 query heads each), 4 in
+# 4-bit (o_proj's quantization groups).
+UNEVEN = [
+    ("qwen3_moe", "moe_tensor", [64, 40, 24], "fp32"),
+    ("qwen3_moe", "moe_tensor", [50, 30, 30, 18], "fp32"),
+    ("qwen3_moe", "moe_tensor", [2, 1, 1], "q4"),
+    ("deepseek_v3", "moe_tensor", [9, 40, 15], "fp32"),
+    ("qwen2", "tensor", [4, 3, 1], "fp32"),
+    ("qwen2", "tensor", [3, 2, 2, 1], "fp32"),
+    ("qwen2", "tensor", [2, 1, 1], "q4"),
+    # moe_experts: a grain is one of the 8 experts (with 1/8 of a shared expert).
+    ("qwen3_moe", "moe_experts", [4, 3, 1], "fp32"),
+    ("qwen3_moe", "moe_experts", [3, 2, 2, 1], "q4"),
+    ("qwen2_moe", "moe_experts", [1, 5, 2], "fp32"),
+    ("deepseek_v3", "moe_experts", [2, 2, 3, 1], "fp32"),
+]
+
+
+@pytest.mark.parametrize("name,strategy,shares,variant", UNEVEN,
+                         ids=[f"{n}-{s}-{'-'.join(map(str, sh))}-{v}" for n, s, sh, v in UNEVEN])
+def test_uneven_shares_match_single_process(name, strategy, shares, variant, runner_models, references):
+    model_dir = runner_models(name, variant)
+    expected = references(model_dir)
+    got = sharded(model_dir, strategy, len(shares), shares=shares)
+    delta = np.abs(got["logits"] - expected["logits"]).max()
+    record(name, f"{strategy} {'/'.join(map(str, shares))}", len(shares), variant, delta)
+    assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
+    assert got["tokens"] == expected["tokens"]
+    for status in got["ready"]:
+        assert status.canary_max_delta <= 1e-4
+
+
+def test_shares_that_do_not_cover_the_grains_fail_in_loading(runner_models):
+    from exod.runner.launch import LaunchError
+
+    with LocalInstance(runner_models("qwen3_moe", "fp32"), "moe_tensor", 3, context_length=512,
+                       shares=[64, 40, 20]) as instance:
+        with pytest.raises(LaunchError) as failed:
+            instance.wait_ready(120)
+        instance.shutdown(15)
+    assert "(Loading failed: moe_tensor: shares [64, 40, 20] sum to 124, not the model's 128 grains" \
+        in str(failed.value), str(failed.value)
 
 
 # 4-bit weights with bf16 activations, the usual Apple-silicon checkpoint. A

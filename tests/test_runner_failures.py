@@ -63,6 +63,37 @@ def test_a_broken_cut_fails_the_canary_on_fp32_and_quantized_weights(model, stra
         assert any(s.state == pb.LOADED for s in instance.statuses[0])
 
 
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("strategy", ["uneven_grains_overlapping", "uneven_grains_dropped"])
+def test_a_broken_uneven_assignment_fails_the_canary(strategy, variant, models):
+    """Three ranks of uneven moe_tensor: grains placed on two ranks and on
+    none, or one grain left out, never reach Ready. fp32 has 128 grains of
+    one element, 4-bit 4 grains of a 32-wide quantization group."""
+    # Every rank keeps at least one grain (the dropped one comes off a rank with two).
+    shares = [64, 40, 24] if not variant else ([2, 1, 1] if strategy == "uneven_grains_overlapping" else [1, 1, 2])
+    with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
+        assert ended(instance, 180)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+
+
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("strategy,shares", [("experts_on_two_ranks", [4, 3, 1]), ("expert_on_no_rank", [1, 3, 4])])
+def test_a_broken_expert_placement_fails_the_canary(strategy, shares, variant, models):
+    """moe_experts on 3 ranks: an expert on two ranks (its tokens counted
+    twice) or on none never reaches Ready."""
+    with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
+        assert ended(instance, 180)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+
+
 def ended(instance, timeout):
     return instance.wait_for(lambda i: all(r.terminal.is_set() for r in i.ranks), timeout)
 

@@ -32,18 +32,19 @@ def checkpoint_of(root):
     return ckpt.local("acme/tiny", "", root, files)
 
 
-def shard_dirs(root, tmp_path, strategy, world, split=()):
+def shard_dirs(root, tmp_path, strategy, world, split=(), rank_shares=()):
     checkpoint = checkpoint_of(root)
     sizes = {n: s for n, (s, _) in checkpoint.files.items()}
     out = []
     for rank in range(world):
-        plan = shards.plan_rank(checkpoint, strategy, rank, world, split)
+        plan = shards.plan_rank(checkpoint, strategy, rank, world, split, rank_shares=rank_shares)
         out.append(shards.write_local(plan, root, tmp_path / plan.key, sizes))
     return out
 
 
-def run(root, strategy, world, dirs, split=None):
-    with LocalInstance(root, strategy, world, context_length=512, model_dirs=dirs, pipeline_layers=split) as instance:
+def run(root, strategy, world, dirs, split=None, rank_shares=None):
+    with LocalInstance(root, strategy, world, context_length=512, model_dirs=dirs, pipeline_layers=split,
+                       shares=rank_shares) as instance:
         instance.wait_ready(180)
         chunks = instance.generate(greedy_request(), timeout=120)
         assert instance.shutdown(15)
@@ -51,7 +52,8 @@ def run(root, strategy, world, dirs, split=None):
     return np.array(final.prompt_logits), [t.token for c in chunks for t in c.tokens if c is not final or t.token]
 
 
-@pytest.mark.parametrize("strategy,variant", [("moe_tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4")])
+@pytest.mark.parametrize("strategy,variant", [("moe_tensor", "fp32"), ("pipeline", "fp32"), ("tensor", "q4"),
+                                              ("moe_experts", "q4")])
 def test_each_rank_from_its_own_shard_computes_what_one_process_does(models, tmp_path, strategy, variant):
     root = models[variant]
     split = [2, 2] if strategy == "pipeline" else None
@@ -65,7 +67,7 @@ def test_each_rank_from_its_own_shard_computes_what_one_process_does(models, tmp
         stored = sum(e.nbytes for e in layout.entries.values())
         assert stored < 0.8 * whole, f"rank {rank} holds {stored} of {whole} bytes"
         for name, t in meta["tensors"].items():  # a cut tensor is stored as its part, named with its full shape
-            assert t["part"] == rank and t["parts"] == 2
+            assert t["grains"][0] == rank * t["grains"][2] // 2 and t["grains"][1] == (rank + 1) * t["grains"][2] // 2
             assert list(layout.entries[name].shape)[t["axis"]] * 2 == t["shape"][t["axis"]]
     if strategy == "pipeline":
         # Rank 1 runs layers 0-1 (mlx-lm: rank 0 the last): the others are absent.
@@ -77,6 +79,31 @@ def test_each_rank_from_its_own_shard_computes_what_one_process_does(models, tmp
     logits, tokens = run(root, strategy, 2, dirs, split)
     assert np.abs(logits - expected["logits"]).max() <= 1e-4
     assert tokens == expected["tokens"]
+
+
+def test_uneven_shares_from_shards_compute_what_one_process_does(models, tmp_path):
+    """Three moe_tensor ranks holding 64, 40 and 24 of the 128 expert rows,
+    each loading only its shard: each stores exactly its grains."""
+    root, held = models["fp32"], [64, 40, 24]
+    dirs = shard_dirs(root, tmp_path, "moe_tensor", 3, rank_shares=held)
+    for rank, d in enumerate(dirs):
+        meta = json.loads((d / shards.MANIFEST).read_text())
+        layout = read_layout(d / shards.SHARD_FILE)
+        lo = sum(held[:rank])
+        assert meta["grains"] == [lo, lo + held[rank], 128]
+        for name, t in meta["tensors"].items():
+            assert t["grains"] == [lo, lo + held[rank], 128]
+            assert list(layout.entries[name].shape)[t["axis"]] * 128 == t["shape"][t["axis"]] * held[rank]
+    keys = {d.name for d in dirs} | {d.name for d in shard_dirs(root, tmp_path / "even", "moe_tensor", 3)}
+    assert len(keys) == 6  # other shares, other bytes, other shards
+    expected = reference(root)
+    logits, tokens = run(root, "moe_tensor", 3, dirs, rank_shares=held)
+    assert np.abs(logits - expected["logits"]).max() <= 1e-4
+    assert tokens == expected["tokens"]
+    # The same shards under other shares: the cut is not what the shards hold.
+    with LocalInstance(root, "moe_tensor", 3, context_length=512, model_dirs=dirs, shares=[24, 40, 64]) as instance:
+        with pytest.raises(LaunchError, match="is not the part the shard holds"):
+            instance.wait_ready(180)
 
 
 def test_a_shard_of_another_rank_fails_with_the_reason(models, tmp_path):

@@ -74,7 +74,7 @@ def test_the_families_the_issue_names_have_tiny_models():
 @pytest.mark.parametrize("name,strategy,world,reason", [
     ("qwen2_moe", "tensor", 2, "class has no shard()"),
     ("phi3", "tensor", 2, "not proven"),
-    ("qwen3_moe", "tensor", 3, "not divisible by 3"),
+    ("qwen3_moe", "tensor", 3, "fewer than 3 ranks"),
     ("llama", "moe_tensor", 2, "not proven"),
 ])
 def test_a_refused_case_fails_in_the_runner_with_the_planners_reason(name, strategy, world, reason, runner_models):

@@ -76,7 +76,35 @@ def _step(layer, x, cache):
 # What a strategy needs from mlx-lm's class beyond the architecture's proof:
 # tensor is the class's own shard(), so a class without one cannot.
 CLASS_NEEDS = {"tensor": "shard"}
-STRATEGIES = ("pipeline", "moe_tensor", "tensor")
+STRATEGIES = ("pipeline", "moe_tensor", "tensor", "moe_experts")
+# Cutting strategies: each rank holds a share of what they cut, in grains (models/shares.py).
+CUTTING = ("tensor", "moe_tensor", "moe_experts")
+ROUTED = re.compile(r"(^|\.)(switch_mlp|experts)\.")
+
+
+def moe_experts_split(arch: "Architecture", path: str, cfg: dict) -> Optional[Split]:
+    """moe_experts, from the architecture's moe_tensor rules: the routed
+    experts' projections are cut by whole experts (their first axis), each
+    rank holding the experts of its share; a shared expert, which every
+    token passes through, is cut on its intermediate axis as moe_tensor
+    cuts it. One grain is then an expert with its slice of the shared
+    expert."""
+    split = arch.moe_tensor_split(path, cfg)
+    if split is None or not ROUTED.search(path + "."):
+        return split
+    experts = arch.experts(cfg)[0]
+    return Split("axis0", experts, "experts") if experts else None
+
+
+def split_rule(strategy: str, arch: "Architecture") -> Callable[[str, dict], Optional[Split]]:
+    """The (path, config) -> Split rule of a cutting strategy."""
+    if strategy == "tensor":
+        return arch.tensor_split
+    if strategy == "moe_tensor":
+        return arch.moe_tensor_split
+    if strategy == "moe_experts":
+        return lambda path, cfg: moe_experts_split(arch, path, cfg)
+    raise ValueError(f"{strategy} cuts no tensors")
 
 
 def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_paths, cfg: dict) -> Optional[str]:
@@ -92,13 +120,15 @@ def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_pa
     need = CLASS_NEEDS.get(strategy)
     if need and model_class is not None and not hasattr(model_class, need):
         return f"mlx-lm's {cfg['model_type']} class has no {need}(), which {strategy} uses"
-    if strategy == "moe_tensor":
+    if strategy in ("moe_tensor", "moe_experts"):
         paths = list(module_paths)
-        if not any(arch.moe_tensor_split(p, cfg) for p in paths):
-            return f"moe_tensor needs a mixture-of-experts model; {cfg['model_type']} has no expert projections to split"
-        whole = replicated_in_moe_blocks(paths, arch.moe_tensor_split, cfg)
+        rule = split_rule(strategy, arch)
+        if not any(rule(p, cfg) for p in paths):
+            return (f"{strategy} needs a mixture-of-experts model; "
+                    f"{cfg['model_type']} has no expert projections to split")
+        whole = replicated_in_moe_blocks(paths, rule, cfg)
         if whole:
-            return (f"moe_tensor would sum {whole[0]} once per rank: it sits in an MoE block "
+            return (f"{strategy} would sum {whole[0]} once per rank: it sits in an MoE block "
                     f"and the architecture does not split it")
     return None
 

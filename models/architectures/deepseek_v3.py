@@ -50,7 +50,7 @@ def _tensor_split(path: str, cfg: dict) -> Optional[Split]:
 ARCHITECTURE = Architecture(
     name="deepseek_v3",
     model_types=("deepseek_v3", "kimi_k2"),
-    proven_strategies=frozenset({"pipeline", "moe_tensor", "tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=_kv_cache,
     tensor_split=_tensor_split,

@@ -136,7 +136,7 @@ ARCHITECTURE = Architecture(
     model_types=("deepseek_v41", "deepseek_v4"),
     # Tensor parallelism stays off until the runner's equivalence tests pass
     # for it: head-parallel V4 attention is the bug that started exod.
-    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=_kv_cache,
     tensor_split=_tensor_split,

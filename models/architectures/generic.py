@@ -31,7 +31,7 @@ def _moe_tensor_split(path: str, cfg: dict) -> Optional[Split]:
 ARCHITECTURE = Architecture(
     name="generic",
     model_types=(),
-    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=gqa_kv_cache,
     tensor_split=gqa_tensor_split,

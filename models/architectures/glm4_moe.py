@@ -16,7 +16,7 @@ def _shared_size(cfg: dict) -> int:
 ARCHITECTURE = Architecture(
     name="glm4_moe",
     model_types=("glm4_moe",),
-    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=gqa_kv_cache,
     tensor_split=gqa_tensor_split,

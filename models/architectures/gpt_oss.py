@@ -17,7 +17,7 @@ def _kv_cache(cfg: dict, element_bytes: int):
 ARCHITECTURE = Architecture(
     name="gpt_oss",
     model_types=("gpt_oss",),
-    proven_strategies=frozenset({"pipeline", "moe_tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=_kv_cache,
     tensor_split=gqa_tensor_split,

@@ -11,7 +11,7 @@ from .base import (
 ARCHITECTURE = Architecture(
     name="qwen3_moe",
     model_types=("qwen3_moe", "qwen2_moe"),
-    proven_strategies=frozenset({"pipeline", "moe_tensor", "tensor"}),
+    proven_strategies=frozenset({"pipeline", "moe_tensor", "tensor", "moe_experts"}),
     classify=classify_generic,
     kv_cache=gqa_kv_cache,
     tensor_split=gqa_tensor_split,
