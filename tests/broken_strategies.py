@@ -124,12 +124,14 @@ def stages_sharing_a_cache(model, group, spec, arch, config):
     """exod's pipeline stage, with the second layer a rank holds given the
     first one's cache: whole, unchanged layers, the stages tiled right, and
     every rank's one-pass logits agree; only the cached path goes wrong."""
+    from mlx_lm.models.cache import KVCache
+
     strategies.pipeline(model, group, spec, arch, config)
     stage = model.exod_stage
-    make = model.make_cache
+    make = getattr(model, "make_cache", None)  # a class without one gets a KVCache per layer
 
     def shared():
-        caches = make()
+        caches = make() if make else [KVCache() for _ in model.layers]
         caches[stage.start + 1] = caches[stage.start]
         return caches
 

@@ -281,6 +281,7 @@ def test_the_hub_when_no_node_holds_it(tmp_path, tmp_path_factory):
             placed = place(net, 0, {"model": REPO_ID, "strategy": "pipeline", "nodes": ["h0", "h1"], "ranks": 2})
             assert all(r["transfer"]["sources"] == ["hub"] for r in placed["placement"]["ranks"])
             until_state(net, 0, placed["instance_id"], "INSTANCE_READY", 300)
+            until_state(net, 1, placed["instance_id"], "INSTANCE_READY", 10)  # the record has reached h1
             assert chat(net, 1, 8)
             skipped = 0
             for r in placed["placement"]["ranks"]:
