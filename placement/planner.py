@@ -150,7 +150,11 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict, hops: dict | None
             if key in seen:
                 continue
             seen.add(key)
-            orders.append(_ring_order(subset, latency))
+            # The ring starts at the fastest node, equals by name: free memory
+            # moves from one plan to the next, and a different rank order on
+            # the same nodes would make every rank fetch its shard again.
+            orders.append(_ring_order(sorted(subset, key=lambda n: (-n.memory_bandwidth_bytes_per_s, n.name)),
+                                      latency))
     return orders
 
 
