@@ -555,6 +555,18 @@ class Work:
             log.warning("stopping ranks whose owner is gone", instance=instance_id, owner=self.owners.get(
                 next(k for k in gone if k[0] == instance_id))[:12])
             self.node._spawn(self.stop_instance(instance_id))
+        # Ranks of an instance its owner's own record says has ended: its
+        # StopInstance may have been lost (a link cut at that moment).
+        ended = set()
+        for k, owner in self.owners.items():
+            record = self.node.view.work.get(owner)
+            if owner != self.node.node_id and k in self.processes and k[0] not in gone and record is not None \
+                    and any(i.instance_id == k[0] and i.state in (pb.INSTANCE_FAILED, pb.INSTANCE_STOPPED)
+                            for i in record.instances):
+                ended.add(k[0])
+        for instance_id in ended:
+            log.warning("stopping ranks of an instance its owner ended", instance=instance_id)
+            self.node._spawn(self.stop_instance(instance_id))
         started = set(self.held.values())
         for reservation_id, held in list(self.node.ledger.held.items()):
             if reservation_id not in started and held.owner_node_id != self.node.node_id \
