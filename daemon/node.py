@@ -214,7 +214,9 @@ class Node:
                                    self.available_memory, now_ms())
 
     def known_records(self) -> tuple[list, list]:
-        return [m.record for m in self.view.members.values()], list(self.view.links.values())
+        # A Left member's record is kept only to refuse it: sent on, it would
+        # make whoever never heard the goodbye take the node for live.
+        return [m.record for m in self.view.members.values() if m.status != pb.LEFT], list(self.view.links.values())
 
     def known_work(self) -> list:
         return list(self.view.work.values())
@@ -288,7 +290,10 @@ class Node:
         node_profile = pb.NodeProfile()
         node_profile.CopyFrom(self.record.profile)
         node_profile.node_id = self.node_id
-        members = {k: v for k, v in self.view.members.items() if k != old}
+        # The old id stays in the view as Left at our old incarnation: our old
+        # record, still gossiping, must not come back to us as a live member.
+        members = dict(self.view.members)
+        members[old] = state.Member(self.record, pb.LEFT, now_ms())
         self.view = replace(self.view, self_id=self.node_id, members=members)
         self.view = state.set_self(self.view, self._make_record(node_profile, self.record.version + 1),
                                    self.available_memory, now_ms())

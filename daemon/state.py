@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, replace
 from exod.proto import exod_pb2 as pb
 
 
+MAX_DEPARTED = 4  # earlier lives remembered per id
+
+
 @dataclass(frozen=True)
 class Timing:
     suspect_after_ms: int = 1500
@@ -25,6 +28,9 @@ class Member:
     last_seen_ms: int = 0
     memory_available_bytes: int = 0
     memory_reserved_bytes: int = 0
+    # Earlier lives of this id that said goodbye (a copied data dir's twin
+    # that moved to a new id): their records, still gossiping, never return.
+    departed: tuple = ()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -66,15 +72,20 @@ def apply_record(view: View, record: pb.NodeRecord, now_ms: int) -> View:
         return view
     current = view.members.get(node_id)
     key = (record.incarnation, record.version)
+    if current is not None and record.incarnation in current.departed:
+        return view
     if current is not None and current.status == pb.LEFT and record.incarnation != current.record.incarnation:
         # Whoever held that incarnation is gone; any other life of the id may
         # come back, even an older one (the original of a copied data dir).
-        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes))
+        departed = (*current.departed, current.record.incarnation)[-MAX_DEPARTED:]
+        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes,
+                                         departed=departed))
     if current is not None and key <= current.key:
         return view
     if current is None or record.incarnation > current.record.incarnation:
         # New, or restarted: up until its heartbeats say otherwise.
-        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes))
+        return _with_member(view, Member(record, pb.UP, now_ms, record.profile.memory_available_bytes,
+                                         departed=current.departed if current is not None else ()))
     return _with_member(view, replace(current, record=record))
 
 

@@ -56,6 +56,20 @@ def test_left_nodes_stay_left_until_they_return():
     assert back.member("b").status == pb.UP
 
 
+def test_a_twin_that_left_never_comes_back_over_the_original():
+    # A copied data dir: the twin (incarnation 200) said goodbye and moved to
+    # a new id; the original (incarnation 100) took the id back. The twin's
+    # old record, still gossiping with its higher incarnation, is refused.
+    twin = state.left(state.apply_record(fresh(), record("b", incarnation=200), 0), "b", 200, 10)
+    original = state.apply_record(twin, record("b", incarnation=100), 20)
+    assert original.member("b").status == pb.UP and original.member("b").record.incarnation == 100
+    assert state.apply_record(original, record("b", incarnation=200, version=9), 30) is original
+    # The original's own restarts still win, and still remember the twin.
+    restarted = state.apply_record(original, record("b", incarnation=300), 40)
+    assert restarted.member("b").record.incarnation == 300
+    assert state.apply_record(restarted, record("b", incarnation=200, version=9), 50) is restarted
+
+
 def test_links_keep_the_highest_version():
     link = pb.LinkRecord(link=pb.Link(from_node="a", to_node="b", rtt_s=0.001), version=2)
     view = state.apply_link(fresh(), link)
