@@ -17,9 +17,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--minutes", type=float, help="chaos: how long to soak (default 15, quick 3)")
     parser.add_argument("--seed", type=int, help="chaos: the seed of a run to repeat")
+    parser.add_argument("--pinned", action="store_true",
+                        help="matrix: 2 ranks, each on a core of its own (as on two machines)")
+    parser.add_argument("--profiles", help="matrix: link profiles, comma-separated (default: all)")
     args = parser.parse_args()
     if args.name == "chaos":
         report = chaos.run(quick=args.quick, minutes=args.minutes, seed=args.seed)
+    elif args.name == "matrix":
+        report = matrix.run(quick=args.quick, pinned=args.pinned,
+                            profiles=args.profiles.split(",") if args.profiles else None)
     else:
         report = BENCHES[args.name](quick=args.quick)
     json.dump(report, sys.stdout, indent=2)

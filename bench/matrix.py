@@ -22,6 +22,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from exod.daemon.calibration import core_prefix
 from exod.models import inventory, synthetic
 from exod.placement import planner
 from exod.placement.errors import PlanError
@@ -62,13 +63,16 @@ def predictions(spec: pb.ModelSpec, cluster: pb.Cluster, world: int, context: in
     return forced, choice
 
 
-def run_cell(cluster, model_dir: Path, placement: pb.Placement, name: str, world: int, tokens: int) -> dict:
-    """Decode tokens/s of one placement on the emulated hosts."""
+def run_cell(cluster, model_dir: Path, placement: pb.Placement, name: str, world: int, tokens: int,
+             pinned: bool = False) -> dict:
+    """Decode tokens/s of one placement on the emulated hosts (pinned: each
+    rank on a core of its own)."""
     split = [r.layer_end - r.layer_start for r in placement.ranks] if name == "pipeline" else None
     own, views = cluster.ring_hosts(world)
     try:
         with LocalInstance(model_dir, name, world, pipeline_layers=split, hosts=own, rank_hosts=views,
-                           rank_prefix=[cluster.prefix(r) for r in range(world)],
+                           rank_prefix=[(core_prefix(r) if pinned else []) + cluster.prefix(r)
+                                        for r in range(world)],
                            context_length=placement.context_length,
                            deadlines=pb.RunnerDeadlines(connect_s=60, load_s=120, warmup_s=120)) as instance:
             instance.wait_ready(300)
@@ -82,25 +86,29 @@ def run_cell(cluster, model_dir: Path, placement: pb.Placement, name: str, world
     return {"decode_tokens_per_s": final.generation_tokens_per_s, "prefill_tokens_per_s": final.prompt_tokens_per_s}
 
 
-def run(quick: bool = False, smallest: bool = False) -> dict:
+def run(quick: bool = False, smallest: bool = False, pinned: bool = False, profiles: list[str] | None = None) -> dict:
     """smallest: one cell (demo model, 2 ranks, one profile, pipeline), so
-    a test can run the suite's code path in seconds."""
+    a test can run the suite's code path in seconds. pinned: 2 ranks only,
+    each on a core of its own, as on two machines (the calibration too), so
+    that the choice is judged without ranks waiting on the scheduler."""
     if os.geteuid() != 0:
         return {"bench": "matrix", "ok": False, "error": "needs root for network namespaces"}
+    if pinned and (os.cpu_count() or 1) < 2:
+        return {"bench": "matrix", "ok": False, "error": "pinned needs 2 cores, one per rank"}
     from exod.daemon.calibration import calibrate
 
     model = "demo" if smallest else "matrix-moe"
     model_dir = synthetic.ensure_named(model, models_dir())
     spec = inventory.from_directory(model_dir)
     spec.model_id = model
-    profiles = ["10gbe"] if smallest else list(PROFILES)
-    worlds = [2] if smallest else [2, 3]
+    profiles = ["10gbe"] if smallest else list(profiles or PROFILES)
+    worlds = [2] if smallest or pinned else [2, 3]
     tokens = 8 if smallest else (16 if quick else 32)
     repeats = 1 if (quick or smallest) else 2
     context = 1024
     calibrations = {}
     for world in worlds:  # the emulated hosts share this machine's cores
-        calibrations[world] = calibrate(busy=world, quick=quick or smallest)
+        calibrations[world] = calibrate(busy=world, quick=quick or smallest, pinned=pinned)
     cells, choices, fidelity = [], [], []
     for profile_name in profiles:
         profile = PROFILES[profile_name]
@@ -117,7 +125,7 @@ def run(quick: bool = False, smallest: bool = False) -> dict:
                 for _ in range(repeats):
                     for name, placement in forced.items():  # interleaved, so drift hits all alike
                         measured.setdefault(name, []).append(
-                            run_cell(cluster, model_dir, placement, name, world, tokens))
+                            run_cell(cluster, model_dir, placement, name, world, tokens, pinned))
                 for name, placement in forced.items():
                     samples = [m["decode_tokens_per_s"] for m in measured[name]]
                     got = statistics.median(samples)
@@ -141,7 +149,7 @@ def run(quick: bool = False, smallest: bool = False) -> dict:
                 picked = next((c for c in mine if c["strategy"] == choice), None)
                 choices.append({
                     "profile": profile_name, "ranks": world, "planner_choice": choice,
-                    "measured_fastest": fastest["strategy"],
+                    "measured_fastest": fastest["strategy"], "spread": spread,
                     "right": choice == fastest["strategy"],
                     "tie": bool(picked) and choice != fastest["strategy"]
                     and picked["measured_tokens_per_s"] >= fastest["measured_tokens_per_s"] * (1 - max(spread, 0.0)),
@@ -151,6 +159,7 @@ def run(quick: bool = False, smallest: bool = False) -> dict:
     return {
         "bench": "matrix",
         "model": model,
+        "pinned": pinned,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
         "decode_tokens": tokens,
         "repeats": repeats,

@@ -29,9 +29,17 @@ class CalibrationError(Exception):
     pass
 
 
-def _runner(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "exod.runner.calibrate", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+def _runner(args: list[str], env: dict | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "exod.runner.calibrate", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def core_prefix(index: int) -> list[str]:
+    """Run a process on one core of its own (`taskset`; its threads and
+    children inherit it): ranks that each own a core measure what ranks on
+    separate machines would, not the scheduler's interleaving."""
+    return ["taskset", "-c", str(index % (os.cpu_count() or 1))]
 
 
 def _collect(procs: list[subprocess.Popen], timeout: float) -> list[str]:
@@ -74,7 +82,7 @@ def fit(points: list[dict]) -> tuple[float, float, float, float]:
     return float(full[0]), float(full[1]), rate, worst
 
 
-def _collective_s(world: int, quick: bool, rate: float, step: float, layer: float) -> float:
+def _collective_s(world: int, quick: bool, rate: float, step: float, layer: float, pinned: bool = False) -> float:
     """What one all-sum costs inside a real tensor-sharded decode: the
     runner itself (the same process, loop and control collectives a placed
     rank runs) decodes a small built-in model on a loopback ring of `world`
@@ -94,8 +102,8 @@ def _collective_s(world: int, quick: bool, rate: float, step: float, layer: floa
         compute = read / rate + step + shape.num_layers * layer
         tokens = 24 if quick else 48
         try:
-            with LocalInstance(model_dir, "tensor", world, context_length=512,
-                               log_dir=tmp) as instance:
+            with LocalInstance(model_dir, "tensor", world, context_length=512, log_dir=tmp,
+                               rank_prefix=[core_prefix(r) for r in range(world)] if pinned else None) as instance:
                 instance.wait_ready(COLLECTIVE_TIMEOUT_S)
                 request = pb.GenerateRequest(request_id="calibrate", prompt_tokens=[5] * 8,
                                              sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True))
@@ -109,13 +117,16 @@ def _collective_s(world: int, quick: bool, rate: float, step: float, layer: floa
     return max(0.0, (1 / final.generation_tokens_per_s - compute) / per_token)
 
 
-def calibrate(busy: int = 1, quick: bool = False) -> pb.NodeCalibration:
+def calibrate(busy: int = 1, quick: bool = False, pinned: bool = False) -> pb.NodeCalibration:
+    """pinned: each busy process (and each rank of the all-sum measure) on a
+    core of its own (`core_prefix`)."""
     import mlx.core as mx
     import numpy as np
 
     from .profile import chip
 
-    procs = [_runner(["compute"] + (["--quick"] if quick else [])) for _ in range(busy)]
+    procs = [_runner(["compute"] + (["--quick"] if quick else []), prefix=core_prefix(i) if pinned else None)
+             for i in range(busy)]
     outs = _collect(procs, COMPUTE_TIMEOUT_S)
     runs = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     # Each model's time is the median over the processes that ran at once.
@@ -123,7 +134,8 @@ def calibrate(busy: int = 1, quick: bool = False) -> pb.NodeCalibration:
               for i in range(len(runs[0]))]
     step, layer, rate, worst = fit(points)
     return pb.NodeCalibration(decode_bytes_per_s=rate, step_s=step, layer_s=layer,
-                              collective_s=_collective_s(max(busy, 2), quick, rate, step, layer), busy_ranks=busy,
+                              collective_s=_collective_s(max(busy, 2), quick, rate, step, layer, pinned),
+                              busy_ranks=busy,
                               mlx_version=mx.__version__, chip=chip(),
                               measured_at_unix_ms=int(time.time() * 1000), fit_worst_error=worst)
 
