@@ -258,6 +258,11 @@ def build_spec(model_id: str, config: dict, source: str, entries) -> pb.ModelSpe
     except KeyError as e:
         raise ModelError(f"{model_id}: config.json lacks {e.args[0]} (needed by {arch.name})") from None
     spec.num_experts, spec.experts_per_token = experts, per_token
+    if model_class is not None:
+        try:
+            spec.unbatched, spec.unbatched_pipeline = (not b for b in batching(config))
+        except Exception:  # the class's own code: one that cannot be built fails the runner in Loading anyway
+            pass
     for part in kv_parts:
         spec.kv_cache.append(
             pb.LayerKvCache(
@@ -277,6 +282,20 @@ def build_spec(model_id: str, config: dict, source: str, entries) -> pb.ModelSpe
         active -= routed - routed * per_token // experts
     spec.active_parameters_per_token = active
     return spec
+
+
+def batching(config: dict) -> tuple[bool, bool]:
+    """(batches, batches on pipeline stages): asked of the caches of the
+    installed class's model, built from the config alone (its parameters
+    stay lazy and are never allocated), as the runner will ask them."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import _get_classes
+
+    from exod.runner.engine import serves_batched
+
+    model_class, args_class = _get_classes(config)
+    caches = make_prompt_cache(model_class(args_class.from_dict(config)))
+    return serves_batched(caches, pipeline=False), serves_batched(caches, pipeline=True)
 
 
 def mlx_lm_class(config: dict):

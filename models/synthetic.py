@@ -147,6 +147,15 @@ TINY_CONFIGS = {
         num_key_value_heads=2, sliding_window=16, rope_theta=10000,
         layer_types=["sliding_attention", "full_attention"] * 2,
     ),
+    # A hybrid decoder: short convolutions (recurrent state in mlx-lm's
+    # ArraysCache) between attention layers. Its pipeline stages decode one
+    # sequence at a time (runner/pipeline.py).
+    "lfm2": dict(
+        model_type="lfm2", vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+        block_dim=128, block_ff_dim=256, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
+        block_auto_adjust_ff_dim=False, full_attn_idxs=[1, 3], rope_theta=10000.0, tie_word_embeddings=True,
+    ),
 }
 
 # Models with a tokenizer, built on demand by name. `demo` is the README's

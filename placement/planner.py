@@ -7,7 +7,7 @@ are uneven, chosen so that every rank's step takes the same time within
 what its memory holds."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exod.models.shares import even as shares_even
 from exod.proto import exod_pb2 as pb
@@ -44,6 +44,9 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
 
     candidates, impossible = [], []
     memo: dict = {}
+    # Placements whose runner decodes one sequence at a time reserve one
+    # context of KV, not `concurrency`, and their memory is memoised apart.
+    single, single_memo = replace(settings, concurrency=1), {}
     for order in candidate_orders(nodes, links, memo.setdefault("hops", {})):
         if request.ranks and len(order) != request.ranks:
             continue
@@ -52,10 +55,15 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
             if len(order) == 1 and strategy != pb.PIPELINE:
                 continue  # one rank of a tensor strategy is the single-node pipeline
             structural = structural_reasons(model, name, len(order))
+            alone = one_at_a_time(model, name, len(order)) and settings.concurrency > 1
             for backend in _backends(order, links, request.backend):
-                candidates.append(
-                    evaluate(model, name, backend, order, links, settings, structural, memo)
-                )
+                candidate = evaluate(model, name, backend, order, links, single if alone else settings, structural,
+                                     single_memo if alone else memo)
+                if alone and not candidate.rejected:
+                    candidate.reasons.append(f"note: decodes one sequence at a time (concurrency 1, not "
+                                             f"{settings.concurrency}): {model.model_id}'s caches cannot be batched"
+                                             + (" across pipeline stages" if not model.unbatched else ""))
+                candidates.append(candidate)
                 impossible.append(bool(structural))
     if request.ranks and not candidates:
         raise PlanError(f"no candidate has exactly {request.ranks} ranks on {len(nodes)} eligible node(s)")
@@ -169,6 +177,11 @@ def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProf
 
 
 # ------------------------------------------------------------------ feasibility
+
+
+def one_at_a_time(model: ModelProfile, strategy: str, n: int) -> bool:
+    """Whether the runner will decode one sequence at a time (runner/engine.py)."""
+    return model.unbatched or (strategy == "pipeline" and n > 1 and model.unbatched_pipeline)
 
 
 def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:

@@ -83,6 +83,10 @@ class ModelProfile:
     moe_layers: int  # layers whose MoE block is all-summed under moe_tensor
     total_bytes: int
     max_intermediate: int  # widest intermediate one token passes through
+    # The runner decodes one sequence at a time: always, or on 2+ pipeline
+    # stages (ModelSpec.unbatched, unbatched_pipeline).
+    unbatched: bool = False
+    unbatched_pipeline: bool = False
     # Running sums over the layers, per (strategy, grains, context,
     # concurrency): derived from the fields above, kept so that a plan's
     # many candidates sum any layer range in O(classes) (range_sums).
@@ -172,4 +176,6 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         moe_layers=len(moe_layer_ids),
         total_bytes=spec.total_bytes,
         max_intermediate=max_intermediate,
+        unbatched=spec.unbatched,
+        unbatched_pipeline=spec.unbatched_pipeline,
     )

@@ -384,7 +384,7 @@ class LayerKvCache(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., bytes_per_token: _Optional[float] = ..., window_tokens: _Optional[int] = ..., split_units: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "model_type", "source", "dtype", "num_layers", "max_context", "hidden_size", "vocab_size", "num_experts", "experts_per_token", "tensors", "kv_cache", "total_bytes", "total_parameters", "active_parameters_per_token", "proven_strategies", "notes", "refused_strategies")
+    __slots__ = ("model_id", "model_type", "source", "dtype", "num_layers", "max_context", "hidden_size", "vocab_size", "num_experts", "experts_per_token", "tensors", "kv_cache", "total_bytes", "total_parameters", "active_parameters_per_token", "proven_strategies", "notes", "refused_strategies", "unbatched", "unbatched_pipeline")
     class RefusedStrategiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +410,8 @@ class ModelSpec(_message.Message):
     PROVEN_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     REFUSED_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    UNBATCHED_FIELD_NUMBER: _ClassVar[int]
+    UNBATCHED_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_type: str
     source: str
@@ -428,7 +430,9 @@ class ModelSpec(_message.Message):
     proven_strategies: _containers.RepeatedScalarFieldContainer[str]
     notes: _containers.RepeatedScalarFieldContainer[str]
     refused_strategies: _containers.ScalarMap[str, str]
-    def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., refused_strategies: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    unbatched: bool
+    unbatched_pipeline: bool
+    def __init__(self, model_id: _Optional[str] = ..., model_type: _Optional[str] = ..., source: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., kv_cache: _Optional[_Iterable[_Union[LayerKvCache, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_parameters: _Optional[int] = ..., active_parameters_per_token: _Optional[int] = ..., proven_strategies: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ..., refused_strategies: _Optional[_Mapping[str, str]] = ..., unbatched: _Optional[bool] = ..., unbatched_pipeline: _Optional[bool] = ...) -> None: ...
 
 class MemoryBreakdown(_message.Message):
     __slots__ = ("embedding_bytes", "lm_head_bytes", "attention_bytes", "dense_mlp_bytes", "router_bytes", "routed_experts_bytes", "shared_experts_bytes", "norm_bytes", "other_bytes", "weights_bytes", "kv_cache_bytes", "overhead_bytes", "total_bytes", "prefix_cache_bytes")

@@ -17,6 +17,18 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 
+def serves_batched(caches: list, pipeline: bool) -> bool:
+    """Whether a model with these caches (make_prompt_cache's) decodes a
+    batch: every cache merges, and on pipeline stages every cache can also
+    be advanced by a layer the stage skips (runner/pipeline.py). The
+    inventory asks this of a model built from its config, so that the
+    planner's concurrency is what the runner will do."""
+    from .pipeline import ADVANCEABLE
+
+    merges = all(hasattr(c, "merge") for c in caches)
+    return merges and (not pipeline or all(type(c) in ADVANCEABLE for c in caches))
+
+
 def aliased_caches(model) -> bool:
     """A pipeline stage's cache list aliases its skipped layers' caches to
     held ones (runner/pipeline.py): code that treats each position on its
@@ -29,9 +41,10 @@ def batchable(model) -> bool:
     return not aliased_caches(model) and all(hasattr(c, "merge") for c in make_prompt_cache(model))
 
 
-def make(model, max_batch: int, prefill_batch: int, prefill_step: int, stream):
-    """(engine, the batch it can hold)."""
-    if batchable(model):
+def make(model, max_batch: int, prefill_batch: int, prefill_step: int, stream, batched: bool = True):
+    """(engine, the batch it can hold). batched False: one at a time, as
+    another rank of the instance must (every rank runs the same steps)."""
+    if batched and batchable(model):
         return BatchGenerator(model, completion_batch_size=max_batch, prefill_batch_size=prefill_batch,
                               prefill_step_size=prefill_step, stream=stream), max_batch
     return OneAtATime(model, prefill_step, stream), 1

@@ -152,9 +152,14 @@ class Server:
         # when it runs distributed).
         self.stream = mx.default_stream(mx.default_device())
         prefill_batch = min(self.max_batch, PREFILL_BATCH)
+        # Every rank must run the same steps: if one rank cannot batch (a
+        # pipeline stage aliasing a skipped layer's cache), none does.
+        unbatched = 0 if engine.batchable(model) else 1
+        if self.group is not None:
+            unbatched = int(mx.distributed.all_sum(mx.array(unbatched), group=self.group).item())
         self.engine, self.max_batch = engine.make(model, self.max_batch, prefill_batch,
                                                   prefill_step_tokens or max(1, PREFILL_CHUNK // prefill_batch),
-                                                  self.stream)
+                                                  self.stream, batched=unbatched == 0)
         if self.rank == 0:
             inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
         if engine.aliased_caches(model):

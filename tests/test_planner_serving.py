@@ -68,3 +68,52 @@ def test_a_prefix_cache_that_does_not_fit_is_named_in_the_shortfall():
                                                                   prefix_cache_bytes=10**9))
     assert not result.HasField("chosen")
     assert any("prefix cache" in reason for c in result.candidates for reason in c.reasons)
+
+
+# A hybrid decoder (mlx-lm's lfm2: short convolutions and attention): its
+# convolution state merges into a batch but cannot be advanced by a layer a
+# pipeline stage skips (runner/pipeline.py).
+HYBRID = dict(model_type="lfm2", vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+              block_dim=64, block_ff_dim=128, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
+              block_auto_adjust_ff_dim=False, full_attn_idxs=[1, 3], rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def test_the_inventory_says_which_models_the_runner_decodes_one_at_a_time():
+    # Asked of the installed classes' own caches, built from the config alone.
+    assert inventory.batching(demo_spec_config()) == (True, True)
+    assert inventory.batching({**synthetic.NAMED["v4-mini"], "vocab_size": 512}) == (False, False)
+    assert inventory.batching(HYBRID) == (True, False)
+    v4 = inventory.from_config({**synthetic.NAMED["v4-mini"], "vocab_size": 512, "torch_dtype": "float32"}, "v4")
+    assert v4.unbatched and v4.unbatched_pipeline
+    assert not demo_spec().unbatched and not demo_spec().unbatched_pipeline
+
+
+def demo_spec_config():
+    return {**synthetic.NAMED["demo"], "vocab_size": synthetic.TOKENIZER_VOCAB, "torch_dtype": "float32"}
+
+
+def test_a_model_whose_caches_cannot_batch_is_planned_at_concurrency_one_with_its_kv():
+    spec = inventory.from_config({**synthetic.NAMED["v4-mini"], "vocab_size": 512, "torch_dtype": "float32"}, "v4")
+    nodes = cluster.synthetic(2, 64 * 10**9)
+    for strategy, world in ((pb.PIPELINE, 1), (pb.PIPELINE, 2), (pb.MOE_TENSOR, 2)):
+        asked = planner.plan(spec, nodes, pb.PlacementRequest(strategy=strategy, ranks=world, context_length=CONTEXT,
+                                                               concurrency=8)).chosen
+        one = planner.plan(spec, nodes, pb.PlacementRequest(strategy=strategy, ranks=world, context_length=CONTEXT,
+                                                             concurrency=1)).chosen
+        assert asked.fits and asked.concurrency == 1  # what the runner's batch will hold
+        assert [r.memory.kv_cache_bytes for r in asked.ranks] == [r.memory.kv_cache_bytes for r in one.ranks]
+        assert any("one sequence at a time (concurrency 1, not 8)" in r for r in asked.reasons)
+        assert not any("one sequence" in r for r in one.reasons)
+
+
+def test_only_pipeline_stages_of_a_hybrid_decoder_decode_one_at_a_time():
+    spec = inventory.from_config({**HYBRID, "torch_dtype": "float32"}, "hybrid")
+    assert not spec.unbatched and spec.unbatched_pipeline
+    nodes = cluster.synthetic(2, 64 * 10**9)
+    concurrency = {}
+    for strategy, world in ((pb.PIPELINE, 1), (pb.PIPELINE, 2)):
+        chosen = planner.plan(spec, nodes, pb.PlacementRequest(strategy=strategy, ranks=world, context_length=256,
+                                                                concurrency=8)).chosen
+        concurrency[world] = chosen.concurrency
+    assert concurrency == {1: 8, 2: 1}

@@ -65,11 +65,16 @@ class Architecture:
 
 
 def _step(layer, x, cache):
-    """A decoder layer's usual call with its cache and the causal mask
-    mlx-lm's models build (none for one token), as an array: some layers
-    (DeepSeek-V3's) add the mask and do not take mlx-lm's "causal"."""
-    from mlx_lm.models.base import create_attention_mask
+    """A decoder layer's usual call with its cache and the mask mlx-lm's
+    models build for it: the causal mask (none for one token), as an array,
+    since some layers (DeepSeek-V3's) add it and do not take mlx-lm's
+    "causal"; or, for a layer with recurrent state (mlx-lm's ArraysCache:
+    convolutions, SSMs), the state's own mask, as hybrid models build it."""
+    from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+    from mlx_lm.models.cache import ArraysCache
 
+    if isinstance(cache, ArraysCache):
+        return layer(x, create_ssm_mask(x, cache), cache)
     return layer(x, create_attention_mask(x, cache, return_array=True), cache)
 
 
