@@ -291,16 +291,9 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
     for index in chosen:
         layer, uncut_layer = _held_layer(model, held, index), reference.layers[index]
         checks.append((LAYER, index, _delta(arch.probe(layer, probe, config), arch.probe(uncut_layer, probe, config))))
-        if arch.step is None:
-            continue
-        steps = _steps(probe.shape[1])
-        # Each layer keeps its own cache in both lists, so no two checks share state.
-        cut_cache, uncut_cache = _cache_for(own_caches, held, index), reference_caches[index]
-        for start, end in steps:
-            x = probe[:, start:end]
-            cut = arch.step(layer, x, config, cut_cache)
-            uncut = arch.step(uncut_layer, x, config, uncut_cache)
-            checks.append((LAYER_DECODE, index, _delta(cut, uncut)))
+        if arch.step is not None:
+            _check_steps(arch, config, layer, uncut_layer, probe, _cache_for(own_caches, held, index),
+                         reference_caches[index], index, checks)
         # One uncut layer in memory at a time: the planner counts one (the
         # widest) as the canary's share of a rank's peak.
         _settle(checks)
@@ -309,6 +302,16 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
     del reference, reference_caches, own_caches
     mx.clear_cache()
     return chosen
+
+
+def _check_steps(arch, config, layer, uncut_layer, probe, cut_cache, uncut_cache, index: int, checks: list) -> None:
+    """The layer down the cached path, cut and uncut, each step compared.
+    Each layer keeps its own cache in both lists, so no two checks share state."""
+    for start, end in _steps(probe.shape[1]):
+        x = probe[:, start:end]
+        cut = arch.step(layer, x, config, cut_cache)
+        uncut = arch.step(uncut_layer, x, config, uncut_cache)
+        checks.append((LAYER_DECODE, index, _delta(cut, uncut)))
 
 
 def _settle(checks: list) -> None:
