@@ -9,6 +9,7 @@ shutdown come as RunnerCommand frames."""
 import argparse
 import ctypes
 import os
+import queue
 import signal
 import sys
 import tempfile
@@ -54,10 +55,23 @@ def _die_with_parent() -> None:
             os._exit(EXIT_ORPHANED)
 
 
+# Generated chunks waiting for the events pipe (a token each, mostly): the
+# serving loop never waits on the write, only on a full outbox.
+OUTBOX_EVENTS = 4096
+OUTBOX_FLUSH_S = 5.0
+
+
 class Rank:
     def __init__(self, spec: pb.RunnerSpec, events: channel.Writer, commands_fd: int, workdir: Path):
         self.spec = spec
         self.events = events
+        # Chunks go out from a thread of their own: a write to the pipe wakes
+        # the reader, and on a busy machine the scheduler ran it in the
+        # middle of the serving loop's step (8.6% of rank 0's time in a
+        # tensor x2 decode on two cores). Statuses are written at once, after
+        # every chunk queued before them.
+        self._outbox: "queue.Queue[pb.RunnerEvent]" = queue.Queue(maxsize=OUTBOX_EVENTS)
+        threading.Thread(target=self._drain_outbox, name="exod-events", daemon=True).start()
         self.commands_fd = commands_fd
         self.workdir = workdir
         self.deadlines = deadlines(spec)
@@ -80,10 +94,25 @@ class Rank:
                 setattr(self.status, key, value)
             self.status.changed_at_unix_ms = int(time.time() * 1000)
             event = pb.RunnerEvent(status=self.status)
+            self.flush_chunks()
             self._send(event)
 
     def emit(self, chunk: pb.GenerationChunk) -> None:
-        self._send(pb.RunnerEvent(chunk=chunk))
+        self._outbox.put(pb.RunnerEvent(chunk=chunk))
+
+    def flush_chunks(self, timeout_s: float = OUTBOX_FLUSH_S) -> None:
+        """Wait (bounded) until every chunk queued so far is in the pipe."""
+        deadline = time.monotonic() + timeout_s
+        while self._outbox.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            event = self._outbox.get()
+            try:
+                self._send(event)
+            finally:
+                self._outbox.task_done()
 
     def _send(self, event) -> None:
         try:
@@ -150,6 +179,7 @@ class Rank:
             return EXIT_FAILED
         finally:
             watchdog.disarm()
+            self.flush_chunks()
             self._cleanup()
 
     def _lifecycle(self, watchdog: Watchdog) -> int:
