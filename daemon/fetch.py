@@ -11,9 +11,10 @@ peer that holds the file is a source, several at once, two streams each.
 Each chunk is checked against the source's digest before it is written
 where it belongs; a bad chunk sends its job back to the queue, to another
 source where there is one. A source that dies leaves its jobs with what
-had arrived (ByteRange.skip resumes them), for the other sources or, when
-none is left, for the error that names what is missing and where it was
-being fetched from. Nothing here decides where bytes go: the writer does
+had arrived (ByteRange.skip resumes them), for the other sources, then
+for a source of last resort (the hub, daemon/hub.HubSource) or, when none
+is left, for the error that names what is missing and where it was being
+fetched from. Nothing here decides where bytes go: the writer does
 (models/shards.ShardWriter, or whole files for a pull)."""
 
 import asyncio
@@ -46,6 +47,9 @@ STALL_S = 30.0                 # a stream that delivers nothing this long is a d
 # would (TLS would catch a real one on the wire; this reaches the
 # receiver's own check).
 CORRUPT_ENV = "EXOD_TEST_CORRUPT_SERVED_CHUNKS"
+# A test hook: once this node has served this many bytes, every stream ends
+# with an error, as a node killed mid-transfer would leave its readers.
+FAIL_ENV = "EXOD_TEST_FAIL_SERVING_AFTER_BYTES"
 
 
 class FetchError(Exception):
@@ -81,6 +85,7 @@ class Server:
         self.serving = 0
         self.bytes_served = 0  # since start: what peers fetched from this node
         self._corrupt = int(os.environ.get(CORRUPT_ENV, "0") or 0)
+        self._fail_after = int(os.environ.get(FAIL_ENV, "0") or 0)
 
     def check(self, request: pb.ReadFileRequest):
         """(file, None) or (None, (grpc status, message))."""
@@ -121,6 +126,8 @@ class Server:
                 chunk = await asyncio.to_thread(next, chunks, None)
                 if chunk is None:
                     return
+                if self._fail_after and self.bytes_served >= self._fail_after:
+                    raise OSError(f"{FAIL_ENV}: serving stopped after {self.bytes_served} bytes")
                 self.bytes_served += len(chunk.data)
                 yield chunk
         finally:
@@ -166,10 +173,14 @@ def jobs_of(parts: list, job_bytes: int = JOB_BYTES) -> list[Job]:
 
 
 class Source:
-    """Where a file's bytes can come from."""
+    """Where a file's bytes can come from. A source of last resort (the hub)
+    takes a job only when no other live source can: peers are faster and
+    cost no one's quota, so it serves what they lack or what they left when
+    they failed."""
 
     name = "?"
     node_id = ""
+    last_resort = False
 
     def has(self, file: str) -> bool:
         raise NotImplementedError
@@ -306,6 +317,9 @@ class Fetch:
             f = self.parts[job.part].file
             if not source.has(f) or job.bad.get(source.name, 0) >= MAX_BAD_CHUNKS:
                 continue
+            if source.last_resort and any(not o.last_resort and o.name not in self.failed and o.has(f)
+                                          and job.bad.get(o.name, 0) < MAX_BAD_CHUNKS for o in self.sources):
+                continue  # a live source can serve it
             if job.bad.get(source.name) and any(o is not source and o.name not in self.failed and o.has(f)
                                                 and not job.bad.get(o.name) for o in self.sources):
                 continue  # it sent this job corrupt: another source gets it
@@ -368,7 +382,10 @@ class Fetch:
 
     async def run(self) -> None:
         busy: dict = {}
-        workers = [asyncio.create_task(self._worker(s, busy)) for s in self.sources for _ in range(STREAMS_PER_SOURCE)]
+        # Sources of last resort start last: their workers find the others
+        # busy and wait for jobs those leave, instead of ending at once.
+        ordered = sorted(self.sources, key=lambda s: s.last_resort)
+        workers = [asyncio.create_task(self._worker(s, busy)) for s in ordered for _ in range(STREAMS_PER_SOURCE)]
         try:
             await asyncio.gather(*workers)
         finally:
