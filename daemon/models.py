@@ -335,17 +335,25 @@ class Models:
         sources = self._sources(checkpoint, needed_files)
         orphans = sorted(f for f in needed_files if not any(s.has(f) for s in sources))
         what = f"rank {spec.rank}'s shard of {checkpoint.model_id}"
-        hub_bytes = sum(sizes[f] for f in orphans)
+        # Files no peer holds: those of which this rank needs clearly less than
+        # the whole are range-read from the hub into the shard; the others
+        # are downloaded whole into the HF cache (where later placements
+        # find them too).
+        ranged = await asyncio.to_thread(hub.ranged, parts, sizes, set(orphans) - set(plan.side_files)) \
+            if orphans and self._hub_usable(checkpoint) else set()
+        whole = [f for f in orphans if f not in ranged]
+        hub_bytes = sum(sizes[f] for f in whole)
         shard_bytes = sum(p.nbytes for p in parts) + sum(s for _, s in side)
         self._check_disk(final.parent, shard_bytes, what)
-        if orphans:
-            self._check_disk(self.store.hf_cache, hub_bytes, f"{len(orphans)} file(s) of {checkpoint.model_id} "
+        if whole:
+            self._check_disk(self.store.hf_cache, hub_bytes, f"{len(whole)} file(s) of {checkpoint.model_id} "
                                                              "from the hub")
-        deadline = self.deadline_s(shard_bytes, sources, hub_bytes)
+        ranged_bytes = sum(p.nbytes for p in parts if p.file in ranged)
+        deadline = self.deadline_s(shard_bytes - ranged_bytes, sources, hub_bytes + ranged_bytes)
         progress = fetch.Progress(shard_bytes + hub_bytes)
         names = ", ".join(s.name for s in sources) + (", hub" if orphans else "")
         try:
-            return await asyncio.wait_for(self._transfer(checkpoint, plan, final, sources, orphans, side, progress,
+            return await asyncio.wait_for(self._transfer(checkpoint, plan, final, sources, whole, side, progress,
                                                          on_progress, deadline, what), deadline)
         except asyncio.TimeoutError:
             raise Unavailable(f"timed out in Downloading after {deadline:.0f} s: {progress.done} of {progress.total} "
@@ -353,8 +361,15 @@ class Models:
 
     async def _transfer(self, checkpoint, plan, final, sources, orphans, side, progress, on_progress, deadline,
                         what) -> Path:
+        """orphans: the files to download whole from the hub first."""
         if orphans:
             sources.append(await self._from_hub(checkpoint, orphans, progress, on_progress, deadline))
+        if self._hub_usable(checkpoint):
+            # The hub serves by range reads what no peer holds, and what a peer
+            # leaves when it fails mid-fetch (a source of last resort).
+            files = {p.file for p in plan.needs.parts} | {n for n, _ in side}
+            sources.append(hub.HubSource(checkpoint.model_id, checkpoint.revision,
+                                         {n: checkpoint.files[n] for n in files if n in checkpoint.files}))
         writer = await asyncio.to_thread(shards.ShardWriter, final, plan.needs.parts, plan.meta, side)
         job = fetch.Fetch(writer.all_parts, writer, sources, describe=what)
         job.progress = progress  # one count over the hub's files and the shard's parts
@@ -373,6 +388,12 @@ class Models:
                  seconds=round(time.monotonic() - progress.started, 2))
         self.node._spawn(self.refresh())
         return path
+
+    @staticmethod
+    def _hub_usable(checkpoint) -> bool:
+        """The hub may be asked for this checkpoint's bytes: not offline, and
+        its id is a Hugging Face repo id (org/name), not a store's name."""
+        return not hub.offline() and "/" in checkpoint.model_id
 
     async def _from_hub(self, checkpoint, names: list, progress: fetch.Progress, on_progress,
                         deadline: float) -> fetch.Source:
@@ -398,7 +419,7 @@ class Models:
             raise
         progress.sources.discard("hub")
         await asyncio.to_thread(self.store.refresh)
-        return fetch.LocalSource(str(snapshot), set(names), name="hub")
+        return fetch.LocalSource(str(snapshot), set(names), name="hub download")
 
     # ---------------------------------------------------------------- whole checkpoints
 

@@ -9,6 +9,7 @@ pipeline, each fetches only its stage."""
 
 import asyncio
 import hashlib
+from pathlib import Path
 
 import grpc
 import pytest
@@ -279,3 +280,128 @@ def test_a_disk_too_small_is_a_clear_error_and_leaves_nothing(tmp_path, moe_cach
         asyncio.run(asyncio.wait_for(scenario(), 300))
     finally:
         subprocess.run(["umount", str(shards_dir)], check=False)
+
+
+def hub_online(monkeypatch, url):
+    """The daemons of this process ask the mirror at `url` as their hub.
+    huggingface_hub read HF_HUB_OFFLINE (set by conftest) at import."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def mirror_sent(mirror) -> dict:
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{mirror.url}/_stats", timeout=10).read())
+
+
+def same_tensors(shard_dir, source) -> None:
+    """Every tensor of a whole-strategy shard equals the source checkpoint's, bit for bit."""
+    import mlx.core as mx
+    import numpy as np
+
+    stored = mx.load(str(shard_dir / shards.SHARD_FILE))
+    expected = {}
+    for f in source.glob("*.safetensors"):
+        expected.update(mx.load(str(f)))
+    assert set(stored) == set(expected)
+    for name, value in expected.items():
+        assert np.array_equal(np.array(stored[name]), np.array(value)), name
+
+
+def test_ranks_range_read_only_their_bytes_from_the_hub(tmp_path, moe_cache, monkeypatch):
+    """No node holds the model; a mirror at HF_ENDPOINT does. Placed
+    moe_tensor on b and c, each rank range-reads its slices of the weight
+    files: the mirror sends fewer bytes than the files hold, nothing goes to
+    the HF caches, and the greedy answer is a single-node instance's (whose
+    rank, needing every byte, downloads the files whole)."""
+    from .hf_mirror import Mirror
+
+    source, cache = moe_cache
+    weights = sorted(p.name for p in source.glob("*.safetensors"))
+    sizes = {n: (source / n).stat().st_size for n in weights}
+
+    async def scenario(mirror):
+        b = await started(settings(tmp_path, "b", memory_limit=8 * GB, hf_cache=str(tmp_path / "b-hub")))
+        c = await started(settings(tmp_path, "c", [f"127.0.0.1:{b.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "c-hub")))
+        nodes = [b, c]
+        try:
+            await until(lambda: all(statuses(n) == {"b": pb.UP, "c": pb.UP} for n in nodes), 15)
+            instance = await place(b, {"model": REPO_ID, "strategy": "moe_tensor", "nodes": ["b", "c"], "ranks": 2,
+                                       "context_length": 256})
+            await ready(nodes, instance.instance_id)
+            sent = mirror_sent(mirror)
+            for n in weights:  # both ranks' slices and headers, under what one whole download sends
+                got = sent.get(f"{REPO_ID}/{n}", 0)
+                assert 0.3 * sizes[n] < got < 0.75 * 2 * sizes[n], (n, got, sizes[n])
+            assert sum(sent.get(f"{REPO_ID}/{n}", 0) for n in weights) < 0.75 * 2 * sum(sizes.values())
+            for node in nodes:
+                assert not list((tmp_path / f"{node.record.profile.name}-hub").rglob("*.safetensors"))
+                [shard] = node.models.store.shards(REPO_ID)
+                assert shard.shard["strategy"] == "moe_tensor"
+            sharded = await answer(b, instance.instance_id)
+            await b.work.delete(instance.instance_id)
+
+            before = mirror_sent(mirror)
+            single = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
+            await ready(nodes, single.instance_id)
+            after = mirror_sent(mirror)
+            for n in weights:  # whole, into b's HF cache
+                assert after[f"{REPO_ID}/{n}"] - before.get(f"{REPO_ID}/{n}", 0) >= sizes[n]
+            assert list((tmp_path / "b-hub").rglob("*.safetensors"))
+            assert await answer(c, single.instance_id) == sharded and len(sharded) == 12
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    with Mirror(Path(str(cache) + "-mirror")) as mirror:
+        hub_online(monkeypatch, mirror.url)
+        asyncio.run(asyncio.wait_for(scenario(mirror), 900))
+
+
+def test_the_hub_finishes_a_fetch_its_only_peer_left(tmp_path, moe_cache, monkeypatch):
+    """a, the only node that holds the model, stops serving a third of the
+    way through b's fetch (a test hook, as a killed node would): the rest
+    comes from the mirror at HF_ENDPOINT, by range reads from where a left
+    off, the rank reaches Ready, and its shard is the checkpoint exactly."""
+    from .hf_mirror import Mirror
+
+    source, cache = moe_cache
+    total = checkpoint_bytes(source)
+    cut_at = total // 3
+
+    async def scenario(mirror):
+        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(cut_at))
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            before = mirror_sent(mirror)
+            instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
+            await ready([a, b], instance.instance_id)
+            served = a.models.server.bytes_served
+            assert cut_at <= served < cut_at + 8 * (1 << 20)  # a stopped where the hook said
+            sent = mirror_sent(mirror)
+            from_hub = sum(v - before.get(k, 0) for k, v in sent.items() if k.endswith(".safetensors"))
+            weights = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+            # The rest only (what a sent in its last requests may come again), not the whole files.
+            assert weights - served <= from_hub < weights - served + 64 * (1 << 20), (from_hub, served, weights)
+            assert not list((tmp_path / "b-hub").rglob("*.safetensors"))  # ranges, not downloads
+            [shard] = b.models.store.shards(REPO_ID)
+            same_tensors(Path(shard.root), source)
+            assert len(await answer(b, instance.instance_id)) == 12
+        finally:
+            await b.stop()
+            await a.stop()
+
+    with Mirror(Path(str(cache) + "-mirror")) as mirror:
+        hub_online(monkeypatch, mirror.url)
+        asyncio.run(asyncio.wait_for(scenario(mirror), 600))
