@@ -52,6 +52,28 @@ def build_moe(out: Path, config: dict = MOE, files: int = 2) -> Path:
     return out
 
 
+def build_moe_by_layers(out: Path, config: dict = MOE, per_file: int = 2) -> Path:
+    """The model with its layer-free tensors in one file and each
+    `per_file` layers in a file of their own, as hub checkpoints are split
+    by size (a file's tensors are then all of a few layers)."""
+    import mlx.core as mx
+
+    out = build_moe(out, config, files=1)
+    weights = mx.load(str(out / "model.safetensors"))
+    layers = config["num_hidden_layers"]
+    count = 1 + -(-layers // per_file)
+    groups = {f"model-00001-of-{count:05d}.safetensors": [n for n in weights if ".layers." not in n]}
+    for g in range(count - 1):
+        groups[f"model-{g + 2:05d}-of-{count:05d}.safetensors"] = [
+            n for n in weights if any(f".layers.{i}." in n for i in range(g * per_file, (g + 1) * per_file))]
+    for fname, names in groups.items():
+        mx.save_safetensors(str(out / fname), {n: weights[n] for n in names}, metadata={"format": "mlx"})
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, names in groups.items() for n in names}}))
+    return out
+
+
 def hf_download(cache: Path, endpoint: str, repo_id: str, files: list[str]) -> None:
     """huggingface_hub downloads the files into `cache` (its own layout)."""
     code = ("import sys, huggingface_hub as h\n"

@@ -19,7 +19,7 @@ from exod.models import shards
 from exod.proto import exod_pb2 as pb
 
 from .daemon_helpers import member_channel, member_identity, settings, started, statuses, until
-from .model_fixtures import build_moe, hf_cache_with
+from .model_fixtures import build_moe, build_moe_by_layers, hf_cache_with
 
 GB = 10**9
 REPO_ID = "acme/moe-16x"
@@ -313,17 +313,32 @@ def same_tensors(shard_dir, source) -> None:
         assert np.array_equal(np.array(stored[name]), np.array(value)), name
 
 
-def test_ranks_range_read_only_their_bytes_from_the_hub(tmp_path, moe_cache, monkeypatch):
+@pytest.fixture(scope="module")
+def layered_mirror(tmp_path_factory):
+    """The model on a mirror only, its files split by layers as hub
+    checkpoints are: the layer-free tensors, then layers 0-1, 2-3, 4-5."""
+    import shutil
+
+    source = build_moe_by_layers(tmp_path_factory.mktemp("moe-layers"))
+    root = tmp_path_factory.mktemp("mirror")
+    shutil.copytree(source, root / REPO_ID)
+    return source, root
+
+
+def test_ranks_range_read_only_their_bytes_from_the_hub(tmp_path, layered_mirror, monkeypatch):
     """No node holds the model; a mirror at HF_ENDPOINT does. Placed
-    moe_tensor on b and c, each rank range-reads its slices of the weight
-    files: the mirror sends fewer bytes than the files hold, nothing goes to
-    the HF caches, and the greedy answer is a single-node instance's (whose
-    rank, needing every byte, downloads the files whole)."""
+    moe_tensor on b and c, each rank range-reads its slices of the files
+    whose every tensor it cuts (layers 2-5), moving under 0.75 of each
+    (slices along the last axis are read through: a request per row would
+    cost more); the files it needs nearly whole (the layer-free tensors,
+    layers 0-1 with the layer the canary computes uncut) it downloads whole
+    into its HF cache. The greedy answer is a single-node instance's."""
     from .hf_mirror import Mirror
 
-    source, cache = moe_cache
-    weights = sorted(p.name for p in source.glob("*.safetensors"))
-    sizes = {n: (source / n).stat().st_size for n in weights}
+    source, root = layered_mirror
+    sizes = {p.name: p.stat().st_size for p in source.glob("*.safetensors")}
+    total = checkpoint_bytes(source)
+    ranged = ["model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"]
 
     async def scenario(mirror):
         b = await started(settings(tmp_path, "b", memory_limit=8 * GB, hf_cache=str(tmp_path / "b-hub")))
@@ -336,30 +351,29 @@ def test_ranks_range_read_only_their_bytes_from_the_hub(tmp_path, moe_cache, mon
                                        "context_length": 256})
             await ready(nodes, instance.instance_id)
             sent = mirror_sent(mirror)
-            for n in weights:  # both ranks' slices and headers, under what one whole download sends
+            for n in ranged:  # two ranks' slices (and headers), each under 0.75 of the file
                 got = sent.get(f"{REPO_ID}/{n}", 0)
-                assert 0.3 * sizes[n] < got < 0.75 * 2 * sizes[n], (n, got, sizes[n])
-            assert sum(sent.get(f"{REPO_ID}/{n}", 0) for n in weights) < 0.75 * 2 * sum(sizes.values())
+                assert 2 * 0.5 * sizes[n] < got < 2 * 0.75 * sizes[n], (n, got, sizes[n])
+                for node in nodes:
+                    assert not list((tmp_path / f"{node.record.profile.name}-hub").rglob(n))
+            weights = sum(sent.get(f"{REPO_ID}/{n}", 0) for n in sizes)
+            assert weights < 2 * 0.9 * sum(sizes.values()), (weights, total)
             for node in nodes:
-                assert not list((tmp_path / f"{node.record.profile.name}-hub").rglob("*.safetensors"))
                 [shard] = node.models.store.shards(REPO_ID)
                 assert shard.shard["strategy"] == "moe_tensor"
             sharded = await answer(b, instance.instance_id)
             await b.work.delete(instance.instance_id)
 
-            before = mirror_sent(mirror)
             single = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
             await ready(nodes, single.instance_id)
-            after = mirror_sent(mirror)
-            for n in weights:  # whole, into b's HF cache
-                assert after[f"{REPO_ID}/{n}"] - before.get(f"{REPO_ID}/{n}", 0) >= sizes[n]
-            assert list((tmp_path / "b-hub").rglob("*.safetensors"))
+            for n in ranged:  # every byte needed: downloaded whole, into b's HF cache
+                assert list((tmp_path / "b-hub").rglob(n))
             assert await answer(c, single.instance_id) == sharded and len(sharded) == 12
         finally:
             for n in nodes:
                 await n.stop()
 
-    with Mirror(Path(str(cache) + "-mirror")) as mirror:
+    with Mirror(root) as mirror:
         hub_online(monkeypatch, mirror.url)
         asyncio.run(asyncio.wait_for(scenario(mirror), 900))
 
