@@ -419,3 +419,36 @@ def test_the_hub_finishes_a_fetch_its_only_peer_left(tmp_path, moe_cache, monkey
     with Mirror(Path(str(cache) + "-mirror")) as mirror:
         hub_online(monkeypatch, mirror.url)
         asyncio.run(asyncio.wait_for(scenario(mirror), 600))
+
+
+def test_offline_a_fetch_its_only_peer_left_fails_naming_what_is_missing(tmp_path, moe_cache, monkeypatch):
+    """The same cut with HF_HUB_OFFLINE set (as conftest sets it): the hub is
+    not asked, and the rank fails naming the missing bytes and the source
+    it was fetching from; no partial shard is left."""
+    source, cache = moe_cache
+    total = checkpoint_bytes(source)
+
+    async def scenario():
+        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(total // 3))
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
+
+            def failed():
+                i = state.instance(b.view, instance.instance_id)
+                return i is not None and i.state == pb.INSTANCE_FAILED
+            await until(failed, 60)
+            reason = state.instance(b.view, instance.instance_id).reason
+            assert "missing" in reason and "no source is left" in reason and "a: " in reason, reason
+            assert "hub" not in reason, reason
+            assert not [p for p in (tmp_path / "b" / "shards").rglob("*") if p.is_file()]
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 300))
