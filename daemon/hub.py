@@ -107,10 +107,28 @@ def checkpoint(model_id: str, revision: str, cache_dir: Path) -> Checkpoint:
     return Checkpoint(model_id, commit, config, files, layouts)
 
 
+def _verify(path: Path, name: str, want: str) -> None:
+    """A downloaded file against the sha256 it was planned with:
+    huggingface_hub names an LFS blob by its etag without hashing what
+    arrived, and the store then publishes that name as its digest. A file
+    that does not match is removed, blob and link, not left to be served."""
+    from exod.models.store import hash_file
+
+    got = hash_file(path)
+    if got != want:
+        blob = path.resolve()
+        for p in (path, blob):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise HubError(f"{name}: what arrived does not match its sha256 {want[:12]}… (got {got[:12]}…); removed")
+
+
 def download(model_id: str, commit: str, names: list, cache_dir: Path,
-             on_bytes: Callable[[int], None], stop: Callable[[], bool] = lambda: False) -> Path:
+             on_bytes: Callable[[int], None], stop: Callable[[], bool] = lambda: False,
+             digests: Optional[dict] = None) -> Path:
     """Download these files into the HF cache; returns the snapshot folder.
-    on_bytes(n) as they arrive; stop() ends it between files."""
+    on_bytes(n) as they arrive; stop() ends it between files; each file
+    with a digest in `digests` is checked against it."""
     from huggingface_hub import hf_hub_download
     from tqdm.auto import tqdm
 
@@ -133,6 +151,8 @@ def download(model_id: str, commit: str, names: list, cache_dir: Path,
                 raise HubError("stopped")
             path = Path(hf_hub_download(model_id, name, revision=commit, cache_dir=cache_dir, endpoint=_endpoint(),
                                         tqdm_class=Counted))
+            if (digests or {}).get(name):
+                _verify(path, name, digests[name])
     except _errors() as e:
         raise HubError(f"downloading {model_id} from the hub ({_endpoint() or 'huggingface.co'}): "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -411,7 +411,8 @@ class Models:
         stopped = {"now": False}
         try:
             snapshot = await asyncio.to_thread(hub.download, checkpoint.model_id, checkpoint.revision, names,
-                                               self.store.hf_cache, counted, lambda: stopped["now"])
+                                               self.store.hf_cache, counted, lambda: stopped["now"],
+                                               {n: checkpoint.files[n][1] for n in names if n in checkpoint.files})
         except hub.HubError as e:
             raise Unavailable(f"{', '.join(names[:5])} of {checkpoint.model_id} are on no Up node, and {e}") from None
         except BaseException:

@@ -96,3 +96,98 @@ def test_read_part_and_the_spans_agree_on_a_file(tmp_path):
             assert got == served
     finally:
         os.close(fd)
+
+
+def test_a_download_that_does_not_match_its_sha256_is_refused_and_removed(tmp_path, monkeypatch):
+    """The mirror announces a file's sha256 (its LFS etag) and then sends
+    other bytes of the same size, as a corrupting cache would:
+    huggingface_hub stores them under the announced name; the download is
+    refused and nothing of it is left in the HF cache. The right bytes are
+    accepted."""
+    import hashlib
+
+    import pytest
+    from huggingface_hub import constants
+
+    from .hf_mirror import Mirror, commit_of
+
+    repo = tmp_path / "mirror" / "acme" / "r"
+    repo.mkdir(parents=True)
+    good = os.urandom(300_000)
+    (repo / "model.safetensors").write_bytes(good)
+    (repo / "config.json").write_text("{}")
+    want = hashlib.sha256(good).hexdigest()
+    commit = commit_of(repo)
+    with Mirror(tmp_path / "mirror") as mirror:  # etags computed now, from the good bytes
+        monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        (repo / "model.safetensors").write_bytes(bytes([good[0] ^ 1]) + good[1:])
+        got = []
+        with pytest.raises(hub.HubError, match="does not match its sha256"):
+            hub.download("acme/r", commit, ["model.safetensors"], tmp_path / "bad", got.append,
+                         digests={"model.safetensors": want})
+        assert sum(got) == len(good)
+        assert not [p for p in (tmp_path / "bad").rglob("*") if p.is_file() and p.stat().st_size == len(good)]
+        (repo / "model.safetensors").write_bytes(good)
+        snapshot = hub.download("acme/r", commit, ["model.safetensors"], tmp_path / "ok", got.append,
+                                digests={"model.safetensors": want})
+        assert (snapshot / "model.safetensors").read_bytes() == good
+
+
+def test_a_fetch_from_the_hub_alone_by_range_reads(tmp_path, monkeypatch):
+    """A Fetch whose only source is a HubSource on the mirror: strided
+    slices and a whole block arrive exactly, the mirror sends the spans'
+    bytes and not the file; a file that is not the planned one (another
+    sha256) is refused, naming the hub."""
+    import asyncio
+    import hashlib
+    import json
+    import urllib.request
+
+    import pytest
+    from huggingface_hub import constants
+
+    from exod.daemon import fetch
+    from exod.models.shards import Part
+
+    from .hf_mirror import Mirror, commit_of
+
+    repo = tmp_path / "mirror" / "acme" / "r"
+    repo.mkdir(parents=True)
+    data = os.urandom(6 << 20)
+    (repo / "model.safetensors").write_bytes(data)
+    commit = commit_of(repo)
+    sha = hashlib.sha256(data).hexdigest()
+    # Half of each of 8 "experts" of 512 KiB, and the 512-byte halves of 1 KiB rows.
+    parts = [Part("experts", "model.safetensors", "U8", (8, 512 << 10), (8, 256 << 10), 1, (0, 1, 2),
+                  0, 256 << 10, 512 << 10, 8),
+             Part("rows", "model.safetensors", "U8", (1024, 1024), (1024, 512), 1, (1, 2, 2),
+                  (4 << 20) + 512, 512, 1024, 1024)]
+
+    class Collect:
+        def __init__(self):
+            self.out = [bytearray(p.nbytes) for p in parts]
+
+        def write(self, index, position, chunk):
+            self.out[index][position:position + len(chunk)] = chunk
+
+    def expected(p):
+        return b"".join(data[p.offset + b * p.stride:p.offset + b * p.stride + p.length] for b in range(p.count))
+
+    with Mirror(tmp_path / "mirror") as mirror:
+        monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        writer = Collect()
+        source = hub.HubSource("acme/r", commit, {"model.safetensors": (len(data), sha)})
+        asyncio.run(fetch.Fetch(parts, writer, [source]).run())
+        assert [bytes(o) for o in writer.out] == [expected(p) for p in parts]
+        sent = json.loads(urllib.request.urlopen(f"{mirror.url}/_stats", timeout=10).read())
+        # The experts' halves block by block (2 MiB), the rows read through (1 MiB less the last
+        # half row): 3 of 6 MiB.
+        assert sent["acme/r/model.safetensors"] == (2 << 20) + (1 << 20) - 512
+
+        wrong = hub.HubSource("acme/r", commit, {"model.safetensors": (len(data), "0" * 64)})
+        with pytest.raises(fetch.FetchError, match="hub.*not the planned one"):
+            asyncio.run(fetch.Fetch(parts, Collect(), [wrong]).run())
