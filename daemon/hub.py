@@ -264,7 +264,11 @@ def _filesystem():
     # HfFileSystem honours an endpoint given at runtime (HF_ENDPOINT is read
     # here, not at import) and the user's token; its files fetch exactly
     # the asked bytes with cache_type="none", one Range request per read,
-    # retried on 5xx and network errors (http_backoff).
+    # retried on 5xx and network errors (http_backoff). Against the test
+    # mirror it is as fast as `_range` once open (three spans of 5 MB: 9 ms
+    # against 6 ms); opening a file the first time asks for the repo's info
+    # once (cached by the filesystem). `size=` spares the paths-info call,
+    # which mirrors need not serve.
     from huggingface_hub import HfFileSystem
 
     return HfFileSystem(endpoint=_endpoint())
