@@ -32,7 +32,7 @@ def serves_batched(caches: list, pipeline: bool) -> bool:
 def aliased_caches(model) -> bool:
     """A pipeline stage's cache list aliases its skipped layers' caches to
     held ones (runner/pipeline.py): code that treats each position on its
-    own (mlx-lm's batch merge, a stored prefix) would cut the aliases."""
+    own (mlx-lm's batch merge) would cut the aliases."""
     caches = make_prompt_cache(model)
     return len({id(c) for c in caches}) < len(caches)
 

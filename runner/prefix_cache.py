@@ -92,8 +92,13 @@ class PrefixCache:
         key = tuple(tokens)
         if self.capacity_tokens == 0 or not key or len(key) > self.capacity_tokens:
             return
-        mx.eval([c.state for c in cache])  # a slice of the batch's buffers until evaluated
-        entry = _Entry(cache, sum(c.nbytes for c in cache))
+        # A pipeline stage that serves one sequence at a time aliases its
+        # skipped layers' caches to held ones (runner/pipeline.py): each
+        # cache counts once, and fetch's one deepcopy of the whole list
+        # keeps the aliases (its memo copies a shared object once).
+        unique = list({id(c): c for c in cache}.values())
+        mx.eval([c.state for c in unique])  # a slice of the batch's buffers until evaluated
+        entry = _Entry(cache, sum(c.nbytes for c in unique))
         previous = self._trie.add(_MODEL, list(key), entry)
         if previous is not None:
             self._forget(key, previous)

@@ -162,10 +162,6 @@ class Server:
                                                   self.stream, batched=unbatched == 0)
         if self.rank == 0:
             inbox.open(Admission(tokenizer, vocab, context_length), self.max_batch)
-        if engine.aliased_caches(model):
-            # A stored prefix is a copy of each cache position: a pipeline
-            # stage's aliased positions would come back as separate caches.
-            prefix_cache_tokens = prefix_cache_bytes = 0
         self.prefix = PrefixCache(prefix_cache_tokens, prefix_cache_bytes)
         self.active: dict[int, "Sequence | None"] = {}  # engine uid -> rank 0's Sequence (None elsewhere)
         self.prefilling: set[int] = set()  # joined, no token yet

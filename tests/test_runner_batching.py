@@ -105,3 +105,40 @@ def test_one_at_a_time_engine_is_chosen_only_for_caches_that_cannot_batch(tiny_d
     v4, _ = load_model(tiny_dirs[("deepseek_v41", "fp32")])
     generator, bound = engine.make(v4, 4, 2, 512, None)
     assert isinstance(generator, engine.OneAtATime) and bound == 1
+
+
+def test_a_hybrid_models_pipeline_stages_keep_the_prefix_cache(tiny_dirs):
+    """lfm2 (short convolutions and attention) as a 2-stage pipeline: each
+    stage aliases the convolution states of the layers it skips, so it
+    serves one sequence at a time, and it still keeps its shard of the
+    prefix cache. A chat's second turn reuses the whole first turn on both
+    ranks and decodes what one process decodes from the whole prompt."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    model_dir = tiny_dirs[("lfm2", "fp32")]
+    first_prompt = list(range(30, 90))
+    with LocalInstance(model_dir, "pipeline", 2, context_length=512, max_batch=4,
+                       prefix_cache_tokens=600) as instance:
+        instance.wait_ready(180)
+        assert [r.status.max_batch for r in instance.ranks] == [1, 1]  # one sequence at a time
+        first = drain(instance.submit(make("turn1", first_prompt, 8)))
+        answer = tokens(first)
+        second_prompt = first_prompt + answer + [7, 8, 9]
+        second = drain(instance.submit(make("turn2", second_prompt, 8)))
+        assert first[-1].cached_tokens == 0
+        assert second[-1].cached_tokens >= len(first_prompt) + len(answer) - 1
+        assert instance.wait_for(lambda i: all(r.status.prefix_cache.hits >= 1 for r in i.ranks), 10)
+        assert len({r.status.prefix_cache.tokens for r in instance.ranks}) == 1
+        assert all(r.status.prefix_cache.bytes > 0 for r in instance.ranks)
+
+    model, _ = load_model(model_dir)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([second_prompt]), cache=cache)[:, -1, :]
+    expected = []
+    for _ in range(8):
+        token = int(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1).item())
+        expected.append(token)
+        logits = model(mx.array([[token]]), cache=cache)[:, -1, :]
+    assert tokens(second) == expected
