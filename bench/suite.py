@@ -106,7 +106,8 @@ def headline(report: dict) -> dict:
     if b.get("transfer", {}).get("ok"):
         t = b["transfer"]
         out["transfer_over_raw_tcp"] = {link: v["exod_over_raw_tcp"] for link, v in t["throughput"].items()}
-        out["transfer_over_tbf_rate"] = t["throughput"]["tbf 20mbit"]["exod_over_tbf_rate"]
+        out["transfer_over_tbf_rate"] = {link: v["exod_over_tbf_rate"] for link, v in t["throughput"].items()
+                                         if "exod_over_tbf_rate" in v}
         out["transfer_ready_s"] = {"shards": t["time_to_ready"]["shards"]["ready_s"],
                                    "copy_first": t["time_to_ready"]["copy_first"]["ready_s"],
                                    "bytes_ratio": t["time_to_ready"]["bytes_ratio"]}
@@ -148,7 +149,8 @@ def summary(report: dict) -> str:
     if "transfer_ready_s" in h:
         r = h["transfer_ready_s"]
         lines.append(f"  transfer: {', '.join(f'{k} {v:.2f}x raw TCP' for k, v in h['transfer_over_raw_tcp'].items())}, "
-                     f"{h['transfer_over_tbf_rate']:.2f}x the tbf rate; Ready {r['shards']:.1f} s fetching shards vs "
+                     f"{', '.join(f'{k} {v:.2f}x' for k, v in h['transfer_over_tbf_rate'].items())} the tbf rate; "
+                     f"Ready {r['shards']:.1f} s fetching shards vs "
                      f"{r['copy_first']:.1f} s copying first ({r['bytes_ratio']:.2f}x the bytes)")
     if report["benchmarks"].get("matrix", {}).get("ok"):
         lines.append(matrix.table(report["benchmarks"]["matrix"]))
