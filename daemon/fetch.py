@@ -307,6 +307,11 @@ class Fetch:
         self.report_s = report_s
         self.describe = describe
         self.failed: dict = {}  # source name -> why it was dropped
+        # Called once, with the bytes still missing, when a source of last
+        # resort first takes a job: it is slower, so a deadline planned
+        # from the peers' rates is planned again (daemon/models.Deadline).
+        self.on_last_resort: Optional[Callable[[int], None]] = None
+        self._fell_back = False
         self._reported = 0.0
         self._wake = asyncio.Event()
 
@@ -352,6 +357,10 @@ class Fetch:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if source.last_resort and not self._fell_back:
+                self._fell_back = True
+                if self.on_last_resort is not None:
+                    self.on_last_resort(sum(j.left for j in self.pending) + sum(j.left for j in batch))
             busy[source.name] = busy.get(source.name, 0) + 1
             self.progress.sources.add(source.name)
             try:

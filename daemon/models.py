@@ -42,6 +42,27 @@ class Unavailable(Exception):
     """A rank's bytes cannot be had: the reason names what and from where."""
 
 
+class Deadline:
+    """Downloading's deadline, planned from the sources' measured rates. A
+    slower source that takes over (the hub, when the peers fail) plans the
+    rest again: the deadline moves out, never in."""
+
+    def __init__(self, seconds: float):
+        self.started = time.monotonic()
+        self.at = self.started + seconds
+
+    @property
+    def seconds(self) -> float:
+        return self.at - self.started
+
+    @property
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def extend(self, seconds_from_now: float) -> None:
+        self.at = max(self.at, time.monotonic() + seconds_from_now)
+
+
 def _describe_bytes(n: int) -> str:
     return f"{n} bytes ({n / 1e9:.2f} GB)" if n >= 1e8 else f"{n} bytes ({n / 1e6:.1f} MB)"
 
@@ -296,6 +317,27 @@ class Models:
         rate = max([MIN_RATE, *(self.link_rate(s.node_id) for s in sources if s.node_id)])
         return DEADLINE_FLOOR_S + DEADLINE_FACTOR * (nbytes / rate + hub_bytes / HUB_RATE)
 
+    @staticmethod
+    def hub_deadline_s(nbytes: int) -> float:
+        return DEADLINE_FLOOR_S + DEADLINE_FACTOR * nbytes / HUB_RATE
+
+    @staticmethod
+    async def within(deadline: "Deadline", work, timed_out: Callable[[], str]):
+        """`work`'s result, or Unavailable(timed_out()) once the deadline
+        passes; the deadline may move while it runs."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=max(0.0, deadline.left))
+                if done:
+                    return task.result()
+                if deadline.left <= 0:
+                    raise Unavailable(timed_out())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
     async def prepare_rank(self, spec: pb.RunnerSpec, model: str, revision: str,
                            on_progress: Callable[[pb.Download], None]) -> Path:
         """The folder the rank's runner loads: the whole checkpoint where
@@ -349,15 +391,14 @@ class Models:
             self._check_disk(self.store.hf_cache, hub_bytes, f"{len(whole)} file(s) of {checkpoint.model_id} "
                                                              "from the hub")
         ranged_bytes = sum(p.nbytes for p in parts if p.file in ranged)
-        deadline = self.deadline_s(shard_bytes - ranged_bytes, sources, hub_bytes + ranged_bytes)
+        deadline = Deadline(self.deadline_s(shard_bytes - ranged_bytes, sources, hub_bytes + ranged_bytes))
         progress = fetch.Progress(shard_bytes + hub_bytes)
-        names = ", ".join(s.name for s in sources) + (", hub" if orphans else "")
-        try:
-            return await asyncio.wait_for(self._transfer(checkpoint, plan, final, sources, whole, side, progress,
-                                                         on_progress, deadline, what), deadline)
-        except asyncio.TimeoutError:
-            raise Unavailable(f"timed out in Downloading after {deadline:.0f} s: {progress.done} of {progress.total} "
-                              f"bytes of {what} had arrived from {names or 'no source'}") from None
+        names = ", ".join(s.name for s in sources) + (", hub" if orphans or self._hub_usable(checkpoint) else "")
+        return await self.within(
+            deadline, self._transfer(checkpoint, plan, final, sources, whole, side, progress, on_progress, deadline,
+                                     what),
+            lambda: f"timed out in Downloading after {deadline.seconds:.0f} s: {progress.done} of {progress.total} "
+                    f"bytes of {what} had arrived from {names or 'no source'}")
 
     async def _transfer(self, checkpoint, plan, final, sources, orphans, side, progress, on_progress, deadline,
                         what) -> Path:
@@ -373,7 +414,8 @@ class Models:
         writer = await asyncio.to_thread(shards.ShardWriter, final, plan.needs.parts, plan.meta, side)
         job = fetch.Fetch(writer.all_parts, writer, sources, describe=what)
         job.progress = progress  # one count over the hub's files and the shard's parts
-        job.on_progress = lambda p: on_progress(p.proto(deadline))
+        job.on_progress = lambda p: on_progress(p.proto(deadline.seconds))
+        job.on_last_resort = lambda left: deadline.extend(self.hub_deadline_s(left))
         log.info("fetching a shard", key=plan.key, bytes=progress.total, sources=[s.name for s in sources])
         try:
             await job.run()
@@ -396,7 +438,7 @@ class Models:
         return not hub.offline() and "/" in checkpoint.model_id
 
     async def _from_hub(self, checkpoint, names: list, progress: fetch.Progress, on_progress,
-                        deadline: float) -> fetch.Source:
+                        deadline: Deadline) -> fetch.Source:
         """Files no peer holds, downloaded whole into the HF cache: then
         they are this node's own, a local source."""
         if hub.offline():
@@ -406,7 +448,7 @@ class Models:
         progress.sources.add("hub")
 
         def counted(n: int) -> None:
-            loop.call_soon_threadsafe(lambda: (progress.add(n), on_progress(progress.proto(deadline))))
+            loop.call_soon_threadsafe(lambda: (progress.add(n), on_progress(progress.proto(deadline.seconds))))
 
         stopped = {"now": False}
         try:
@@ -443,32 +485,50 @@ class Models:
         total = sum(sizes.values())
         sources = [s for s in self._sources(checkpoint, set(names))]
         orphans = [n for n in names if not any(s.has(n) for s in sources)]
-        deadline = self.deadline_s(total, sources, sum(sizes[n] for n in orphans))
+        deadline = Deadline(self.deadline_s(total, sources, sum(sizes[n] for n in orphans)))
+        progress = fetch.Progress(total)
+        sources_named = ", ".join(s.name for s in sources) or "the hub"
+
+        def timed_out() -> str:
+            return (f"timed out pulling {checkpoint.model_id} after {deadline.seconds:.0f} s: {progress.done} of "
+                    f"{progress.total} bytes had arrived from {sources_named}")
+
         if orphans:  # not all on peers: the hub has it all, into its own cache
             self._check_disk(self.store.hf_cache, total, f"{checkpoint.model_id}")
-            progress = fetch.Progress(total)
-            await self._from_hub(checkpoint, names, progress, on_progress, deadline)
+            await self.within(deadline, self._from_hub(checkpoint, names, progress, on_progress, deadline), timed_out)
         else:
             final = self.store.exod_path(checkpoint.model_id)
             self._check_disk(final.parent, total, f"{checkpoint.model_id}")
-            writer = await asyncio.to_thread(FilesWriter, final, [(n, sizes[n]) for n in names], checkpoint.revision)
-            job = fetch.Fetch(writer.parts, writer, sources, describe=checkpoint.model_id)
-            job.on_progress = lambda p: on_progress(p.proto(deadline))
-            try:
-                await job.run()
-                await asyncio.to_thread(writer.verify, {n: sha for n, (_, sha) in checkpoint.files.items()})
-                await asyncio.to_thread(writer.commit)
-            except fetch.FetchError as e:
-                await asyncio.to_thread(writer.abort)
-                raise Unavailable(str(e)) from None
-            except BaseException:
-                await asyncio.to_thread(writer.abort)
-                raise
+            if self._hub_usable(checkpoint):
+                # What a peer leaves when it fails mid-pull, with no other
+                # peer holding it: from the hub, checked by the whole files'
+                # digests as the rest is.
+                sources.append(hub.HubSource(checkpoint.model_id, checkpoint.revision, dict(checkpoint.files)))
+            await self.within(deadline, self._pull_files(checkpoint, final, names, sizes, sources, progress,
+                                                         on_progress, deadline), timed_out)
         await self.refresh()
         held = await asyncio.to_thread(self.store.find, checkpoint.model_id, checkpoint.revision)
         if held is None:
             raise Unavailable(f"{checkpoint.model_id} was fetched but the store does not find it complete")
         return held.to_proto()
+
+    async def _pull_files(self, checkpoint, final: Path, names: list, sizes: dict, sources: list,
+                          progress: fetch.Progress, on_progress, deadline: Deadline) -> None:
+        writer = await asyncio.to_thread(FilesWriter, final, [(n, sizes[n]) for n in names], checkpoint.revision)
+        job = fetch.Fetch(writer.parts, writer, sources, describe=checkpoint.model_id)
+        job.progress = progress
+        job.on_progress = lambda p: on_progress(p.proto(deadline.seconds))
+        job.on_last_resort = lambda left: deadline.extend(self.hub_deadline_s(left))
+        try:
+            await job.run()
+            await asyncio.to_thread(writer.verify, {n: sha for n, (_, sha) in checkpoint.files.items()})
+            await asyncio.to_thread(writer.commit)
+        except fetch.FetchError as e:
+            await asyncio.to_thread(writer.abort)
+            raise Unavailable(str(e)) from None
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
 
     async def pull_progress(self, text: str, every_s: float = 0.5):
         """PullProgress while `pull` runs, then one with done or the error."""

@@ -421,6 +421,48 @@ def test_the_hub_finishes_a_fetch_its_only_peer_left(tmp_path, moe_cache, monkey
         asyncio.run(asyncio.wait_for(scenario(mirror), 600))
 
 
+def test_a_pull_its_only_peer_left_is_finished_from_the_hub(tmp_path, moe_cache, monkeypatch):
+    """`exod pull` from the only node that holds the model, which stops
+    serving a third of the way: the rest comes from the mirror by range
+    reads, and the pulled files are the checkpoint's (each checked against
+    its sha256). (How the deadline is planned again for the hub:
+    tests/test_fetch_fallback.py.)"""
+    from .hf_mirror import Mirror
+
+    source, cache = moe_cache
+    total = checkpoint_bytes(source)
+    cut_at = total // 3
+
+    async def scenario(mirror):
+        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(cut_at))
+        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                                   hf_cache=str(tmp_path / "b-hub")))
+        try:
+            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+            before = mirror_sent(mirror)
+            seen = []
+            held = await b.models.pull(REPO_ID, seen.append)
+            assert held.complete and held.store == "exod"
+            pulled = b.models_dir / REPO_ID
+            for f in source.iterdir():
+                assert (pulled / f.name).read_bytes() == f.read_bytes(), f.name
+            served = a.models.server.bytes_served
+            assert cut_at <= served < cut_at + 8 * (1 << 20)
+            from_hub = sum(v - before.get(k, 0) for k, v in mirror_sent(mirror).items())
+            assert total - served <= from_hub < total - served + 64 * (1 << 20), (from_hub, served, total)
+            assert seen and seen[-1].bytes_done == total
+        finally:
+            await b.stop()
+            await a.stop()
+
+    with Mirror(Path(str(cache) + "-mirror")) as mirror:
+        hub_online(monkeypatch, mirror.url)
+        asyncio.run(asyncio.wait_for(scenario(mirror), 600))
+
+
 def test_offline_a_fetch_its_only_peer_left_fails_naming_what_is_missing(tmp_path, moe_cache, monkeypatch):
     """The same cut with HF_HUB_OFFLINE set (as conftest sets it): the hub is
     not asked, and the rank fails naming the missing bytes and the source
