@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from exod.daemon.calibration import core_prefix
 from exod.models import synthetic
 from exod.proto import exod_pb2 as pb
 from exod.runner.launch import LocalInstance, free_ports
@@ -35,7 +36,8 @@ def even_split(layers: int, world: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
-def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int) -> dict:
+def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinned: bool = False) -> dict:
+    """pinned: each rank on a core of its own (daemon/calibration.core_prefix)."""
     env = {**os.environ, "BENCH_SPAWNED_AT": repr(time.time())}
     args = [sys.executable, str(WORKER), str(model_dir), strategy, str(max_tokens), str(PROMPT_TOKENS)]
     if strategy == "single":
@@ -44,7 +46,8 @@ def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int) -> d
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as hostfile:
         json.dump([[f"127.0.0.1:{p}"] for p in free_ports(world)], hostfile)
     try:
-        procs = [subprocess.Popen(args, env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": hostfile.name},
+        procs = [subprocess.Popen((core_prefix(r) if pinned else []) + args,
+                                  env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": hostfile.name},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
         outs = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -56,10 +59,12 @@ def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int) -> d
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
-def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers: int) -> dict:
+def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers: int, pinned: bool = False) -> dict:
     spawned = time.time()
     split = even_split(layers, world) if strategy == "pipeline" else None
-    with LocalInstance(model_dir, strategy, world, pipeline_layers=split, context_length=4096) as instance:
+    prefix = [core_prefix(r) for r in range(world)] if pinned else None
+    with LocalInstance(model_dir, strategy, world, pipeline_layers=split, context_length=4096,
+                       rank_prefix=prefix) as instance:
         instance.wait_ready(600)
         ready_s = max(s.changed_at_unix_ms for s in (r.status for r in instance.ranks)) / 1000 - spawned
         request = pb.GenerateRequest(request_id="bench", prompt_tokens=[5 + (i % 50) for i in range(PROMPT_TOKENS)],
