@@ -378,6 +378,25 @@ def test_ranks_range_read_only_their_bytes_from_the_hub(tmp_path, layered_mirror
         asyncio.run(asyncio.wait_for(scenario(mirror), 900))
 
 
+async def holder_that_stops(tmp_path, cache, monkeypatch, after_bytes: int):
+    """a holds the model and stops serving after `after_bytes` (a test hook,
+    as a node killed mid-transfer would); b holds nothing and sees a's
+    model. Both started; the caller stops them."""
+    monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(after_bytes))
+    a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
+    monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
+    b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
+                               hf_cache=str(tmp_path / "b-hub")))
+    try:
+        await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
+        await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
+    except BaseException:
+        await b.stop()
+        await a.stop()
+        raise
+    return a, b
+
+
 def test_the_hub_finishes_a_fetch_its_only_peer_left(tmp_path, moe_cache, monkeypatch):
     """a, the only node that holds the model, stops serving a third of the
     way through b's fetch (a test hook, as a killed node would): the rest
@@ -390,14 +409,8 @@ def test_the_hub_finishes_a_fetch_its_only_peer_left(tmp_path, moe_cache, monkey
     cut_at = total // 3
 
     async def scenario(mirror):
-        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(cut_at))
-        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
-        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
-                                   hf_cache=str(tmp_path / "b-hub")))
+        a, b = await holder_that_stops(tmp_path, cache, monkeypatch, cut_at)
         try:
-            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
-            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
             before = mirror_sent(mirror)
             instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
             await ready([a, b], instance.instance_id)
@@ -434,14 +447,8 @@ def test_a_pull_its_only_peer_left_is_finished_from_the_hub(tmp_path, moe_cache,
     cut_at = total // 3
 
     async def scenario(mirror):
-        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(cut_at))
-        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
-        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
-                                   hf_cache=str(tmp_path / "b-hub")))
+        a, b = await holder_that_stops(tmp_path, cache, monkeypatch, cut_at)
         try:
-            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
-            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
             before = mirror_sent(mirror)
             seen = []
             held = await b.models.pull(REPO_ID, seen.append)
@@ -471,14 +478,8 @@ def test_offline_a_fetch_its_only_peer_left_fails_naming_what_is_missing(tmp_pat
     total = checkpoint_bytes(source)
 
     async def scenario():
-        monkeypatch.setenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES", str(total // 3))
-        a = await started(settings(tmp_path, "a", memory_limit=8 * GB, hf_cache=str(cache)))
-        monkeypatch.delenv("EXOD_TEST_FAIL_SERVING_AFTER_BYTES")
-        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], memory_limit=8 * GB,
-                                   hf_cache=str(tmp_path / "b-hub")))
+        a, b = await holder_that_stops(tmp_path, cache, monkeypatch, total // 3)
         try:
-            await until(lambda: statuses(b) == {"a": pb.UP, "b": pb.UP}, 15)
-            await until(lambda: any(h.model_id == REPO_ID for h in b.view.member(a.node_id).record.profile.models), 15)
             instance = await place(b, {"model": REPO_ID, "nodes": ["b"], "ranks": 1, "context_length": 256})
 
             def failed():
