@@ -36,10 +36,12 @@ def even_split(layers: int, world: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
-def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinned: bool = False) -> dict:
-    """pinned: each rank on a core of its own (daemon/calibration.core_prefix)."""
+def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinned: bool = False,
+               engine: str = "stream") -> dict:
+    """pinned: each rank on a core of its own (daemon/calibration.core_prefix);
+    engine: mlx-lm's stream_generate ("stream") or BatchGenerator ("batch")."""
     env = {**os.environ, "BENCH_SPAWNED_AT": repr(time.time())}
-    args = [sys.executable, str(WORKER), str(model_dir), strategy, str(max_tokens), str(PROMPT_TOKENS)]
+    args = [sys.executable, str(WORKER), str(model_dir), strategy, str(max_tokens), str(PROMPT_TOKENS), engine]
     if strategy == "single":
         out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,12 +61,13 @@ def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinn
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
-def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers: int, pinned: bool = False) -> dict:
+def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers: int, pinned: bool = False,
+             max_batch: int = 8) -> dict:
     spawned = time.time()
     split = even_split(layers, world) if strategy == "pipeline" else None
     prefix = [core_prefix(r) for r in range(world)] if pinned else None
     with LocalInstance(model_dir, strategy, world, pipeline_layers=split, context_length=4096,
-                       rank_prefix=prefix) as instance:
+                       rank_prefix=prefix, max_batch=max_batch) as instance:
         instance.wait_ready(600)
         ready_s = max(s.changed_at_unix_ms for s in (r.status for r in instance.ranks)) / 1000 - spawned
         request = pb.GenerateRequest(request_id="bench", prompt_tokens=[5 + (i % 50) for i in range(PROMPT_TOKENS)],

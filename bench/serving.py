@@ -205,10 +205,13 @@ def ttft(host: Host, url: str, messages: list[dict], model: str = "demo") -> dic
 
 
 def decode_step(model_dir: Path, repeats: int, max_tokens: int) -> dict:
-    """Each rank on a core of its own, as on two machines: two ranks left
-    to the scheduler on two cores moved single samples by 2x (65 to 178
-    tok/s for the same run), which drowned the per-step cost measured."""
-    samples = {"exod": [], "mlx_lm": []}
+    """One request's decode, tensor x 2: exod against mlx-lm's own loop
+    (stream_generate, the goal's baseline) and against mlx-lm's
+    BatchGenerator with one request (the batched engine exod's runner
+    builds on), interleaved. Each rank on a core of its own, as on two
+    machines: two ranks left to the scheduler on two cores moved single
+    samples by 2x (65 to 178 tok/s for the same run)."""
+    samples = {"exod": [], "exod_concurrency_1": [], "mlx_lm": [], "mlx_lm_batch_generator": []}
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     pinned = (os.cpu_count() or 1) >= 2
     # The first run of each is slower (page cache, MLX's first compiles): not counted.
@@ -216,11 +219,20 @@ def decode_step(model_dir: Path, repeats: int, max_tokens: int) -> dict:
     runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned)
     for _ in range(repeats):  # interleaved
         samples["mlx_lm"].append(runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned)["decode_tokens_per_s"])
+        samples["mlx_lm_batch_generator"].append(
+            runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned, engine="batch")["decode_tokens_per_s"])
         samples["exod"].append(runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned)
                                ["decode_tokens_per_s"])
-    exod, mlx = statistics.median(samples["exod"]), statistics.median(samples["mlx_lm"])
+        # A placement of concurrency 1 decodes with generate_step (runner/engine.py).
+        samples["exod_concurrency_1"].append(runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned,
+                                                             max_batch=1)["decode_tokens_per_s"])
+    exod, mlx, batch, alone = (statistics.median(samples[k]) for k in
+                               ("exod", "mlx_lm", "mlx_lm_batch_generator", "exod_concurrency_1"))
     return {"strategy": "tensor", "ranks": 2, "pinned": pinned, "tokens": max_tokens, "exod_decode_tokens_per_s": exod,
-            "mlx_lm_decode_tokens_per_s": mlx, "ratio": exod / mlx, "target": TARGET_RATIO,
+            "mlx_lm_decode_tokens_per_s": mlx, "mlx_lm_batch_generator_decode_tokens_per_s": batch,
+            "exod_concurrency_1_decode_tokens_per_s": alone, "concurrency_1_ratio": alone / mlx,
+            "ratio": exod / mlx, "over_mlx_lm_batch_generator": exod / batch,
+            "mlx_lm_batch_generator_over_mlx_lm": batch / mlx, "target": TARGET_RATIO,
             "meets_target": exod / mlx >= TARGET_RATIO,
             "samples": {k: [round(v, 2) for v in vs] for k, vs in samples.items()}}
 

@@ -89,9 +89,10 @@ def test_prefix_cache_serves_a_repeated_prefix_on_every_rank_and_changes_no_toke
     for rank in instance.ranks:
         cache = rank.status.prefix_cache
         assert 0 < cache.tokens <= cache.capacity_tokens == 600 and cache.bytes > 0
-    # Each rank holds its own shard: the same tokens everywhere, and bytes in
-    # proportion to what the strategy gives each rank.
-    assert len({r.status.prefix_cache.tokens for r in instance.ranks}) == 1
+    # Each rank holds its own shard: the same tokens everywhere (once every
+    # rank's status has caught up), and bytes in proportion to what the
+    # strategy gives each rank.
+    assert instance.wait_for(lambda i: len({r.status.prefix_cache.tokens for r in i.ranks}) == 1, 10)
 
 
 def test_one_at_a_time_engine_is_chosen_only_for_caches_that_cannot_batch(tiny_dirs):
@@ -129,9 +130,12 @@ def test_a_hybrid_models_pipeline_stages_keep_the_prefix_cache(tiny_dirs):
         second = drain(instance.submit(make("turn2", second_prompt, 8)))
         assert first[-1].cached_tokens == 0
         assert second[-1].cached_tokens >= len(first_prompt) + len(answer) - 1
-        assert instance.wait_for(lambda i: all(r.status.prefix_cache.hits >= 1 for r in i.ranks), 10)
-        assert len({r.status.prefix_cache.tokens for r in instance.ranks}) == 1
-        assert all(r.status.prefix_cache.bytes > 0 for r in instance.ranks)
+        # Both turns are kept on both ranks (a convolution state cannot be
+        # trimmed, so the first turn is not dropped for the longer second);
+        # each rank's status says so within its reporting interval.
+        both_turns = len(first_prompt) + len(answer) + len(second_prompt) + len(tokens(second))
+        assert instance.wait_for(lambda i: all(r.status.prefix_cache.hits >= 1 and r.status.prefix_cache.bytes > 0
+                                               and r.status.prefix_cache.tokens == both_turns for r in i.ranks), 10)
 
     model, _ = load_model(model_dir)
     cache = make_prompt_cache(model)
