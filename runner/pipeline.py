@@ -28,9 +28,10 @@ aliased instead to a held cache of the same kind, which a held layer keeps
 up to date: every layer sees every token, so same-kind caches hold the same
 offsets; such a stage serves one sequence at a time, since a merge would cut
 the aliases (runner/engine.py), and still keeps a prefix cache: a stored
-entry is copied as one list, which keeps its aliases. A model that keeps state outside its layers
-in some other way (hyper-connection streams, a layer reading another
-layer's cache) gives its architecture module a `pipeline` hook instead.
+entry is copied as one list, which keeps its aliases. A model that keeps
+state outside its layers in some other way (hyper-connection streams, a
+layer reading another layer's cache) gives its architecture module a
+`pipeline` hook instead.
 """
 
 from dataclasses import dataclass
