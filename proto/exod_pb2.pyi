@@ -537,7 +537,7 @@ class PlacementRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision", "prefix_cache_tokens")
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision", "prefix_cache_tokens", "expert_layout", "predicted_routing_imbalance")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -554,6 +554,8 @@ class Placement(_message.Message):
     PREDICTED_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ROUTING_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     strategy: Strategy
     backend: Backend
@@ -570,7 +572,43 @@ class Placement(_message.Message):
     predicted_transfer_s: float
     revision: str
     prefix_cache_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ...) -> None: ...
+    expert_layout: ExpertLayout
+    predicted_routing_imbalance: float
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ..., predicted_routing_imbalance: _Optional[float] = ...) -> None: ...
+
+class ExpertLayout(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...
+
+class LayerExperts(_message.Message):
+    __slots__ = ("layer", "ranks")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    ranks: _containers.RepeatedCompositeFieldContainer[ExpertSet]
+    def __init__(self, layer: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[ExpertSet, _Mapping]]] = ...) -> None: ...
+
+class ExpertSet(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertCounts(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerCounts]
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerCounts, _Mapping]]] = ...) -> None: ...
+
+class LayerCounts(_message.Message):
+    __slots__ = ("layer", "counts")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("chosen", "candidates", "reasons")
@@ -599,7 +637,7 @@ class Download(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., source: _Optional[str] = ..., eta_s: _Optional[float] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class RunnerStatus(_message.Message):
-    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download", "max_batch", "batch_size", "queue_depth", "tokens_per_s", "generated_tokens", "prefix_cache", "peak_batch_size", "canary_seconds")
+    __slots__ = ("instance_id", "rank", "node_id", "state", "layers_loaded", "total_layers", "reason", "diagnostics", "estimated_bytes", "peak_memory_bytes", "rss_bytes", "changed_at_unix_ms", "pid", "canary_max_delta", "canary_layer", "peak_rss_bytes", "history", "download", "max_batch", "batch_size", "queue_depth", "tokens_per_s", "generated_tokens", "prefix_cache", "peak_batch_size", "canary_seconds", "expert_counts")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -626,6 +664,7 @@ class RunnerStatus(_message.Message):
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     PEAK_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CANARY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     rank: int
     node_id: str
@@ -652,7 +691,8 @@ class RunnerStatus(_message.Message):
     prefix_cache: PrefixCacheStats
     peak_batch_size: int
     canary_seconds: float
-    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., max_batch: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., peak_batch_size: _Optional[int] = ..., canary_seconds: _Optional[float] = ...) -> None: ...
+    expert_counts: ExpertCounts
+    def __init__(self, instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[_Union[RunnerState, str]] = ..., layers_loaded: _Optional[int] = ..., total_layers: _Optional[int] = ..., reason: _Optional[str] = ..., diagnostics: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., changed_at_unix_ms: _Optional[int] = ..., pid: _Optional[int] = ..., canary_max_delta: _Optional[float] = ..., canary_layer: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., history: _Optional[_Iterable[_Union[StateChange, _Mapping]]] = ..., download: _Optional[_Union[Download, _Mapping]] = ..., max_batch: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., peak_batch_size: _Optional[int] = ..., canary_seconds: _Optional[float] = ..., expert_counts: _Optional[_Union[ExpertCounts, _Mapping]] = ...) -> None: ...
 
 class StateChange(_message.Message):
     __slots__ = ("state", "at_unix_ms")
@@ -721,7 +761,7 @@ class RunnerDeadlines(_message.Message):
     def __init__(self, connect_s: _Optional[float] = ..., load_s: _Optional[float] = ..., warmup_s: _Optional[float] = ..., peer_s: _Optional[float] = ...) -> None: ...
 
 class RunnerSpec(_message.Message):
-    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "shares", "prefill_step_tokens")
+    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "shares", "prefill_step_tokens", "expert_layout")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -743,6 +783,7 @@ class RunnerSpec(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     rank: int
@@ -764,7 +805,8 @@ class RunnerSpec(_message.Message):
     max_queue: int
     shares: _containers.RepeatedScalarFieldContainer[int]
     prefill_step_tokens: int
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., shares: _Optional[_Iterable[int]] = ..., prefill_step_tokens: _Optional[int] = ...) -> None: ...
+    expert_layout: ExpertLayout
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., shares: _Optional[_Iterable[int]] = ..., prefill_step_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
