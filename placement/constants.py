@@ -53,3 +53,10 @@ EVEN_SHARES_MARGIN = 0.05
 # of that many full contexts is reserved.
 DEFAULT_CONTEXT = 4096
 DEFAULT_CONCURRENCY = 8
+
+# moe_experts by routing load: replica slots tried per MoE layer, as
+# fractions of the experts (smallest first), and the cut in the batched
+# routing imbalance a replica set must bring to be kept; replicas cost the
+# memory they occupy on every rank that holds one.
+REPLICA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
+REPLICA_GAIN = 0.05

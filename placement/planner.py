@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from exod.models.shares import even as shares_even
 from exod.proto import exod_pb2 as pb
 
-from . import constants, cost
+from . import constants, cost, experts
 from . import strategies as strategy_objects
 from .errors import PlanError
 from .profile import (CLASS_FIELD, CLASS_LABEL, CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL,
@@ -35,7 +35,10 @@ class Settings:
 
 
 def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
-         model: ModelProfile | None = None) -> pb.Plan:
+         model: ModelProfile | None = None, expert_counts: pb.ExpertCounts | None = None) -> pb.Plan:
+    """expert_counts: how often the router chose each expert, measured on
+    earlier runs of this model; with them, moe_experts places experts by
+    routing load (placement/experts.py), without them evenly."""
     model = model or profile(spec)
     settings = _settings(model, request)
     nodes, skipped = _select_nodes(cluster, request)
@@ -43,10 +46,10 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS]
 
     candidates, impossible = [], []
-    memo: dict = {}
+    memo: dict = {"expert freqs": expert_frequencies(model, expert_counts)}
     # Placements whose runner decodes one sequence at a time reserve one
     # context of KV, not `concurrency`, and their memory is memoised apart.
-    single, single_memo = replace(settings, concurrency=1), {}
+    single, single_memo = replace(settings, concurrency=1), {"expert freqs": memo["expert freqs"]}
     for order in candidate_orders(nodes, links, memo.setdefault("hops", {})):
         if request.ranks and len(order) != request.ranks:
             continue
@@ -225,16 +228,23 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         bounds = [(0, model.num_layers)] * n
         held = [(share, of) for share in rank_shares(model, strategy, order, usable, settings, memo)] \
             if of else [(1, 1)] * n
+    layout = None
+    if strategy == "moe_experts" and n > 1 and memo["expert freqs"]:
+        layout = expert_layout(model, order, usable, settings, memo)
+        held = [(len(ids), model.num_experts) for ids in layout.experts[0]]
     compute = []
     for rank, (node, (start, end), (share, whole)) in enumerate(zip(order, bounds, held)):
-        memory, read = _rank_memory(model, strategy, share, whole, start, end, settings, memo, n)
+        if layout is not None:
+            memory, read = _layout_memory(model, share, settings, memo, n)
+        else:
+            memory, read = _rank_memory(model, strategy, share, whole, start, end, settings, memo, n)
         fits = memory.total_bytes <= usable[rank]
         seconds = cost.rank_compute_s(read, end - start, node)
         compute.append(seconds)
         placement.ranks.add(
             rank=rank, node_id=node.node_id, node_name=node.name,
             layer_start=start, layer_end=end,
-            share=share if of else 0, share_of=of,
+            share=share if of or layout else 0, share_of=whole if layout else of,
             memory=memory, usable_bytes=usable[rank], fits=fits,
             predicted_compute_s=seconds,
         )
@@ -250,6 +260,10 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         # run on every rank at once.
         fixed = [cost.rank_compute_s(model.outside.read_all, 0, node) for node in order]
         total_compute = sum(c - f for c, f in zip(compute, fixed)) + max(fixed)
+    elif layout is not None:
+        total_compute = _routed_compute_s(model, layout, order, compute, held)
+        placement.expert_layout.CopyFrom(layout_message(layout))
+        placement.predicted_routing_imbalance = layout.imbalance([cost.decode_rates(node)[0] for node in order])
     else:
         total_compute = max(compute)
     placement.predicted_compute_s = total_compute
@@ -297,6 +311,110 @@ def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile],
         if max(f + k * s for f, k, s in zip(fixed, slope, even)) <= slowest * (1 + constants.EVEN_SHARES_MARGIN):
             return even
     return shares
+
+
+# ------------------------------------------------------------------ experts by routing load
+
+
+def expert_frequencies(model: ModelProfile, counts: "pb.ExpertCounts | None") -> list:
+    """Per MoE layer, in model order, the fraction of routed slots each
+    expert took; [] when nothing was measured. A layer with no counts is
+    uniform."""
+    if counts is None or not model.num_experts or not model.moe_layer_ids:
+        return []
+    by_layer = {c.layer: list(c.counts) for c in counts.layers if len(c.counts) == model.num_experts}
+    if not any(sum(v) for v in by_layer.values()):
+        return []
+    return [experts.frequencies(by_layer.get(layer, [0] * model.num_experts), model.num_experts)
+            for layer in model.moe_layer_ids]
+
+
+def expert_layout(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int], settings: Settings,
+                  memo: dict) -> experts.Layout:
+    """Experts per rank placed by measured routing load: each rank's count
+    (the same in every MoE layer) balances the uniform step time within its
+    memory, as shares do; then, where memory leaves room and the placement
+    decodes several sequences at once, replica slots for the hottest
+    experts, kept only when they cut the batched routing imbalance by
+    REPLICA_GAIN; then which experts, per layer (placement/experts.py)."""
+    n, total = len(order), model.num_experts
+    rates = [cost.decode_rates(node) for node in order]
+    key = ("expert layout", tuple(rates), tuple(usable), settings.concurrency)
+    if key in memo:
+        return memo[key]
+    empty, read0 = _layout_memory(model, 0, settings, memo, n)
+    one, read1 = _layout_memory(model, 1, settings, memo, n)
+    per_expert, per_read = one.total_bytes - empty.total_bytes, read1 - read0
+    fixed = [read0 / rate + step + model.num_layers * layer for rate, step, layer in rates]
+    slope = [per_read / rate for rate, _, _ in rates]
+    caps = [total if per_expert <= 0 else max(0, min(total, (room - empty.total_bytes) // per_expert))
+            for room in usable]
+    freqs = memo["expert freqs"]
+    speed = [rate for rate, _, _ in rates]
+    counts, _ = strategy_objects.balance(total, fixed, slope, caps)
+    best = experts.layout(freqs, model.moe_layer_ids, counts, speed)
+    spare = sum(max(0, c - k) for c, k in zip(caps, counts))
+    if settings.concurrency > 1 and spare:
+        plain = best.imbalance(speed, single=False)
+        for fraction in constants.REPLICA_FRACTIONS:
+            extra = min(spare, max(1, int(total * fraction)), total * (n - 1))
+            more, _ = strategy_objects.balance(total + extra, fixed, slope, [min(c, total) for c in caps])
+            if sum(more) != total + extra or any(m > c for m, c in zip(more, caps)):
+                continue
+            tried = experts.layout(freqs, model.moe_layer_ids, more, speed)
+            if tried.imbalance(speed, single=False) <= plain * (1 - constants.REPLICA_GAIN):
+                best = tried
+                break
+    memo[key] = best
+    return best
+
+
+def _layout_memory(model: ModelProfile, count: int, settings: Settings, memo: dict,
+                   ranks: int) -> tuple[pb.MemoryBreakdown, float]:
+    """A moe_experts rank holding `count` whole routed experts of every MoE
+    layer under an expert layout: the routed experts are count / E of
+    their bytes, and a shared expert is cut evenly over the ranks
+    (runner/strategies.py), whatever the counts."""
+    key = ("layout memory", count, ranks)
+    if key in memo:
+        return memo[key]
+    memory, read = rank_memory(model, "moe_experts", model.num_experts, 0, model.num_layers, settings,
+                               share=(count, model.num_experts), ranks=ranks)
+    shared = sum(p.split["moe_experts"][pb.SHARED_EXPERTS] for p in model.layers + [model.outside])
+    if shared:
+        even = shared // ranks
+        wrong = shared * count // model.num_experts
+        memory.shared_experts_bytes += even - wrong
+        memory.weights_bytes += even - wrong
+        memory.total_bytes += even - wrong
+    memo[key] = (memory, read)
+    return memo[key]
+
+
+def _routed_compute_s(model: ModelProfile, layout: experts.Layout, order: list[pb.NodeProfile],
+                      compute: list[float], held: list[tuple[int, int]]) -> float:
+    """One decode step under an expert layout: every rank's work outside
+    the routed experts at once (its computed time less its uniform share of
+    the routed reads), then, MoE layer by MoE layer, the slowest rank's
+    routed reads, since the ranks meet at each layer's all-sum. One token
+    reads each of its k experts once, expert e with probability k·f[e]."""
+    total, k = model.num_experts, max(model.experts_per_token, 1)
+    rates = [cost.decode_rates(node)[0] for node in order]
+    routed = [model.layers[i].full[pb.ROUTED_EXPERTS] for i in layout.layers]
+    uniform = [sum(k * count / total * b / total for b in routed) / rate
+               for (count, _), rate in zip(held, rates)]
+    rest = max(c - u for c, u in zip(compute, uniform))
+    return rest + sum(max(k * load * b / total / rate for load, rate in zip(layer, rates))
+                      for layer, b in zip(layout.single, routed))
+
+
+def layout_message(layout: experts.Layout) -> pb.ExpertLayout:
+    out = pb.ExpertLayout()
+    for layer, per_rank in zip(layout.layers, layout.experts):
+        entry = out.layers.add(layer=layer)
+        for ids in per_rank:
+            entry.ranks.add(experts=ids)
+    return out
 
 
 def _rank_memory(model: ModelProfile, strategy: str, share: int, of: int, start: int, end: int,

@@ -87,6 +87,9 @@ class ModelProfile:
     # stages (ModelSpec.unbatched, unbatched_pipeline).
     unbatched: bool = False
     unbatched_pipeline: bool = False
+    num_experts: int = 0  # routed experts per MoE layer (0: dense)
+    experts_per_token: int = 0
+    moe_layer_ids: tuple = ()  # the layers that hold routed experts, ascending
     # Running sums over the layers, per (strategy, grains, context,
     # concurrency): derived from the fields above, kept so that a plan's
     # many candidates sum any layer range in O(classes) (range_sums).
@@ -178,4 +181,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         max_intermediate=max_intermediate,
         unbatched=spec.unbatched,
         unbatched_pipeline=spec.unbatched_pipeline,
+        num_experts=spec.num_experts,
+        experts_per_token=spec.experts_per_token,
+        moe_layer_ids=tuple(sorted(i for i in moe_layer_ids if 0 <= i < spec.num_layers)),
     )
