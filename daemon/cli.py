@@ -509,6 +509,15 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_rebalance(args) -> int:
+    answer = api_call(args, "POST", f"/v1/instances/{args.instance_id}/rebalance", {})
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"{answer['instance']['instance_id']} {answer['outcome']}")
+    return 0
+
+
 def cmd_chat(args) -> int:
     body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}],
             "max_tokens": args.max_tokens, "temperature": args.temperature}
@@ -716,6 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=24 * 3600)
     p = api_parser("rm", cmd_rm, "stop an instance on every node and release its memory")
     p.add_argument("instance_id")
+    p = api_parser("rebalance", cmd_rebalance, "place a moe_experts instance's experts again by measured routing "
+                                               "load; the new placement is Ready before the old one stops")
+    p.add_argument("instance_id")
+    p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the new placement")
     p = api_parser("chat", cmd_chat, "one chat completion from a Ready instance")
     p.add_argument("model")
     p.add_argument("prompt")

@@ -358,6 +358,27 @@ def make_app(node) -> web.Application:
                               f"({e.code().name}: {e.details()}); delete it there")
         return web.json_response({"deleted": instance_id})
 
+    async def rebalance_instance(request):
+        """POST: place a moe_experts instance's experts again by measured
+        routing load, the new placement Ready before the old one stops
+        (Work.rebalance). Answers the instance serving afterwards."""
+        if not allowed(request):
+            return error(403, "rebalancing from another host needs the daemon's bearer token")
+        instance_id = request.match_info["instance_id"]
+        if instance_id not in node.work.owned:
+            owner = node.work.owner_of(instance_id)
+            if owner is None:
+                return error(404, f"no instance {instance_id!r}")
+            return error(409, f"instance {instance_id} is owned by node {owner[:12]}; rebalance it there")
+        try:
+            instance, outcome = await node.work.rebalance(instance_id)
+        except KeyError:
+            return error(404, f"no instance {instance_id!r}")
+        except (placement_api.PlanError, placement_api.ModelError, Refused) as e:
+            return error(409, str(e))
+        return web.json_response({"instance": _json(instance), "rebalanced": instance.instance_id != instance_id,
+                                  "outcome": outcome})
+
     async def pull_model(request):
         """POST {"model", "node"?}: fetch a whole checkpoint onto a node; the
         answer streams one JSON line of progress about every half second,
@@ -408,6 +429,7 @@ def make_app(node) -> web.Application:
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{instance_id}", get_instance)
     app.router.add_delete("/v1/instances/{instance_id}", delete_instance)
+    app.router.add_post("/v1/instances/{instance_id}/rebalance", rebalance_instance)
     app.router.add_post("/v1/placements/preview", placement_preview)
     app.router.add_post("/v1/models/pull", pull_model)
     app.router.add_get("/v1/state", cluster_state)

@@ -36,11 +36,14 @@ class Node:
         self.timing = state.Timing(int(settings.suspect_after_s * 1000), int(settings.down_after_s * 1000))
         self.data_dir = settings.data_path()
         self.ledger = reservations.Ledger()
+        from .expert_load import ExpertLoad
         from .models import Models
         from .work import Work
 
         self.models = Models(self)  # what this node holds, and moving checkpoint bytes
         self.work = Work(self)
+        # Routing counts of the moe models placed through this node (the owner's).
+        self.expert_load = ExpertLoad(self.data_dir / "expert-load")
         self.node_id = ""
         self.identity: keys.NodeIdentity | None = None  # key pair and certificate; node_id is its hash
         self.incarnation = 0

@@ -73,16 +73,19 @@ def check_remote_model(model: str) -> None:
     store.check_remote(model)
 
 
-async def preview(node, request: pb.PlacementRequest, local: bool) -> pb.Plan:
+async def preview(node, request: pb.PlacementRequest, local: bool,
+                  expert_counts: "pb.ExpertCounts | None" = None) -> pb.Plan:
     """Every candidate on the node's current view, with what each rank would
     have to fetch. local: the request comes from this machine (a directory
-    may name the model). Raises ModelError (unknown model) or PlanError
-    (impossible request)."""
+    may name the model). expert_counts: the routing load to place experts
+    by (default: what this node's runners measured for the model). Raises
+    ModelError (unknown model) or PlanError (impossible request)."""
     import asyncio
 
     cluster = state.cluster_for_planner(node.view)  # the view when asked, as the caller saw it
     spec, checkpoint = await node.models.spec(request.model, local)
-    result = await asyncio.to_thread(plan, spec, cluster, request)
+    counts = expert_counts if expert_counts is not None else node.expert_load.counts(spec.model_id)
+    result = await asyncio.to_thread(plan, spec, cluster, request, None, counts)
     return await node.models.annotate(result, checkpoint, cluster)
 
 

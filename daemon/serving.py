@@ -57,7 +57,9 @@ OUTCOME = {pb.FINISH_STOP: "stop", pb.FINISH_LENGTH: "length", pb.FINISH_CANCELL
 
 
 def ready_instances(view: state.View, model: str | None = None) -> list[pb.Instance]:
-    return [i for i in state.instances(view) if i.state == pb.INSTANCE_READY
+    """Ready instances that take new requests: one already replaced (by
+    `exod rebalance`) only finishes what it has."""
+    return [i for i in state.instances(view) if i.state == pb.INSTANCE_READY and not i.replaced_by
             and (model is None or i.placement.model_id == model)]
 
 

@@ -14,7 +14,7 @@ import structlog
 
 from exod.proto import exod_pb2 as pb
 
-from . import placement_api, reservations, signing, state, trust
+from . import expert_load, placement_api, reservations, signing, state, trust
 
 log = structlog.get_logger("exod.work")
 RESERVATION_HOLD_MS = 120_000  # from reserve to the runner's start
@@ -33,6 +33,12 @@ REPLACE_MAX_PAUSE_S = 15.0
 # A node stops the ranks, and drops the reservations, of an owner that has
 # been Down or Left this long: past any link cut worth riding out.
 OWNER_GONE_MS = 30_000
+# exod rebalance: how long the new placement may take to be Ready, how long
+# the old one may take to finish its requests, and the cut in predicted
+# routing imbalance below which the instance is left as it is.
+REBALANCE_READY_S = 600.0
+DRAIN_S = 120.0
+REBALANCE_GAIN = 0.02
 
 
 class Refused(Exception):
@@ -274,6 +280,8 @@ class Work:
         if not copy.HasField("download") and self.statuses[key].HasField("download"):
             copy.download.CopyFrom(self.statuses[key].download)  # what the fetch took stays on show
         copy.diagnostics = ""  # stays in the rank's log; the record travels everywhere
+        if copy.rank != 0:
+            copy.ClearField("expert_counts")  # the router is replicated: rank 0's counts are every rank's
         copy.history.extend(self.statuses[key].history)
         if not copy.history or copy.history[-1].state != copy.state:
             copy.history.append(pb.StateChange(state=copy.state,
@@ -371,9 +379,11 @@ class Work:
     # ---------------------------------------------------------------- instances placed through here
 
     async def create(self, request: pb.PlacementRequest, replaces: "pb.Instance | None" = None,
-                     local: bool = True) -> pb.Instance:
-        """local: this node's own user asked (a directory may name the model)."""
-        plan = await placement_api.preview(self.node, request, local)
+                     local: bool = True, expert_counts: "pb.ExpertCounts | None" = None) -> pb.Instance:
+        """local: this node's own user asked (a directory may name the model).
+        expert_counts: the routing load to place experts by (default: the
+        model's measured load)."""
+        plan = await placement_api.preview(self.node, request, local, expert_counts)
         if not plan.HasField("chosen"):
             raise placement_api.PlanError("; ".join(plan.reasons) or "no placement fits")
         chosen = plan.chosen
@@ -404,7 +414,9 @@ class Work:
         self.changed()
         strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
         split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
-        shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and len(chosen.ranks) > 1 else []
+        # An expert layout names each rank's experts itself; shares count grains.
+        shares = [r.share for r in chosen.ranks] \
+            if strategy != "pipeline" and len(chosen.ranks) > 1 and not chosen.HasField("expert_layout") else []
         # Travels only inside StartRunner, over the authenticated peer plane.
         rendezvous_secret = secrets.token_hex(32)
         starts = []
@@ -416,7 +428,7 @@ class Work:
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length,
                                  max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
                                  prefix_cache_bytes=rank.memory.prefix_cache_bytes,
-                                 max_queue=self.node.settings.max_queue)
+                                 max_queue=self.node.settings.max_queue, expert_layout=chosen.expert_layout)
             starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
                 spec=spec, reservation_id=reservation_id, model=request.model, revision=chosen.revision)))
         answers = await asyncio.gather(*starts, return_exceptions=True)
@@ -488,6 +500,71 @@ class Work:
         old.replaced_by = new.instance_id
         self.changed()
         log.info("instance replaced", instance=instance_id, by=new.instance_id, restarts=new.restarts)
+
+    async def rebalance(self, instance_id: str) -> "tuple[pb.Instance, str]":
+        """`exod rebalance`: a moe_experts instance's experts placed again by
+        the routing load its runners measured, without losing the instance.
+        Make before break: the new placement is reserved beside the old one
+        (so the nodes need room for both), made Ready, then takes every new
+        request while the old one finishes what it has (within DRAIN_S), and
+        only then is the old one stopped. A new placement that fails is
+        removed and the old one keeps serving. Returns (the instance now
+        serving, what was done)."""
+        from exod.placement import experts as expert_placement
+        from exod.placement.cost import decode_rates
+
+        old = self.owned.get(instance_id)
+        if old is None:
+            raise KeyError(instance_id)
+        if old.state != pb.INSTANCE_READY or old.replaced_by:
+            raise Refused(f"instance {instance_id} is {pb.InstanceState.Name(old.state).removeprefix('INSTANCE_')}"
+                          f"{' and already replaced' if old.replaced_by else ''}; only a Ready instance is rebalanced")
+        if old.placement.strategy != pb.MOE_EXPERTS or len(old.placement.ranks) < 2:
+            raise Refused(f"instance {instance_id} runs {placement_api.STRATEGY_NAMES[old.placement.strategy]} on "
+                          f"{len(old.placement.ranks)} rank(s); rebalance places whole experts (moe_experts)")
+        live = state.instance(self.node.view, instance_id)
+        counts = live.runners[0].expert_counts if live and live.runners else pb.ExpertCounts()
+        if not any(sum(layer.counts) for layer in counts.layers):
+            raise Refused(f"instance {instance_id} has no routing counts yet; they come with its warm-up and traffic")
+        request = pb.PlacementRequest()
+        request.CopyFrom(old.request)
+        request.strategy, request.ranks = pb.MOE_EXPERTS, len(old.placement.ranks)
+        del request.nodes[:]
+        request.nodes.extend(r.node_id for r in old.placement.ranks)
+        plan = await placement_api.preview(self.node, request, True, counts)
+        profiles = {n.node_id: n for n in state.cluster_for_planner(self.node.view).nodes}
+        speed = [decode_rates(profiles[r.node_id])[0] if r.node_id in profiles else 1.0 for r in old.placement.ranks]
+        before = _layout_imbalance(old.placement, counts, speed, expert_placement)
+        after = plan.chosen.predicted_routing_imbalance if plan.HasField("chosen") else None
+        if after is not None and before is not None and after >= before * (1 - REBALANCE_GAIN):
+            return old, (f"already balanced: routing imbalance {before:.3f}, a new layout {after:.3f}")
+        try:
+            new = await self.create(request, local=True, expert_counts=counts)
+        except (placement_api.PlanError, Refused) as e:
+            raise Refused(f"no room to place the rebalanced instance beside {instance_id}, which keeps serving: {e}")
+        deadline = time.monotonic() + REBALANCE_READY_S
+        while self.owned.get(new.instance_id) is not None and \
+                self.owned[new.instance_id].state == pb.INSTANCE_STARTING and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        placed = self.owned.get(new.instance_id)
+        if placed is None or placed.state != pb.INSTANCE_READY:
+            reason = placed.reason if placed is not None else "deleted meanwhile"
+            await self.delete(new.instance_id)
+            raise Refused(f"the rebalanced placement did not become Ready ({reason or 'deadline'}); "
+                          f"{instance_id} keeps serving")
+        old.replaced_by = new.instance_id  # new requests go to the new one from here on
+        self.changed()
+        drain = time.monotonic() + DRAIN_S
+        while time.monotonic() < drain:
+            live = state.instance(self.node.view, instance_id)
+            if live is None or not live.runners or (live.runners[0].batch_size + live.runners[0].queue_depth == 0):
+                break
+            await asyncio.sleep(0.2)
+        await self.delete(instance_id)
+        log.info("instance rebalanced", instance=instance_id, by=new.instance_id, imbalance_before=before,
+                 imbalance_after=after)
+        return placed, (f"rebalanced: routing imbalance {before:.3f} to {after:.3f}" if before and after
+                        else "rebalanced")
 
     async def delete(self, instance_id: str) -> bool:
         instance = self.owned.get(instance_id)
@@ -575,8 +652,11 @@ class Work:
 
     def supervise(self) -> None:
         """Owned instances follow their runners: all Ready is Ready; a failed
-        rank or a node gone down fails the instance and stops the rest."""
+        rank or a node gone down fails the instance and stops the rest. Rank
+        0's routing counts are kept for the model's next placement."""
         self.reap()
+        if self.node.expert_load.due():
+            self.node._spawn(asyncio.to_thread(expert_load.save, self.node.expert_load.snapshot()))
         current = {i.instance_id: i for i in state.instances(self.node.view)}
         for instance_id, owned in list(self.owned.items()):
             if owned.state not in (pb.INSTANCE_STARTING, pb.INSTANCE_READY):
@@ -584,6 +664,8 @@ class Work:
             view = current.get(instance_id)
             if view is None:
                 continue
+            if view.runners and view.runners[0].HasField("expert_counts"):
+                self.node.expert_load.observe(owned.placement.model_id, instance_id, view.runners[0].expert_counts)
             failed = [r for r in view.runners if r.state == pb.FAILED]
             down = [r for r in owned.placement.ranks
                     if (m := self.node.view.member(r.node_id)) is not None and m.status in (pb.DOWN, pb.LEFT)]
@@ -596,3 +678,26 @@ class Work:
                 owned.state = pb.INSTANCE_READY
                 self.changed()
                 log.info("instance ready", instance=instance_id)
+
+
+def _layout_imbalance(placement: pb.Placement, counts: pb.ExpertCounts, speed: list[float],
+                      experts) -> "float | None":
+    """The routing imbalance a running moe_experts placement has under these
+    counts (speed: each rank's node's decode rate): its own layout, or
+    contiguous experts by share without one."""
+    by_layer = {c.layer: list(c.counts) for c in counts.layers}
+    total = placement.ranks[0].share_of if placement.HasField("expert_layout") else 0
+    loads = []
+    if placement.HasField("expert_layout"):
+        for layer in placement.expert_layout.layers:
+            if layer.layer in by_layer and len(by_layer[layer.layer]) == total:
+                freq = experts.frequencies(by_layer[layer.layer], total)
+                loads.append(experts.loads(freq, [list(s.experts) for s in layer.ranks])[1])
+    else:
+        for values in by_layer.values():
+            freq = experts.frequencies(values, len(values))
+            shares = [r.share for r in placement.ranks]
+            if sum(shares) != len(values):
+                return None  # shares in grains of several experts: no per-expert view
+            loads.append(experts.loads(freq, experts.contiguous(len(values), shares))[1])
+    return experts.imbalance(loads, speed) if loads else None
