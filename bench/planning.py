@@ -1,4 +1,7 @@
 """Planning time with every candidate enumerated, for 2, 8, 16 and 64 nodes.
+Each model is planned twice: as the daemon plans it without routing counts,
+and with measured counts (skewed, drawn from a fixed seed), which place
+moe_experts' experts by load (placement/experts.py).
 
 Nodes are a mix of Mac sizes with every pair's link measured (Thunderbolt
 between a few, Ethernet or Wi-Fi between the rest). The model profile is
@@ -6,6 +9,7 @@ computed once per model, as the daemon caches it; both times are reported.
 Targets: under 50 ms at 16 nodes, under 1 s at 64."""
 
 import platform
+import random
 import statistics
 import time
 
@@ -39,20 +43,29 @@ def cluster(n: int) -> pb.Cluster:
     return pb.Cluster(nodes=nodes, links=links)
 
 
+def skewed_counts(spec: pb.ModelSpec, model) -> pb.ExpertCounts:
+    """Per MoE layer, Pareto-distributed counts: a few hot experts."""
+    rng = random.Random(20261202)
+    return pb.ExpertCounts(layers=[pb.LayerCounts(layer=layer, counts=[int(1000 * rng.paretovariate(1.2))
+                                                                       for _ in range(spec.num_experts)])
+                                   for layer in model.moe_layer_ids])
+
+
 def run(quick: bool = False) -> dict:
     repeats = 3 if quick else 7
     results, ok = [], True
-    for model_id in MODELS:
+    for model_id, routing in [(m, r) for m in MODELS for r in (False, True)]:
         spec = catalog.resolve(model_id)
         start = time.perf_counter()
         model = profile(spec)
         profile_s = time.perf_counter() - start
+        counts = skewed_counts(spec, model) if routing else None
         for n in SIZES:
             c = cluster(n)
             times, candidates = [], 0
             for _ in range(repeats):
                 start = time.perf_counter()
-                result = plan(spec, c, pb.PlacementRequest(context_length=32768), model=model)
+                result = plan(spec, c, pb.PlacementRequest(context_length=32768), model=model, expert_counts=counts)
                 times.append(time.perf_counter() - start)
                 candidates = len(result.candidates)
             median = statistics.median(times)
@@ -60,7 +73,7 @@ def run(quick: bool = False) -> dict:
             met = target is None or median < target
             ok &= met
             results.append({
-                "model": model_id, "nodes": n, "candidates": candidates,
+                "model": model_id, "routing_counts": routing, "nodes": n, "candidates": candidates,
                 "plan_median_ms": round(median * 1e3, 2), "plan_max_ms": round(max(times) * 1e3, 2),
                 "profile_ms": round(profile_s * 1e3, 2),
                 "target_ms": target * 1e3 if target else None, "met": met,

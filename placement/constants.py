@@ -60,3 +60,7 @@ DEFAULT_CONCURRENCY = 8
 # memory they occupy on every rank that holds one.
 REPLICA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
 REPLICA_GAIN = 0.05
+# A moe_experts candidate's uniform figure bounds it once experts are placed
+# by routing load, within the rounding of whole experts: this much slack
+# keeps a candidate that might still be chosen.
+ROUTING_BOUND_SLACK = 0.02

@@ -27,6 +27,7 @@ room where it finishes earliest relative to that rank's speed
 O(E log E + E·n).
 """
 
+import heapq
 from dataclasses import dataclass
 
 
@@ -54,9 +55,11 @@ def frequencies(counts, experts: int) -> list[float]:
     return [c / total for c in counts] if total else [1.0 / experts] * experts
 
 
-def replicas(freq: list[float], extra: int, ranks: int) -> list[int]:
+def replicas(freq: list[float], extra: int, ranks: int, shares: list[int] | None = None) -> list[int]:
     """Holders per expert: one each, and `extra` more given one at a time to
-    the expert that then carries the most per holder (at most `ranks`)."""
+    the expert that then carries the most per holder (at most `ranks`).
+    With shares, the holders are then evened out, hottest kept longest,
+    until the ranks can hold them (each rank its share, distinct experts)."""
     holders = [1] * len(freq)
     if extra > len(freq) * (ranks - 1):
         raise LayoutError(f"{extra} replica slots but {len(freq)} experts on {ranks} ranks hold at most "
@@ -64,7 +67,40 @@ def replicas(freq: list[float], extra: int, ranks: int) -> list[int]:
     for _ in range(extra):
         e = max((e for e in range(len(freq)) if holders[e] < ranks), key=lambda e: (freq[e] / holders[e], -e))
         holders[e] += 1
+    while shares is not None and (k := _unplaceable_at(holders, shares)):
+        # Too many holders on too few experts for the k largest ranks to
+        # fill their shares: move one holder from the most replicated
+        # expert (the coldest of those) to the least replicated below k
+        # (the hottest of those). The most even holders fit whenever any do.
+        give = max(range(len(holders)), key=lambda e: (holders[e], -freq[e]))
+        take = min((e for e in range(len(holders)) if holders[e] < k), key=lambda e: (holders[e], -freq[e]),
+                   default=None)
+        if take is None or holders[give] <= holders[take] + 1:
+            raise LayoutError(f"shares {shares} cannot hold {len(freq)} experts with {extra} replicas")
+        holders[give] -= 1
+        holders[take] += 1
     return holders
+
+
+def _unplaceable_at(holders: list[int], shares: list[int]) -> int:
+    """0 when experts with these holder counts fit ranks of these shares
+    exactly (Gale-Ryser: for every k, the k largest shares need at most
+    sum(min(h, k)) places); else the first k that fails."""
+    n = len(shares)
+    count = [0] * (n + 2)
+    for h in holders:
+        count[min(h, n + 1)] += 1
+    top = sorted(shares, reverse=True)
+    need = 0
+    available = 0  # sum over experts of min(h, k), built up k by k
+    at_least = len(holders)  # experts with h >= k
+    for k in range(1, n + 1):
+        available += at_least
+        at_least -= count[k]
+        need += top[k - 1]
+        if need > available:
+            return k
+    return 0
 
 
 def assign_layer(freq: list[float], shares: list[int], speed: list[float]) -> list[list[int]]:
@@ -75,7 +111,7 @@ def assign_layer(freq: list[float], shares: list[int], speed: list[float]) -> li
         raise LayoutError(f"speeds {speed} for {n} ranks")
     if min(shares) < 1 or sum(shares) < experts:
         raise LayoutError(f"shares {shares} cannot hold {experts} experts")
-    holders = replicas(freq, sum(shares) - experts, n)
+    holders = replicas(freq, sum(shares) - experts, n, shares)
     room, load = list(shares), [0.0] * n
     held: list[list[int]] = [[] for _ in range(n)]
 
@@ -95,16 +131,30 @@ def assign_layer(freq: list[float], shares: list[int], speed: list[float]) -> li
         by_time = sorted((r for r in range(n) if room[r]), key=lambda r: ((load[r] + weight) / speed[r], r))
         chosen = by_time[:holders[e]]
         rest = [holders[x] for x in spread[i + 1:]]
-        if len(chosen) < holders[e] or not _placeable([room[r] - (r in chosen) for r in range(n)], rest):
+        after = [room[r] - (r in chosen) for r in range(n)]
+        # Each expert left takes at most one place per rank: when every rank
+        # keeps that many, the rest is placeable without checking.
+        if len(chosen) < holders[e] or (min(after) < len(rest) and not _placeable(after, rest)):
             chosen = sorted(range(n), key=lambda r: (-room[r], r))[:holders[e]]
             if min(room[r] for r in chosen) < 1:
                 raise LayoutError(f"shares {shares} cannot hold {holders[e]} replicas of expert {e}")
         put(e, chosen)
     # Then every other expert, hottest first, on the rank with room where
-    # it finishes earliest for that rank's speed (LPT).
+    # it finishes earliest for that rank's speed (LPT). Ranks of one speed
+    # share a heap by load, so each expert costs O(speeds · log n), not O(n).
+    heaps: dict[float, list] = {}
+    for r in range(n):
+        if room[r]:
+            heaps.setdefault(speed[r], []).append((load[r], r))
+    for h in heaps.values():
+        heapq.heapify(h)
     for e in sorted((e for e in range(experts) if holders[e] == 1), key=lambda e: (-freq[e], e)):
-        r = min((r for r in range(n) if room[r]), key=lambda r: ((load[r] + freq[e]) / speed[r], -room[r], r))
+        best = min(((h[0][0] + freq[e]) / v, h[0][1], v) for v, h in heaps.items() if h)
+        _, r, v = best
+        heapq.heappop(heaps[v])
         put(e, [r])
+        if room[r]:
+            heapq.heappush(heaps[v], (load[r], r))
     return [sorted(h) for h in held]
 
 

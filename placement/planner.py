@@ -45,7 +45,7 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     links = {(link.from_node, link.to_node): link for link in cluster.links}
     strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS]
 
-    candidates, impossible = [], []
+    candidates, impossible, routed = [], [], []
     memo: dict = {"expert freqs": expert_frequencies(model, expert_counts)}
     # Placements whose runner decodes one sequence at a time reserve one
     # context of KV, not `concurrency`, and their memory is memoised apart.
@@ -66,8 +66,13 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
                     candidate.reasons.append(f"note: decodes one sequence at a time (concurrency 1, not "
                                              f"{settings.concurrency}): {model.model_id}'s caches cannot be batched"
                                              + (" across pipeline stages" if not model.unbatched else ""))
+                if name == "moe_experts" and len(order) > 1 and memo["expert freqs"] and not candidate.rejected:
+                    routed.append((len(candidates), (model, name, backend, order, links,
+                                                     single if alone else settings, structural,
+                                                     single_memo if alone else memo), alone))
                 candidates.append(candidate)
                 impossible.append(bool(structural))
+    _place_experts_by_load(candidates, routed, model)
     if request.ranks and not candidates:
         raise PlanError(f"no candidate has exactly {request.ranks} ranks on {len(nodes)} eligible node(s)")
     if request.backend and not candidates:
@@ -196,8 +201,38 @@ def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
 # ------------------------------------------------------------------ one candidate
 
 
+def _place_experts_by_load(candidates: list[pb.Placement], routed: list, model: ModelProfile) -> None:
+    """moe_experts candidates evaluated again with experts placed by the
+    measured routing load. Routing imbalance only ever slows a candidate
+    (its uniform figure balances every layer perfectly, within a grain), so
+    the uniform figure bounds it: candidates are refined from the fastest
+    down, and one whose bound cannot reach the best fitting candidate so
+    far is left uniform, with a note, since it cannot be chosen."""
+    if not routed:
+        return
+    others = [c.predicted_decode_tokens_per_s for i, c in enumerate(candidates)
+              if c.fits and i not in {j for j, _, _ in routed}]
+    best = max(others, default=0.0)
+    reach = 1 - constants.FEWER_NODES_MARGIN - constants.ROUTING_BOUND_SLACK
+    for index, args, alone in sorted(routed, key=lambda r: -candidates[r[0]].predicted_decode_tokens_per_s):
+        bound = candidates[index].predicted_decode_tokens_per_s
+        if bound < best * reach:
+            candidates[index].reasons.append("note: experts placed evenly in this estimate; placed by routing "
+                                             "load it could only be slower, and it is not the fastest")
+            continue
+        refined = evaluate(*args, routing=True)
+        if alone:
+            refined.reasons.extend(r for r in candidates[index].reasons if r.startswith("note: decodes"))
+        candidates[index] = refined
+        if refined.fits:
+            best = max(best, refined.predicted_decode_tokens_per_s)
+
+
 def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.NodeProfile],
-             links: dict, settings: Settings, structural: list[str], memo: dict | None = None) -> pb.Placement:
+             links: dict, settings: Settings, structural: list[str], memo: dict | None = None,
+             routing: bool = False) -> pb.Placement:
+    """One candidate. routing: moe_experts places its experts by the
+    measured routing load in memo["expert freqs"] (else uniformly)."""
     memo = {} if memo is None else memo  # rank breakdowns shared by candidates of one plan
     n = len(order)
     usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
@@ -229,7 +264,7 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
         held = [(share, of) for share in rank_shares(model, strategy, order, usable, settings, memo)] \
             if of else [(1, 1)] * n
     layout = None
-    if strategy == "moe_experts" and n > 1 and memo["expert freqs"]:
+    if routing and strategy == "moe_experts" and n > 1 and memo.get("expert freqs"):
         layout = expert_layout(model, order, usable, settings, memo)
         held = [(len(ids), model.num_experts) for ids in layout.experts[0]]
     compute = []

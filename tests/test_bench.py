@@ -12,8 +12,9 @@ def test_planning_bench_reports_every_size():
                           capture_output=True, text=True, timeout=300)
     report = json.loads(proc.stdout)
     assert report["bench"] == "planning"
-    sizes = {(r["model"], r["nodes"]) for r in report["results"]}
-    assert {n for _, n in sizes} == {2, 8, 16, 64}
+    sizes = {(r["model"], r["nodes"], r["routing_counts"]) for r in report["results"]}
+    assert {n for _, n, _ in sizes} == {2, 8, 16, 64}
+    assert {(m, n) for m, n, routing in sizes if routing} == {(m, n) for m, n, routing in sizes if not routing}
     for r in report["results"]:
         assert r["candidates"] > 0 and r["plan_median_ms"] > 0 and r["chosen"]
 
