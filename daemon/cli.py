@@ -137,8 +137,19 @@ def cmd_plan(args) -> int:
     )
     if args.headroom is not None:
         request.headroom_fraction = args.headroom
+    counts = None
+    if args.routing:
+        from google.protobuf import json_format
+
+        try:
+            counts = json_format.Parse(Path(args.routing).read_text(), pb.ExpertCounts())
+        except OSError as e:
+            raise UsageError(f"cannot read {args.routing}: {e.strerror}") from None
+        except json_format.ParseError as e:
+            raise UsageError(f"{args.routing}: not routing counts ({str(e).splitlines()[0]}); expected "
+                             '{"layers": [{"layer": 0, "counts": [...]}, ...]}, as a runner\'s expert_counts') from None
     spec, checkpoint = described_here(args.model, local_store(args))
-    result = plan(spec, cluster, request)
+    result = plan(spec, cluster, request, expert_counts=counts)
     if checkpoint is not None and any(n.models for n in cluster.nodes):
         from .models import annotate  # what each rank would fetch, from the holdings the cluster file lists
 
@@ -184,6 +195,11 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
               f"{(m.routed_experts_bytes + m.shared_experts_bytes) / 1e9:8.1f}G {m.attention_bytes / 1e9:7.1f}G "
               f"{m.kv_cache_bytes / 1e9:7.1f}G {m.overhead_bytes / 1e9:8.1f}G {m.total_bytes / 1e9:8.1f}G "
               f"{r.usable_bytes / 1e9:8.1f}G  {transfer_text(r)}")
+    if chosen.HasField("expert_layout"):
+        replicas = sum(r.share for r in chosen.ranks) - chosen.ranks[0].share_of
+        print(f"experts placed by measured routing load in {len(chosen.expert_layout.layers)} MoE layers: "
+              f"routing imbalance {chosen.predicted_routing_imbalance:.3f} (1.000 balanced)"
+              + (f", {replicas} replica(s) per layer" if replicas > 0 else ""))
     if chosen.bytes_to_fetch:
         print(f"to fetch before loading: {chosen.bytes_to_fetch / 1e9:.2f} GB, about "
               f"{chosen.predicted_transfer_s:.0f} s over the measured links")
@@ -683,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["ring", "jaccl"])
     p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
+    p.add_argument("--routing", metavar="FILE", help="routing counts to place moe_experts' experts by (JSON: a "
+                                                     "runner's expert_counts, from GET /v1/instances/ID)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

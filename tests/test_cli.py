@@ -167,3 +167,27 @@ def test_console_script_is_installed():
     path = shutil.which("exod") or str(REPO / ".venv" / "bin" / "exod")
     proc = subprocess.run([path, "models"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "deepseek-v4-flash" in proc.stdout
+
+
+def test_plan_places_experts_by_a_routing_file(tmp_path):
+    """`exod plan --routing FILE`: moe_experts' experts placed by measured
+    counts, shown in the table and the JSON; a bad file is one line."""
+    from exod.models import catalog
+    from exod.placement import profile
+
+    spec = catalog.resolve("qwen3-30b-a3b-4bit")
+    hot = [50] * 8 + [1] * (spec.num_experts - 8)  # the first eight share rank 0 under an even split
+    counts = {"layers": [{"layer": layer, "counts": hot} for layer in profile(spec).moe_layer_ids]}
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(counts))
+    args = ["plan", "qwen3-30b-a3b-4bit", "--nodes", "2", "--memory", "64GB", "--strategy", "moe_experts",
+            "--concurrency", "1", "--routing", str(path)]
+    table = exod(*args, check=True).stdout
+    assert "experts placed by measured routing load in 48 MoE layers: routing imbalance 1.0" in table
+    chosen = json.loads(exod(*args, "--json", check=True).stdout)["chosen"]
+    layer = chosen["expert_layout"]["layers"][0]
+    assert [sum(1 for e in r["experts"] if e < 8) for r in layer["ranks"]] == [4, 4]
+    path.write_text('{"layers": "many"}')
+    proc = exod(*args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "not routing counts" in proc.stderr
