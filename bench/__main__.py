@@ -2,11 +2,12 @@ import argparse
 import json
 import sys
 
-from . import chaos, discovery, matrix, memory, overhead, planning, ready, runner, security, serving, suite, traffic, transfer
+from . import (chaos, discovery, hetero, matrix, memory, overhead, planning, ready, runner, security, serving, suite,
+               traffic, transfer)
 
 BENCHES = {"planning": planning.run, "overhead": overhead.run, "runner": runner.run, "discovery": discovery.run,
            "ready": ready.run, "traffic": traffic.run, "memory": memory.run, "matrix": matrix.run,
-           "security": security.run, "chaos": chaos.run, "transfer": transfer.run, "serving": serving.run}
+           "security": security.run, "chaos": chaos.run, "transfer": transfer.run, "serving": serving.run, "hetero": hetero.run}
 
 
 def main() -> int:

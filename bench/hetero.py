@@ -275,5 +275,38 @@ def run(quick: bool = False) -> dict:
         entry["meets_goal"] = not fitting_even and bool(entry.get("tokens_per_s")) and \
             entry.get("slow_rank_within_usable", False)
         report["memory"] = entry
+
+        # routing: two equal hosts (no cap), the skewed-routing model.
+        report["routing"] = routing_case(hosts, [core_prefix(0), core_prefix(1)], calibrations[0], link,
+                                         tokens, repeats, context)
     report["ok"] = True
     return report
+
+
+def routing_case(hosts: EmulatedCluster, prefixes: list[list[str]], calibration: pb.NodeCalibration, link: dict,
+                 tokens: int, repeats: int, context: int) -> dict:
+    """moe_experts on the skewed-routing model: the even split of experts
+    (nothing measured yet), then experts placed by the counts that first
+    run measured, interleaved."""
+    model_dir = synthetic.ensure_named(SKEWED_MODEL, models_dir())
+    spec = inventory.from_directory(model_dir)
+    spec.model_id = SKEWED_MODEL
+    equal = cluster_for([calibration, calibration], [16 << 30] * 2, link)
+    request = pb.PlacementRequest(ranks=2, strategy=pb.MOE_EXPERTS, context_length=context, concurrency=1)
+    even = planner.plan(spec, equal, request).chosen
+    first = measure(hosts, model_dir, even, prefixes, tokens)
+    counts = first["expert_counts"]
+    routed = planner.plan(spec, equal, request, expert_counts=counts).chosen
+    samples = {"even": [first["decode_tokens_per_s"]], "routed": []}
+    for i in range(repeats):
+        samples["routed"].append(measure(hosts, model_dir, routed, prefixes, tokens)["decode_tokens_per_s"])
+        if i < repeats - 1:
+            samples["even"].append(measure(hosts, model_dir, even, prefixes, tokens)["decode_tokens_per_s"])
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    from exod.daemon.work import _layout_imbalance
+    from exod.placement import experts
+
+    return {"model": SKEWED_MODEL, "even": describe(even), "routed": describe(routed),
+            "even_routing_imbalance": _layout_imbalance(even, counts, [1.0, 1.0], experts),
+            "samples": samples, "even_tokens_per_s": medians["even"], "routed_tokens_per_s": medians["routed"],
+            "speedup": medians["routed"] / medians["even"], "meets_goal": medians["routed"] > medians["even"]}

@@ -20,6 +20,9 @@ report (bench/report.json, or --out) and a short summary on stderr.
   serving    concurrent chats against mlx_lm.server (1-16 at once, one node
              and two hosts), TTFT with and without the prefix cache, the
              lockstep's cost per decode step
+  hetero     hosts of unequal speed (cgroup CPU caps) and memory: the
+             planner's choice against the best even plan, and experts placed
+             by measured routing against an even split
 
 A benchmark that fails is recorded with its error and the others still run;
 the exit status says whether all of them ran."""
@@ -32,7 +35,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import chaos, discovery, matrix, memory, planning, ready, runner, security, serving, traffic, transfer
+from . import (chaos, discovery, hetero, matrix, memory, planning, ready, runner, security, serving, traffic,
+               transfer)
 
 SUITE = {
     "discovery": discovery.run, "planning": planning.run, "ready": ready.run, "runner": runner.run,
@@ -40,6 +44,7 @@ SUITE = {
     "chaos": chaos.run,
     "transfer": transfer.run,
     "serving": serving.run,
+    "hetero": hetero.run,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "report.json"
 
