@@ -7,8 +7,10 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from exod.models import expert_layout as layout
 from exod.models import shares as grains
 from exod.models.architectures import LAYER
 from exod.models.architectures.base import split_rule, strategy_refusal
@@ -253,61 +255,186 @@ def moe_tensor(model, group, spec, arch, config) -> None:
 
 
 class LocalExperts(nn.Module):
-    """A routed-experts module (SwitchGLU's call: x, expert indices) that
-    holds experts [first, first + count) of the model's: each routed slot
-    is computed by the rank that holds its expert, and the slots of other
-    ranks' experts are zero here (their index is pointed at a local expert
-    and the output masked), so that the block's all-sum counts every slot
-    once."""
+    """A routed-experts module (SwitchGLU's call: x, expert indices) of which
+    this rank holds some experts (`held`, the model's expert ids, ascending).
+    Of the k routed slots of every token it computes only those this rank
+    owns (models/expert_layout.py: the holder of the slot's expert, or, for
+    an expert on several ranks, the holder whose turn the slot is); the
+    other slots are zero here, so the block's all-sum counts each slot once.
 
-    def __init__(self, experts: nn.Module, first: int, count: int):
+    Which slots are local decides the shapes of the gather, so the routed
+    indices are evaluated here (np.asarray): a few bytes per token, read once
+    per MoE layer and step, in place of computing every slot masked. The
+    same array gives the routing counts (every rank sees every slot, the
+    router being replicated), one uint64 per expert."""
+
+    def __init__(self, experts: nn.Module, layer: int, held, expert_holders, rank: int):
         super().__init__()
         self.experts = experts
-        self._first, self._count = first, count
+        count = len(expert_holders)
+        local = np.full(count, -1, dtype=np.int64)
+        local[np.asarray(held, dtype=np.int64)] = np.arange(len(held))
+        # Kept out of MLX's module tree (lists and arrays would become parameters).
+        object.__setattr__(self, "_routing", _Routing(layer, local, tuple(map(tuple, expert_holders)), rank,
+                                                       np.zeros(count, dtype=np.uint64)))
+
+    @property
+    def layer(self) -> int:
+        return self._routing.layer
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._routing.counts
 
     def __call__(self, x, indices, *args, **kwargs):
-        local = indices - self._first
-        mine = (local >= 0) & (local < self._count)
-        y = self.experts(x, mx.where(mine, local, 0), *args, **kwargs)
-        return y * mine[..., None].astype(y.dtype)
+        r = self._routing
+        k, dims = indices.shape[-1], x.shape[-1]
+        flat = np.asarray(indices).reshape(-1).astype(np.int64)
+        r.counts += np.bincount(flat, minlength=r.counts.size).astype(np.uint64)
+        mine = np.flatnonzero(layout.slot_ranks(flat, r.holders) == r.rank)
+        if not mine.size:
+            return mx.zeros((*indices.shape, dims), dtype=x.dtype)
+        tokens = x.reshape(-1, dims)[mx.array(mine // k)]
+        y = self.experts(tokens, mx.array(r.local[flat[mine]])[:, None], *args, **kwargs)
+        y = y.reshape(mine.size, -1)
+        out = mx.zeros((flat.size, y.shape[-1]), dtype=y.dtype)
+        out[mx.array(mine)] = y
+        return out.reshape(*indices.shape, y.shape[-1])
+
+
+class _Routing:
+    """A LocalExperts' fixed plan and its counts."""
+
+    def __init__(self, layer, local, holders, rank, counts):
+        self.layer, self.local, self.holders, self.rank, self.counts = layer, local, holders, rank, counts
 
 
 def moe_experts(model, group, spec, arch, config) -> None:
-    """Expert-parallel: each rank holds whole routed experts, its share in
-    grains (spec.shares; a grain is one expert with its slice of any shared
-    expert, which is cut on its intermediate axis as moe_tensor cuts it),
-    computes only the routed slots of its experts, and each MoE block's
-    output is summed over the ranks. Attention, routers, dense layers and
-    embeddings are replicated."""
+    """Expert-parallel: each rank holds whole routed experts, computes only
+    the routed slots it owns, and each MoE block's output is summed over
+    the ranks. Attention, routers, dense layers and embeddings are
+    replicated.
+
+    Without spec.expert_layout each rank holds its share in grains
+    (spec.shares; a grain is experts with their slice of any shared expert,
+    cut on its intermediate axis as moe_tensor cuts it): contiguous experts,
+    the same in every layer. With one, each rank holds exactly the experts
+    the layout lists for it in each MoE layer (models/expert_layout.py),
+    spec.shares, if given, being each rank's experts per layer; the shared
+    expert (if any) is then cut by the most even split of its own grains,
+    whatever each rank's expert count: every token passes through it, so its
+    cost does not follow the routing."""
     if group is None:
         return
     _refuse("moe_experts", model, group, arch, config)
-    place_experts(model, group, arch, config, *rank_grains("moe_experts", model, arch, config, spec, group))
+    routed = routed_experts(model, arch, config)
+    world = group.size()
+    if spec.HasField("expert_layout"):
+        count = _expert_count(routed, config)
+        try:
+            sets = layout.validate(spec.expert_layout, count, sorted({layer for layer, _ in routed.values()}),
+                                   world, list(spec.shares))
+        except layout.LayoutError as e:
+            raise StrategyError(f"moe_experts: expert layout: {e}") from None
+        units = [split.units for path, module in model.named_modules()
+                 if (split := split_rule("moe_experts", arch)(path, config)) is not None and split.side != "axis0"]
+        of = grains.grains_of(units)
+        if units and of < world:
+            raise StrategyError(f"moe_experts: the shared expert has {of} grain(s), fewer than {world} ranks")
+        lo, hi = grains.bounds(grains.even(of, world), group.rank()) if units else (0, 1)
+        place_experts(model, group, arch, config, sets, (lo, hi, of or 1))
+        return
+    lo, hi, of = rank_grains("moe_experts", model, arch, config, spec, group)
+    held = grains.check(list(spec.shares) or grains.even(of, world), of, world)
+    count = _expert_count(routed, config)
+    bounds = [grains.cut(count, *grains.bounds(held, r), of) for r in range(world)]
+    sets = layout.contiguous(count, bounds, sorted({layer for layer, _ in routed.values()}))
+    place_experts(model, group, arch, config, sets, (lo, hi, of))
 
 
-def place_experts(model, group, arch, config, lo: int, hi: int, of: int) -> None:
-    """moe_experts' cut, sums and masks for grains [lo, hi) of `of`."""
+def routed_experts(model, arch, config) -> dict:
+    """{routed-experts module path: (layer, experts)} by moe_experts' rule."""
     rule = split_rule("moe_experts", arch)
-    blocks, routed = set(), {}
+    out = {}
+    for path, _ in model.named_modules():
+        split = rule(path, config)
+        if split is not None and split.side == "axis0":
+            m = LAYER.search(path)
+            if not m:
+                raise StrategyError(f"{path}: routed experts outside any layer")
+            out[path.rsplit(".", 1)[0]] = (int(m.group(1)), split.units)
+    if not out:
+        raise StrategyError(f"{config['model_type']}: the architecture names no routed experts to place")
+    return out
+
+
+def _expert_count(routed: dict, config) -> int:
+    counts = {units for _, units in routed.values()}
+    if len(counts) != 1:
+        raise StrategyError(f"{config['model_type']}: MoE layers with different expert counts {sorted(counts)}")
+    return counts.pop()
+
+
+def place_experts(model, group, arch, config, sets: dict, shared: tuple) -> None:
+    """moe_experts' cut, sums and slot plans: in each MoE layer this rank
+    keeps the experts sets[layer][rank] lists (gathered along the expert
+    axis of the uncut lazy tensors, so only their rows are ever read), and
+    grains `shared` (lo, hi, of) of every other tensor the rule cuts (a
+    shared expert). Every rank computes the slots models/expert_layout.py
+    assigns it from sets, whatever it holds."""
+    rule = split_rule("moe_experts", arch)
+    rank = group.rank()
+    routed = routed_experts(model, arch, config)
+    blocks = set()
     for path, module in list(model.named_modules()):
         split = rule(path, config)
         if split is None:
             continue
-        cut(module, split.side, lo, hi, of, group.rank())
         if split.side == "axis0":
-            first, last = grains.cut(split.units, lo, hi, of)
-            routed[path.rsplit(".", 1)[0]] = (first, last - first)
+            layer, _ = routed[path.rsplit(".", 1)[0]]
+            take(module, sets[layer][rank])
+        else:
+            cut(module, split.side, *shared, rank)
         blocks.add(moe_block_path(path))
-    if not routed:
-        raise StrategyError(f"{config['model_type']}: the architecture names no routed experts to place")
-    for path, (first, count) in sorted(routed.items()):
+    for path, (layer, count) in sorted(routed.items()):
         parent_path, name = path.rsplit(".", 1)
         parent = resolve(model, parent_path)
-        parent[name] = LocalExperts(parent[name], first, count)
+        parent[name] = LocalExperts(parent[name], layer, sets[layer][rank], layout.holders(sets[layer], count), rank)
     for path in sorted(blocks):
         parent_path, name = path.rsplit(".", 1)
         parent = resolve(model, parent_path)
         parent[name] = AllSumOutput(parent[name], group)
+
+
+def take(module, experts) -> None:
+    """Keep the listed rows of the first axis (whole experts) of a module's arrays."""
+    rows = list(experts)
+    contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False
+
+    def keep(x):
+        if not isinstance(x, mx.array):
+            return x
+        # A contiguous range is a slice (the common case, and no gather op in the graph).
+        return mx.contiguous(x[rows[0]:rows[0] + len(rows)] if contiguous else x[mx.array(rows)])
+
+    module.update(tree_map(keep, module.parameters()))
+
+
+def expert_counts(model):
+    """pb.ExpertCounts of every LocalExperts in the model, by layer, or None."""
+    from exod.proto import exod_pb2 as pb
+
+    found = sorted(((m.layer, m.counts) for _, m in model.named_modules() if isinstance(m, LocalExperts)),
+                   key=lambda lc: lc[0])
+    if not found:
+        return None
+    return pb.ExpertCounts(layers=[pb.LayerCounts(layer=layer, counts=counts.tolist()) for layer, counts in found])
+
+
+def reset_expert_counts(model) -> None:
+    for _, m in model.named_modules():
+        if isinstance(m, LocalExperts):
+            m.counts[:] = 0
 
 
 def moe_block_path(path: str) -> str:
