@@ -194,6 +194,10 @@ NAMED = {
         tie_word_embeddings=False,
     ),
 }
+# Built with skewed routing (router_skew below): what a routing-aware expert
+# placement should beat an even one on.
+NAMED["skewed-moe"] = dict(NAMED["demo"])
+SKEWED = {"skewed-moe"}
 TOKENIZER_VOCAB = 1024
 SPECIAL_TOKENS = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -216,11 +220,14 @@ def build(
     seed: int = 0,
     dtype: str = "float32",
     quantization: Optional[dict] = None,
+    router_skew: bool = False,
 ) -> Path:
     """Write config.json and model.safetensors for `config` into out_dir.
 
     quantization: {"group_size", "bits", "mode"} to quantize as mlx_lm.convert
-    would (mlx-lm's own quantize_model, so per-module choices match)."""
+    would (mlx-lm's own quantize_model, so per-module choices match);
+    router_skew: routers that strongly prefer a few experts in each MoE
+    layer (skew_routing)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, quantize_model
@@ -231,6 +238,8 @@ def build(
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
+    if router_skew:
+        skew_routing(model, config)
     # As mlx_lm.convert casts: tensors the class's cast_predicate keeps
     # (DeepSeek's float32 router biases, V4's sinks and hyper-connections) stay float32.
     cast(model, getattr(mx, dtype))
@@ -250,6 +259,54 @@ def build(
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
+
+
+# Skewed routing. Real models route unevenly; random routers do not. Every
+# token's embedding gets one coordinate (SKEW_COORDINATE) of SKEW_EMBEDDING
+# times the embedding's RMS, a "massive activation" that the residual
+# stream carries, so every router input has a large positive value there;
+# the router rows of SKEW_HOT experts per MoE layer get SKEW_ROUTER added at
+# that coordinate, which acts as a bias towards them. The hot experts
+# differ by layer (3 * layer + j, mod the experts). Measured on qwen3_moe's
+# tiny config with 256 tokens: the 2 hot experts of each layer take 73-87%
+# of the slots, against 25% uniform.
+SKEW_COORDINATE = 0
+SKEW_EMBEDDING = 3.0
+SKEW_ROUTER = 2.0
+SKEW_HOT = 2
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+def hot_experts(layer: int, experts: int) -> list[int]:
+    """The experts skew_routing makes layer `layer`'s router prefer."""
+    return sorted({(3 * layer + j) % experts for j in range(SKEW_HOT)})
+
+
+def skew_routing(model, config: dict) -> None:
+    """Make each MoE layer's router prefer hot_experts(layer) (see above).
+    A router is a layer's module named gate or router whose weight has one
+    row per expert; a model without an embedding table or routers is left
+    as it is, and that is an error: the caller asked for a skew."""
+    import mlx.core as mx
+    import numpy as np
+
+    experts = next((int(config[k]) for k in EXPERT_COUNT_KEYS if config.get(k)), 0)
+    embed = model.model.embed_tokens
+    table = np.array(embed.weight)
+    table[:, SKEW_COORDINATE] = SKEW_EMBEDDING * float(np.sqrt((table ** 2).mean()))
+    embed.weight = mx.array(table)
+    skewed = 0
+    for index, layer in enumerate(model.layers):
+        for path, module in layer.named_modules():
+            weight = getattr(module, "weight", None) if path.rsplit(".", 1)[-1] in ("gate", "router") else None
+            if weight is None or weight.ndim != 2 or weight.shape[0] != experts:
+                continue
+            rows = np.array(weight)
+            rows[hot_experts(index, experts), SKEW_COORDINATE] += SKEW_ROUTER
+            module.weight = mx.array(rows)
+            skewed += 1
+    if not skewed:
+        raise ValueError(f"{config['model_type']}: no router with {experts} rows to skew")
 
 
 def cast(model, dtype) -> None:
@@ -312,7 +369,7 @@ def build_named(name: str, out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     vocab = build_tokenizer(out_dir)
     config = {**NAMED[name], "vocab_size": vocab, "eos_token_id": 0}
-    return build(out_dir, config, seed=seed)
+    return build(out_dir, config, seed=seed, router_skew=name in SKEWED)
 
 
 def ensure_named(name: str, models_dir: Path) -> Path:

@@ -211,6 +211,9 @@ class Rank:
 
         verdict = canary.run(model, config, arch, self.spec.model_dir, group,
                              whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id)
+        from .strategies import calibrate_routing
+
+        calibrate_routing(model, int(config["vocab_size"]))
         mx.clear_cache()
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),
@@ -238,9 +241,12 @@ class Rank:
     def _serving_state(self, state: int, **fields) -> None:
         # Back to Ready after requests: the peaks they reached are news.
         prefix = fields.pop("prefix_cache", None)
+        counts = fields.pop("expert_counts", None)
         with self.status_lock:
             if prefix is not None:
                 self.status.prefix_cache.CopyFrom(prefix)
+            if counts is not None:
+                self.status.expert_counts.CopyFrom(counts)
         self.report(state, **fields, **(self.memory_fields() if state == pb.READY else {}))
 
     def _abort_request(self, reason: str) -> None:

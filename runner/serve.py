@@ -48,6 +48,7 @@ from . import engine
 from .prefix_cache import PrefixCache
 from .scheduler import Admission, Inbox, RequestError  # noqa: F401  (Inbox, RequestError: the runner's API)
 from .sequences import LogitsCapture, SeededSampler, Sequence
+from .strategies import expert_counts
 
 HEARTBEAT_S = 0.5
 CONTROL_EVERY = 4
@@ -347,7 +348,13 @@ class Server:
             self.recent.popleft()
         span = now - self.recent[0][0] if len(self.recent) > 1 else 0.0
         rate = sum(n for _, n in list(self.recent)[1:]) / span if span > 0 else 0.0
-        return dict(max_batch=self.max_batch, batch_size=len(self.active), peak_batch_size=self.peak_batch,
-                    queue_depth=self.inbox.depth() if self.rank == 0 else 0,
-                    tokens_per_s=rate if self.state == pb.RUNNING else 0.0,
-                    generated_tokens=self.generated, prefix_cache=self.prefix.stats(pb))
+        stats = dict(max_batch=self.max_batch, batch_size=len(self.active), peak_batch_size=self.peak_batch,
+                     queue_depth=self.inbox.depth() if self.rank == 0 else 0,
+                     tokens_per_s=rate if self.state == pb.RUNNING else 0.0,
+                     generated_tokens=self.generated, prefix_cache=self.prefix.stats(pb))
+        # moe_experts: the routing counts as of the steps run so far (one
+        # uint64 per expert and MoE layer, read from host memory).
+        counts = expert_counts(self.model)
+        if counts is not None:
+            stats["expert_counts"] = counts
+        return stats

@@ -431,10 +431,33 @@ def expert_counts(model):
     return pb.ExpertCounts(layers=[pb.LayerCounts(layer=layer, counts=counts.tolist()) for layer, counts in found])
 
 
-def reset_expert_counts(model) -> None:
-    for _, m in model.named_modules():
-        if isinstance(m, LocalExperts):
-            m.counts[:] = 0
+# Routing calibration during warm-up: a few short, fixed prompts of token
+# ids, so that a rank's counts say something about its experts before any
+# traffic, at the cost of one forward pass of each (64 tokens in all). The
+# ids are spread over the vocabulary by a fixed stride, the same on every
+# rank and every run.
+CALIBRATION_PROMPTS = 4
+CALIBRATION_TOKENS = 16
+
+
+def calibration_prompts(vocab: int) -> list[list[int]]:
+    return [[(p * 7919 + i * 104729 + 1) % vocab for i in range(CALIBRATION_TOKENS)]
+            for p in range(CALIBRATION_PROMPTS)]
+
+
+def calibrate_routing(model, vocab: int) -> int:
+    """Zero the routing counts (the canary's probes are not traffic), then
+    run the calibration prompts through the model, as one batch in one pass:
+    every rank runs it, since the MoE blocks sum over the ranks. Returns
+    the tokens run (0 for a model without placed experts)."""
+    held = [m for _, m in model.named_modules() if isinstance(m, LocalExperts)]
+    if not held:
+        return 0
+    for m in held:
+        m.counts[:] = 0
+    prompts = calibration_prompts(vocab)
+    mx.eval(model(mx.array(prompts)))
+    return len(prompts) * CALIBRATION_TOKENS
 
 
 def moe_block_path(path: str) -> str:
