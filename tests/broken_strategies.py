@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
 
+from exod.models import expert_layout as layout
 from exod.runner import strategies
 
 
@@ -173,24 +174,72 @@ def uneven_grains_dropped(model, group, spec, arch, config):
     _moe_tensor_with_grains(model, group, arch, config, lo, hi, of)
 
 
+def _contiguous(model, arch, config, bounds: list) -> dict:
+    """Each rank's experts [a, b) of bounds, in every MoE layer."""
+    routed = strategies.routed_experts(model, arch, config)
+    count = next(iter(routed.values()))[1]
+    ranges = [strategies.grains.cut(count, lo, hi, of) for lo, hi, of in bounds]
+    return layout.contiguous(count, ranges, sorted({layer for layer, _ in routed.values()}))
+
+
+def _compute_all_held(model, rank: int) -> None:
+    """Every expert this rank holds computes every slot routed to it, as if
+    no other rank held it: replicas no longer take turns."""
+    for _, module in model.named_modules():
+        if isinstance(module, strategies.LocalExperts):
+            routing = module._routing
+            routing.holders = tuple((rank,) if routing.local[e] >= 0 else h for e, h in enumerate(routing.holders))
+
+
+def _shared_grains(model, group, arch, config, spec) -> tuple:
+    return strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+
+
 def experts_on_two_ranks(model, group, spec, arch, config):
     """moe_experts where each rank keeps as many experts as its share says
     but starts them at rank x its own width: with shares 4, 3, 1 of 8,
     ranks hold experts 0-3, 3-5 and 2, so experts 2 and 3 are computed on
     two ranks for the same tokens and summed twice, and 6 and 7 on none."""
-    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
-    start = group.rank() * (hi - lo)
-    strategies.place_experts(model, group, arch, config, start, start + hi - lo, of)
+    lo, hi, of = _shared_grains(model, group, arch, config, spec)
+    shares = list(spec.shares)
+    bounds = [(r * shares[r], (r + 1) * shares[r], of) for r in range(group.size())]
+    sets = _contiguous(model, arch, config, bounds)
+    strategies.place_experts(model, group, arch, config, sets, (lo, hi, of))
+    _compute_all_held(model, group.rank())
 
 
 def expert_on_no_rank(model, group, spec, arch, config):
     """moe_experts where the last rank drops its last expert: every routed
     slot to it is zero everywhere."""
-    lo, hi, of = strategies.rank_grains("moe_experts", model, arch, config, spec, group)
-    strategies.place_experts(model, group, arch, config, lo, hi - (group.rank() == group.size() - 1), of)
+    lo, hi, of = _shared_grains(model, group, arch, config, spec)
+    held = list(spec.shares)
+    bounds = [(*strategies.grains.bounds(held, r), of) for r in range(group.size())]
+    bounds[-1] = (bounds[-1][0], bounds[-1][1] - 1, of)
+    strategies.place_experts(model, group, arch, config, _contiguous(model, arch, config, bounds), (lo, hi, of))
+
+
+def replicas_not_split(model, group, spec, arch, config):
+    """moe_experts with the spec's expert layout, held as it says, but each
+    replicated expert computes every slot routed to it on every rank that
+    holds it: those slots are summed once per replica."""
+    strategies.moe_experts(model, group, spec, arch, config)
+    _compute_all_held(model, group.rank())
+
+
+def layout_expert_dropped(model, group, spec, arch, config):
+    """moe_experts with the spec's expert layout (validated), but each rank
+    drops the first expert the layout gives it in every MoE layer: those
+    experts are on no rank, and their slots are zero everywhere."""
+    routed = strategies.routed_experts(model, arch, config)
+    count = next(iter(routed.values()))[1]
+    sets = layout.validate(spec.expert_layout, count, sorted({layer for layer, _ in routed.values()}), group.size())
+    sets = {layer: [experts[1:] for experts in per_rank] for layer, per_rank in sets.items()}
+    strategies.place_experts(model, group, arch, config, sets, (0, 1, 1))
 
 
 strategies.register("experts_on_two_ranks", experts_on_two_ranks)
+strategies.register("replicas_not_split", replicas_not_split)
+strategies.register("layout_expert_dropped", layout_expert_dropped)
 strategies.register("expert_on_no_rank", expert_on_no_rank)
 strategies.register("uneven_grains_overlapping", uneven_grains_overlapping)
 strategies.register("uneven_grains_dropped", uneven_grains_dropped)

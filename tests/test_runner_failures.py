@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from exod.models import synthetic
+from exod.models import expert_layout, synthetic
 from exod.proto import exod_pb2 as pb
 from exod.runner.launch import LocalInstance
 
@@ -86,6 +86,30 @@ def test_a_broken_expert_placement_fails_the_canary(strategy, shares, variant, m
     """moe_experts on 3 ranks: an expert on two ranks (its tokens counted
     twice) or on none never reaches Ready."""
     with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
+        assert ended(instance, 180)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            assert "max |Δ| =" in rank.status.reason
+        assert never_ready(instance)
+
+
+# qwen3_moe's MoE layers 1-3, 3 ranks of 4 experts each: experts 2-5, then
+# 0, 1, 6, 7, then 2-5 again are on two ranks.
+REPLICATED = {1: [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]], 2: [[0, 2, 4, 6], [1, 3, 5, 7], [0, 1, 6, 7]],
+              3: [[1, 3, 5, 7], [0, 2, 4, 6], [2, 3, 4, 5]]}
+# No replica, different in every layer; the broken strategy drops each rank's first expert.
+SPREAD = {1: [[0, 3, 6], [1, 4, 7], [2, 5]], 2: [[1, 2, 7], [0, 5, 6], [3, 4]], 3: [[4, 5, 6], [0, 1, 2], [3, 7]]}
+
+
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("strategy,layout", [("replicas_not_split", REPLICATED), ("layout_expert_dropped", SPREAD)])
+def test_a_broken_expert_layout_fails_the_canary(strategy, layout, variant, models):
+    """moe_experts with an expert layout on 3 ranks: replicas that both
+    compute their expert's slots (no turns), or experts the layout places
+    that no rank computes, never reach Ready."""
+    with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV,
+                       expert_layout=expert_layout.to_proto(layout)) as instance:
         assert ended(instance, 180)
         for rank in instance.ranks:
             assert rank.status.state == pb.FAILED
