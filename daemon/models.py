@@ -311,7 +311,8 @@ class Models:
 
     def plan_rank(self, checkpoint: ckpt.Checkpoint, spec: pb.RunnerSpec) -> shards.RankPlan:
         return shards.plan_rank(checkpoint, spec.strategy, spec.rank, spec.world_size, list(spec.pipeline_layers),
-                                rank_shares=list(spec.shares))
+                                rank_shares=list(spec.shares),
+                                expert_layout=spec.expert_layout if spec.HasField("expert_layout") else None)
 
     def deadline_s(self, nbytes: int, sources: list, hub_bytes: int = 0) -> float:
         rate = max([MIN_RATE, *(self.link_rate(s.node_id) for s in sources if s.node_id)])

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import expert_layout as layout
 from . import shares
 from .errors import ModelError
 from .safetensors_header import Entry
@@ -77,6 +78,11 @@ class RankNeeds:
     layer_range: tuple = (0, 0)
     canary_layer: int = -1
     grains: tuple = ()  # tensor strategies: (lo, hi, of), the grains this rank holds
+    # moe_experts with a layout: the whole layout ({layer: per-rank experts},
+    # layers as strings, as JSON keeps them), and the experts this rank keeps
+    # of each routed tensor (the part stored runs from the first to the last)
+    expert_layout: Optional[dict] = None
+    experts: dict = field(default_factory=dict)
 
     @property
     def tensor_bytes(self) -> int:
@@ -139,10 +145,12 @@ def strategy_grains(spec, strategy: str) -> int:
 
 
 def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int, world: int,
-               pipeline_layers: list, files: dict, rank_shares=()) -> RankNeeds:
+               pipeline_layers: list, files: dict, rank_shares=(), expert_layout=None) -> RankNeeds:
     """tensors: name -> (file, Entry) over the checkpoint; spec: its
     ModelSpec (split rules, layers); files: name -> size of every file;
-    rank_shares: each rank's grains (tensor strategies; empty: even)."""
+    rank_shares: each rank's grains (tensor strategies; empty: even);
+    expert_layout: moe_experts' layout (models/expert_layout.py; None:
+    contiguous experts by share)."""
     info = {t.name: t for t in spec.tensors}
     side = sorted(n for n, size in files.items() if is_side_file(n, size))
     parts, absent = [], {}
@@ -160,6 +168,8 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
     if strategy not in SLICING_STRATEGIES:
         return RankNeeds([whole(e, f) for _, (f, e) in sorted(tensors.items())], {}, side, (0, spec.num_layers))
     keep = canary_layer(spec, config, arch)
+    if strategy == "moe_experts" and expert_layout is not None:
+        return _layout_needs(tensors, spec, info, side, keep, rank, world, expert_layout, rank_shares)
     grains = strategy_grains(spec, strategy)
     try:
         held = shares.check(list(rank_shares) or shares.even(grains, world), grains, world)
@@ -179,13 +189,59 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
     return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (lo, hi, grains))
 
 
+def _layout_needs(tensors: dict, spec, info: dict, side: list, keep: int, rank: int, world: int,
+                  expert_layout, rank_shares) -> RankNeeds:
+    """moe_experts with an expert layout: of each routed-experts tensor
+    (unit "experts"), the range of experts from this rank's first to its
+    last in that layer (one contiguous part, which a peer serves as one
+    byte range; the experts between that the rank does not hold are read
+    too, and dropped by the runner's gather); of a shared expert, the most
+    even split of its own grains, as the runner cuts it."""
+    routed = [t for t in spec.tensors if t.moe_experts_split.unit == "experts" and t.moe_experts_split.units]
+    if not routed:
+        raise ModelError("moe_experts: an expert layout for a model without routed experts")
+    count = int(routed[0].moe_experts_split.units)
+    try:
+        sets = layout.validate(expert_layout, count, sorted({t.layer for t in routed}), world, list(rank_shares))
+    except layout.LayoutError as e:
+        raise ModelError(f"moe_experts: expert layout: {e}") from None
+    shared = shares.grains_of(t.moe_experts_split.units for t in spec.tensors
+                              if t.moe_experts_split.units and t.moe_experts_split.unit != "experts")
+    if shared and shared < world:
+        raise ModelError(f"moe_experts: the shared expert has {shared} grain(s), fewer than {world} ranks")
+    shared_lo, shared_hi = shares.bounds(shares.even(shared, world), rank) if shared else (0, 1)
+    parts, experts = [], {}
+    for name, (file, entry) in sorted(tensors.items()):
+        t = info.get(name)
+        rule = t.moe_experts_split if t is not None else None
+        if t is None or not rule.units or t.layer == keep or not entry.shape:
+            parts.append(whole(entry, file))
+            continue
+        axis = rule.axis % len(entry.shape)
+        if rule.unit == "experts":
+            held = sets[t.layer][rank]
+            lo, hi, of = held[0], held[-1] + 1, count
+            experts[name] = held
+        else:
+            lo, hi, of = shared_lo, shared_hi, shared
+        offset, length, stride, blocks, stored = slice_of(entry, axis, lo, hi, of)
+        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, of),
+                          offset, length, stride, blocks))
+    return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (shared_lo, shared_hi, shared),
+                     expert_layout={str(k): v for k, v in sorted(sets.items())}, experts=experts)
+
+
 def shard_key(model_id: str, revision: str, strategy: str, rank: int, world: int, needs: RankNeeds,
               digests: dict) -> str:
-    """Names the shard by everything that decides its bytes: placed again
-    the same way, the same key finds it."""
+    """Names the shard by everything that decides its bytes, and by the
+    expert layout, which also decides which of them the runner keeps and
+    which slots it computes: placed again the same way, the same key finds
+    it; placed with another layout, it is another shard."""
     h = hashlib.sha256(json.dumps([model_id, revision, strategy, rank, world, needs.side_files,
                                    [(p.tensor, p.file, p.offset, p.length, p.stride, p.count) for p in needs.parts],
-                                   sorted(needs.absent), sorted(digests.items())]).encode()).hexdigest()
+                                   sorted(needs.absent), sorted(digests.items()),
+                                   *([needs.expert_layout] if needs.expert_layout is not None else [])]).encode()
+                       ).hexdigest()
     return f"{strategy}-{rank}of{world}-{h[:16]}"
 
 
@@ -198,8 +254,10 @@ def manifest(model_id: str, revision: str, strategy: str, rank: int, world: int,
         "format": FORMAT, "model_id": model_id, "revision": revision, "strategy": strategy, "rank": rank,
         "world_size": world, "key": key, "layer_start": needs.layer_range[0], "layer_end": needs.layer_range[1],
         "canary_layer": needs.canary_layer, "grains": list(needs.grains), "source_digests": digests,
-        "tensors": {p.tensor: {"shape": list(p.full_shape), "axis": p.axis, "grains": list(p.grains)}
+        "tensors": {p.tensor: {"shape": list(p.full_shape), "axis": p.axis, "grains": list(p.grains),
+                               **({"experts": needs.experts[p.tensor]} if p.tensor in needs.experts else {})}
                     for p in needs.parts if p.axis is not None},
+        "expert_layout": needs.expert_layout,
         "absent": {name: {"dtype": code, "shape": list(shape)} for name, (code, shape) in needs.absent.items()},
     }
 
@@ -386,10 +444,11 @@ class RankPlan:
 
 
 def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=(), spec=None,
-              rank_shares=()) -> RankPlan:
+              rank_shares=(), expert_layout=None) -> RankPlan:
     """What rank `rank` of `world` under `strategy` needs of `checkpoint`
     (models/checkpoint.Checkpoint); `spec`: its ModelSpec, when at hand;
-    rank_shares: every rank's grains (tensor strategies; empty: even)."""
+    rank_shares: every rank's grains (tensor strategies; empty: even);
+    expert_layout: moe_experts' (a pb.ExpertLayout or its dict; None: none)."""
     from .architectures import for_model_type
 
     spec = spec if spec is not None else checkpoint.spec(checkpoint.model_id)
@@ -397,7 +456,7 @@ def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=
     arch = for_model_type(config["model_type"])
     sizes = {name: size for name, (size, _) in checkpoint.files.items()}
     needs = rank_needs(checkpoint.tensors(), spec, config, arch, strategy, rank, world, list(pipeline_layers), sizes,
-                       list(rank_shares))
+                       list(rank_shares), expert_layout)
     digests = {f: checkpoint.files[f][1] for f in sorted({p.file for p in needs.parts} | set(needs.side_files))
                if checkpoint.files.get(f, (0, ""))[1]}
     key = shard_key(checkpoint.model_id, checkpoint.revision, strategy, rank, world, needs, digests)

@@ -40,6 +40,7 @@ def load(spec, group, progress: Callable[[int, int], None]):
     model, config = shard_loading.load_model(Path(spec.model_dir), lazy=True)  # a whole checkpoint or a shard
     arch = for_model_type(config["model_type"])
     progress(0, int(config.get("num_hidden_layers") or 0))  # Loading: a refused cut fails in this phase
+    shard_loading.check_layout(Path(spec.model_dir), spec)
     strategies.get(spec.strategy)(model, group, spec, arch, config)
     layers = model.layers
     for i, layer in enumerate(layers):

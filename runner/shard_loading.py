@@ -129,6 +129,30 @@ def _find(name: str, keys: set) -> "str | None":
     return found[0] if len(found) == 1 else None
 
 
+def check_layout(path: Path, spec) -> None:
+    """A shard fetched for one expert layout (or for none) holds other
+    experts than another layout needs: it fails the rank before the cut."""
+    path = Path(path)
+    manifest = read_manifest(path) if is_shard(path) else None
+    if manifest is None:
+        return
+    from exod.models import expert_layout
+
+    held = manifest.get("expert_layout")
+    wanted = spec.expert_layout if spec.HasField("expert_layout") else None
+    if wanted is not None:
+        wanted = {str(layer): sets for layer, sets in sorted(expert_layout.as_lists(wanted).items())}
+    if held != wanted:
+        raise ShardError(f"the shard was cut for {_describe(held)}, the spec asks for {_describe(wanted)}")
+
+
+def _describe(lists) -> str:
+    if lists is None:
+        return "contiguous experts (no expert layout)"
+    first = sorted(lists, key=int)[0]
+    return f"the expert layout with layer {first}'s ranks holding {lists[first]}"
+
+
 def check_cut(model, path: Path) -> int:
     """After the strategy's cut: each part-stored tensor must be exactly the
     stored part. Returns how many were compared (0 for a whole checkpoint)."""
@@ -145,6 +169,11 @@ def check_cut(model, path: Path) -> int:
         if key is None:
             continue  # a layer this rank does not run
         mine, part = params[key], stored.pop(name)
+        if "experts" in entry:
+            # An expert layout: the part runs from the rank's first expert to
+            # its last, of which the strategy kept only those listed.
+            lo = int(entry["grains"][0])
+            part = part[mx.array([int(e) - lo for e in entry["experts"]])]
         if tuple(mine.shape) != tuple(part.shape) or not mx.array_equal(mine, part).item():
             raise ShardError(
                 f"the strategy's cut of {name} is not the part the shard holds "

@@ -32,12 +32,13 @@ def checkpoint_of(root):
     return ckpt.local("acme/tiny", "", root, files)
 
 
-def shard_dirs(root, tmp_path, strategy, world, split=(), rank_shares=()):
+def shard_dirs(root, tmp_path, strategy, world, split=(), rank_shares=(), layout=None):
     checkpoint = checkpoint_of(root)
     sizes = {n: s for n, (s, _) in checkpoint.files.items()}
     out = []
     for rank in range(world):
-        plan = shards.plan_rank(checkpoint, strategy, rank, world, split, rank_shares=rank_shares)
+        plan = shards.plan_rank(checkpoint, strategy, rank, world, split, rank_shares=rank_shares,
+                                expert_layout=layout)
         out.append(shards.write_local(plan, root, tmp_path / plan.key, sizes))
     return out
 
@@ -104,6 +105,53 @@ def test_uneven_shares_from_shards_compute_what_one_process_does(models, tmp_pat
     with LocalInstance(root, "moe_tensor", 3, context_length=512, model_dirs=dirs, shares=[24, 40, 64]) as instance:
         with pytest.raises(LaunchError, match="is not the part the shard holds"):
             instance.wait_ready(180)
+
+
+# qwen3_moe's MoE layers 1-3 on 3 ranks, no two layers alike.
+LAYOUT = {1: [[0, 3, 6], [1, 4, 7], [2, 5]], 2: [[1, 2, 7], [0, 5, 6], [3, 4]],
+          3: [[4, 5, 6], [0, 1, 2], [3, 7]]}
+OTHER = {1: LAYOUT[3], 2: LAYOUT[2], 3: LAYOUT[1]}
+
+
+def test_shards_of_an_expert_layout_hold_its_experts_and_no_other_layout_uses_them(models, tmp_path):
+    """moe_experts with an expert layout from shards: each routed tensor's
+    part runs from the rank's first expert of that layer to its last (the
+    canary's layer 1 whole); the ranks compute what one process does; the
+    same shards under another layout, or under none, fail in Loading."""
+    from exod.models import expert_layout
+
+    root = models["fp32"]
+    proto = expert_layout.to_proto(LAYOUT)
+    dirs = shard_dirs(root, tmp_path, "moe_experts", 3, layout=proto)
+    for rank, d in enumerate(dirs):
+        meta = json.loads((d / shards.MANIFEST).read_text())
+        assert meta["expert_layout"] == {str(k): v for k, v in LAYOUT.items()}
+        stored = read_layout(d / shards.SHARD_FILE)
+        routed = {n: t for n, t in meta["tensors"].items() if ".switch_mlp." in n}
+        assert routed and not any(".layers.1." in n for n in routed)
+        for name, t in routed.items():
+            held = LAYOUT[int(name.split(".")[2])][rank]
+            assert t["experts"] == held and t["grains"] == [held[0], held[-1] + 1, 8]
+            assert list(stored.entries[name].shape)[0] == held[-1] + 1 - held[0]
+    others = shard_dirs(root, tmp_path / "other", "moe_experts", 3, layout=expert_layout.to_proto(OTHER))
+    plain = shard_dirs(root, tmp_path / "plain", "moe_experts", 3)
+    assert len({d.name for d in [*dirs, *others, *plain]}) == 9
+    expected = reference(root)
+    with LocalInstance(root, "moe_experts", 3, context_length=512, model_dirs=dirs, expert_layout=proto) as instance:
+        instance.wait_ready(180)
+        chunks = instance.generate(greedy_request(), timeout=120)
+        assert instance.shutdown(15)
+    final = chunks[-1]
+    assert np.abs(np.array(final.prompt_logits) - expected["logits"]).max() <= 1e-4
+    assert [t.token for c in chunks for t in c.tokens if c is not final or t.token] == expected["tokens"]
+    for layout, reason in ((expert_layout.to_proto(OTHER), "the shard was cut for the expert layout with layer 1's"),
+                           (None, "the spec asks for contiguous experts (no expert layout)")):
+        with LocalInstance(root, "moe_experts", 3, context_length=512, model_dirs=dirs,
+                           expert_layout=layout) as instance:
+            with pytest.raises(LaunchError) as failed:
+                instance.wait_ready(180)
+            instance.shutdown(15)
+        assert "Loading failed: " in str(failed.value) and reason in str(failed.value), str(failed.value)
 
 
 def test_a_shard_of_another_rank_fails_with_the_reason(models, tmp_path):
