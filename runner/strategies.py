@@ -378,10 +378,11 @@ def _expert_count(routed: dict, config) -> int:
 def place_experts(model, group, arch, config, sets: dict, shared: tuple) -> None:
     """moe_experts' cut, sums and slot plans: in each MoE layer this rank
     keeps the experts sets[layer][rank] lists (gathered along the expert
-    axis of the uncut lazy tensors, so only their rows are ever read), and
-    grains `shared` (lo, hi, of) of every other tensor the rule cuts (a
-    shared expert). Every rank computes the slots models/expert_layout.py
-    assigns it from sets, whatever it holds."""
+    axis of the uncut lazy tensors, which loading materializes one at a
+    time, so only their rows are kept), and grains `shared` (lo, hi, of)
+    of every other tensor the rule cuts (a shared expert). Every rank
+    computes the slots models/expert_layout.py assigns it from sets,
+    whatever it holds."""
     rule = split_rule("moe_experts", arch)
     rank = group.rank()
     routed = routed_experts(model, arch, config)

@@ -33,8 +33,9 @@ def test_a_malformed_layout_is_refused_with_its_reason(bad, reason):
 
 
 def test_counts_other_than_the_shares_are_refused():
-    with pytest.raises(layout.LayoutError, match=r"ranks hold \[3, 3, 2\] experts per layer, not the shares \[4, 2, 2\]"):
+    with pytest.raises(layout.LayoutError) as refused:
         layout.validate(GOOD, 8, [1, 2], 3, shares=[4, 2, 2])
+    assert "ranks hold [3, 3, 2] experts per layer, not the shares [4, 2, 2]" in str(refused.value)
 
 
 def test_a_layer_listed_twice_in_the_proto_is_refused():
