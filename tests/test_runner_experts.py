@@ -75,6 +75,15 @@ def test_an_expert_layout_matches_single_process(name, kind, sets, variant, runn
         assert status.canary_max_delta <= 1e-4
 
 
+def test_an_expert_layout_decoding_one_sequence_at_a_time_matches(runner_models, references):
+    """Concurrency 1 decodes with mlx-lm's generate_step, not a BatchGenerator."""
+    model_dir = runner_models("qwen3_moe", "fp32")
+    expected = references(model_dir)
+    got = sharded(model_dir, "moe_experts", 3, expert_layout=layout_for("qwen3_moe", REPLICATED_3), max_batch=1)
+    assert np.abs(got["logits"] - expected["logits"]).max() <= LOGIT_BOUND["fp32"]
+    assert got["tokens"] == expected["tokens"]
+
+
 def test_a_malformed_layout_fails_in_loading_with_its_reason(runner_models):
     sets = [SPREAD_3[0], SPREAD_3[1], [[4, 5, 6], [0, 1, 2], [3, 3]]]
     with LocalInstance(runner_models("qwen3_moe", "fp32"), "moe_experts", 3, context_length=512,

@@ -118,6 +118,19 @@ def test_a_broken_expert_layout_fails_the_canary(strategy, layout, variant, mode
         assert never_ready(instance)
 
 
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+@pytest.mark.parametrize("layout", [REPLICATED, SPREAD], ids=["replicated", "spread"])
+def test_the_same_expert_layouts_placed_right_pass_the_canary(layout, variant, models):
+    """The control: the layouts the broken strategies spoil, run by
+    moe_experts itself on the same models, reach Ready, so that the broken
+    ones fail for what they break alone."""
+    with LocalInstance(models["qwen3_moe" + variant], "moe_experts", 3, context_length=512,
+                       expert_layout=expert_layout.to_proto(layout)) as instance:
+        instance.wait_ready(180)
+        assert all(rank.status.state == pb.READY for rank in instance.ranks)
+        assert instance.shutdown(15)
+
+
 def ended(instance, timeout):
     return instance.wait_for(lambda i: all(r.terminal.is_set() for r in i.ranks), timeout)
 
