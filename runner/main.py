@@ -213,7 +213,7 @@ class Rank:
                              whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id)
         from .strategies import calibrate_routing
 
-        calibrate_routing(model, int(config["vocab_size"]))
+        calibrate_routing(model, config)
         mx.clear_cache()
         self.server = Server(model, tokenizer, group, self.inbox, self.emit,
                              self._serving_state, lambda phase, s: watchdog.arm(phase, s, backstop=False),

@@ -446,7 +446,7 @@ def calibration_prompts(vocab: int) -> list[list[int]]:
             for p in range(CALIBRATION_PROMPTS)]
 
 
-def calibrate_routing(model, vocab: int) -> int:
+def calibrate_routing(model, config: dict) -> int:
     """Zero the routing counts (the canary's probes are not traffic), then
     run the calibration prompts through the model, as one batch in one pass:
     every rank runs it, since the MoE blocks sum over the ranks. Returns
@@ -456,7 +456,7 @@ def calibrate_routing(model, vocab: int) -> int:
         return 0
     for m in held:
         m.counts[:] = 0
-    prompts = calibration_prompts(vocab)
+    prompts = calibration_prompts(int(config.get("vocab_size") or model.args.vocab_size))
     mx.eval(model(mx.array(prompts)))
     return len(prompts) * CALIBRATION_TOKENS
 
