@@ -585,13 +585,15 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
         split = [r.layer_end - r.layer_start for r in candidate.ranks] if strategy == "pipeline" else []
         world = len(candidate.ranks)
         rank_shares = [r.share for r in candidate.ranks] if strategy != "pipeline" else []
+        layout = candidate.expert_layout if candidate.HasField("expert_layout") else None
+        layout_key = layout.SerializeToString(deterministic=True) if layout is not None else b""
         slowest, total = 0.0, 0
         candidate.revision = checkpoint.revision
         for r in candidate.ranks:
-            key = (strategy, r.rank, world, tuple(split), tuple(rank_shares))
+            key = (strategy, r.rank, world, tuple(split), tuple(rank_shares), layout_key)
             if key not in cache:
                 cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec,
-                                              rank_shares=rank_shares)
+                                              rank_shares=rank_shares, expert_layout=layout)
             plan = cache[key]
             needed = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
             held = list(nodes[r.node_id].models) if r.node_id in nodes else []

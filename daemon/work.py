@@ -38,7 +38,7 @@ OWNER_GONE_MS = 30_000
 # routing imbalance below which the instance is left as it is.
 REBALANCE_READY_S = 600.0
 DRAIN_S = 120.0
-REBALANCE_GAIN = 0.02
+REBALANCE_GAIN = 0.05
 
 
 class Refused(Exception):
@@ -414,9 +414,8 @@ class Work:
         self.changed()
         strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
         split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
-        # An expert layout names each rank's experts itself; shares count grains.
-        shares = [r.share for r in chosen.ranks] \
-            if strategy != "pipeline" and len(chosen.ranks) > 1 and not chosen.HasField("expert_layout") else []
+        # Grains of a cutting strategy; with an expert layout, each rank's experts per MoE layer.
+        shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and len(chosen.ranks) > 1 else []
         # Travels only inside StartRunner, over the authenticated peer plane.
         rendezvous_secret = secrets.token_hex(32)
         starts = []
@@ -428,7 +427,9 @@ class Work:
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length,
                                  max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
                                  prefix_cache_bytes=rank.memory.prefix_cache_bytes,
-                                 max_queue=self.node.settings.max_queue, expert_layout=chosen.expert_layout)
+                                 max_queue=self.node.settings.max_queue)
+            if chosen.HasField("expert_layout"):
+                spec.expert_layout.CopyFrom(chosen.expert_layout)
             starts.append(self.node.start_on(node_id, pb.StartRunnerRequest(
                 spec=spec, reservation_id=reservation_id, model=request.model, revision=chosen.revision)))
         answers = await asyncio.gather(*starts, return_exceptions=True)
@@ -523,8 +524,13 @@ class Work:
             raise Refused(f"instance {instance_id} runs {placement_api.STRATEGY_NAMES[old.placement.strategy]} on "
                           f"{len(old.placement.ranks)} rank(s); rebalance places whole experts (moe_experts)")
         live = state.instance(self.node.view, instance_id)
-        counts = live.runners[0].expert_counts if live and live.runners else pb.ExpertCounts()
-        if not any(sum(layer.counts) for layer in counts.layers):
+        if live and live.runners and live.runners[0].HasField("expert_counts"):
+            self.node.expert_load.observe(old.placement.model_id, instance_id, live.runners[0].expert_counts)
+        # The model's counts: this instance's live ones with those of its
+        # recent predecessors, so that a layout is not chased after the noise
+        # of one instance's few tokens.
+        counts = self.node.expert_load.counts(old.placement.model_id)
+        if counts is None:
             raise Refused(f"instance {instance_id} has no routing counts yet; they come with its warm-up and traffic")
         request = pb.PlacementRequest()
         request.CopyFrom(old.request)
