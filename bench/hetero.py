@@ -134,6 +134,7 @@ def even_plans(spec: pb.ModelSpec, cluster: pb.Cluster, context: int) -> dict:
             continue
         even = pb.Placement()
         even.CopyFrom(candidate)
+        even.predicted_decode_tokens_per_s = 0  # the planner's figure was for its own shares
         if name == "pipeline":
             half = spec.num_layers // 2
             bounds = [(spec.num_layers - half, spec.num_layers), (0, spec.num_layers - half)]
@@ -201,7 +202,7 @@ def describe(placement: pb.Placement) -> dict:
     return {"strategy": name,
             "shares": [f"{r.share}/{r.share_of}" for r in placement.ranks] if name != "pipeline"
             else [r.layer_end - r.layer_start for r in placement.ranks],
-            "predicted_tokens_per_s": placement.predicted_decode_tokens_per_s,
+            "predicted_tokens_per_s": placement.predicted_decode_tokens_per_s or None,
             "expert_layout": placement.HasField("expert_layout"),
             "predicted_routing_imbalance": placement.predicted_routing_imbalance or None}
 
