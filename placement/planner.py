@@ -515,10 +515,23 @@ def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int,
     return int(constants.PROCESS_BASE_BYTES + activations + (canary_bytes(model) if ranks > 1 else 0))
 
 
+# The canary's probes are float32 (runner/canary.py): MLX widens a part's
+# half-precision weights (a quantized matrix's scales and biases) to float32
+# while it computes, one side at a time. Measured in one process on
+# matrix-moe, the widest layer in bf16 peaked at the uncut layer plus 1.93x
+# its half-precision bytes (2x: every widened weight lives until the check's
+# eval ends); see docs/proofs.md.
+WIDENED_PER_HALF_BYTE = 2
+
+
 def canary_bytes(model: ModelProfile) -> int:
-    """The widest uncut part the canary holds at once (runner/canary.py)."""
-    widest_layer = max((sum(p.full.values()) for p in model.layers), default=0)
-    return max(widest_layer, sum(model.outside.full.values()))
+    """The widest uncut part the canary holds at once (runner/canary.py),
+    with the float32 copies of its half-precision weights."""
+    return max(_canary_part_bytes(p) for p in [*model.layers, model.outside])
+
+
+def _canary_part_bytes(part) -> int:
+    return sum(part.full.values()) + WIDENED_PER_HALF_BYTE * part.half
 
 
 def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: list[int],

@@ -28,6 +28,7 @@ CLASS_LABEL = {
     pb.NORM: "norms", pb.OTHER_TENSOR: "other",
 }
 SPLITTING = ("tensor", "moe_tensor", "moe_experts")
+HALF_PRECISION = ("float16", "bfloat16")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Part:
     read_all: float = 0.0  # bytes one decode step reads
     read_split: dict = field(default_factory=lambda: dict.fromkeys(SPLITTING, 0.0))
     kv: list = field(default_factory=list)  # (bytes_per_token, window_tokens, split_units)
+    # Bytes stored in float16/bfloat16 (a quantized matrix's scales and
+    # biases included), which the canary's float32 probes widen (planner.canary_bytes).
+    half: int = 0
 
     def weights(self, strategy: str, share: int, of: int) -> dict:
         """Bytes by class on a rank holding `share` of `of` grains (1 of n:
@@ -141,6 +145,8 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         part = layers[t.layer] if 0 <= t.layer < spec.num_layers else outside
         cls = t.tensor_class if t.tensor_class in CLASSES else pb.OTHER_TENSOR
         part.full[cls] += t.bytes
+        if t.dtype in HALF_PRECISION:
+            part.half += t.bytes
         if cls == pb.EMBEDDING:
             read = t.bytes / max(spec.vocab_size, 1)  # one row per token
         elif cls == pb.ROUTED_EXPERTS:

@@ -43,31 +43,37 @@ from mlx_lm.utils import load_model
 from .loading import held_layer_indices
 from .shard_loading import load_model  # a whole checkpoint or a shard (its canary layer is whole)
 
-PROBE_TOKENS = 8
 PROBE_SEED = 20261126
 # Chunked prefill in the canary: CHUNK tokens at a time over PREFILL_TOKENS,
-# so the prefill crosses a chunk boundary (the serving chunk is far larger;
-# a small one here runs the same code path at a cost of a few tokens), then
-# DECODE_STEPS one-token steps, the path decoding takes (DeepSeek-V3's MLA
-# has a separate L == 1 branch).
-CHUNK = 3
+# so the prefill crosses a chunk boundary and its second chunk is several
+# tokens on a non-empty cache (the serving chunk is far larger; a small one
+# here runs the same code path at a cost of a few tokens), then DECODE_STEPS
+# one-token steps, the path decoding takes (DeepSeek-V3's MLA has a separate
+# L == 1 branch). The first chunk, on an empty cache, is the layer in one
+# pass. On CPU a check's time grows with its tokens (MLX's matmul re-reads
+# the weights per token), so the probes are no longer than this.
+CHUNK = 2
 PREFILL_TOKENS = 4
 DECODE_STEPS = 2
+PROBE_TOKENS = PREFILL_TOKENS + DECODE_STEPS
 # Layers beyond one of each kind, drawn from the instance id: with L held
 # layers every one is checked within about L / SAMPLED_LAYERS restarts.
 SAMPLED_LAYERS = 2
 # |sharded - uncut| allowed, relative to max(1, max |uncut|). Summation order
 # is the only difference between the two when the cut is right: over N ranks
-# a cut matmul's output is N partial sums each rounded to the activation
-# dtype, then N-1 rounded additions, against the uncut side's one rounding,
-# so at most (N+1)·u of its scale (u the unit roundoff), and a layer adds
-# two such outputs to its residual: 2·(N+1)·u (cancellation within a sum
-# could exceed it; none was measured). fp32 keeps 1e-4, far above its bound
-# (3.6e-7 on 2 ranks) and 370x below the least broken cut measured (v4-mini's
-# experts without their sum). In bf16 a missing sum is only 1.8-7x the bound:
-# the output carries the residual, rounded at its scale. The derivation, the
-# measured margins and two ways out tried are in docs/proofs.md.
-UNIT_ROUNDOFF = {mx.float16: 2.0 ** -11, mx.bfloat16: 2.0 ** -8}
+# a cut matmul's output is N partial sums each rounded, then N-1 rounded
+# additions, against the uncut side's one rounding, so at most (N+1)·u of
+# its scale (u the unit roundoff), and a layer adds two such outputs to its
+# residual: 2·(N+1)·u. The probes are float32, and a layer computes in its
+# input's dtype, so a bf16 or quantized layer runs in float32 on both sides
+# (MLX widens its half-precision weights, or a 4-bit weight's scales and
+# biases, for the matmul): u = 2^-24 whatever the checkpoint, 2·(N+1)·u =
+# 3.6e-7 on 2 ranks, and the limit is 1e-4 for every dtype. Measured on 2
+# ranks: correct cuts <= 2.3e-7, broken ones >= 0.042 (420x the limit), fp32,
+# bf16 and 4-bit alike. With bf16 probes a missing sum was only 1.8-7x its
+# bf16 bound, since the output carries the residual rounded at its scale.
+# The widening costs memory beyond the uncut layer; the planner counts it
+# (placement/planner.py, canary_bytes). Figures in docs/proofs.md.
 FP32_TOLERANCE = 1e-4
 # The cached decode against one pass of the same cut model: here the two
 # sides take different paths through the uncut model's own code as well
@@ -81,7 +87,7 @@ DECODE_TOLERANCE = {mx.float32: 1e-4, mx.float16: 0.1, mx.bfloat16: 0.1}
 AGREEMENT_TOLERANCE = 1e-5
 
 # What a shared verdict names (see _share).
-LAYER, LAYER_DECODE, EMBEDDING, LM_HEAD, DECODE = range(5)
+LAYER, LAYER_DECODE, EMBEDDING, LM_HEAD, DECODE, LAYER_PREFILL = range(6)
 
 
 class CanaryFailed(Exception):
@@ -99,12 +105,6 @@ class Verdict:
 def activation_dtype(model) -> mx.Dtype:
     embed = model.model.embed_tokens
     return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
-
-
-def tolerance(dtype, size: int) -> float:
-    if dtype in UNIT_ROUNDOFF:
-        return 2 * (size + 1) * UNIT_ROUNDOFF[dtype]
-    return FP32_TOLERANCE
 
 
 def _has_experts(layer, arch, config, index) -> bool:
@@ -191,17 +191,11 @@ def _shared_max(group, value: float, rank: int, size: int) -> list[float]:
 
 
 def _delta(cut, uncut) -> mx.array:
-    """max |cut - uncut| relative to max(1, max |uncut|), lazily (a part's
-    checks are evaluated together, then its uncut weights dropped); capped to what a
+    """max |cut - uncut| relative to max(1, max |uncut|), capped to what a
     float32 all-sum carries, and at the cap when cut is not finite."""
     cut, uncut = cut.astype(mx.float32), uncut.astype(mx.float32)
     delta = mx.abs(cut - uncut).max() / mx.maximum(1.0, mx.abs(uncut).max())
     return mx.where(mx.isfinite(cut).all(), mx.minimum(delta, 3e38), 3e38)
-
-
-def _evaluated(checks: list) -> list[tuple[int, int, float]]:
-    values = mx.stack([d for _, _, d in checks]).tolist()
-    return [(what, layer, value) for (what, layer, _), value in zip(checks, values)]
 
 
 def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, instance_id: str = "") -> Verdict:
@@ -220,27 +214,29 @@ def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, 
     dtype = activation_dtype(model)
     checks: list = []  # (what, layer, delta)
     layers = _check_against_checkpoint(model, config, arch, model_dir, instance_id, checks)
-    # The checkpoint's checks first: they name the part that is wrong.
-    worst = _judge(_evaluated(checks), dtype, tolerance(dtype, size), group, rank, size)
+    # The checkpoint's checks first: they name the part that is wrong. They
+    # compute in float32 whatever the weights, so fp32's limit applies.
+    worst = _judge(checks, "float32 probes", FP32_TOLERANCE, group, rank, size)
     decode: list = []
     _check_decode(model, config, group, rank, size, decode)
-    worst = max(worst, _judge(_evaluated(decode), dtype, DECODE_TOLERANCE.get(dtype, 0.1), group, rank, size))
+    name = str(dtype).split(".")[-1]
+    worst = max(worst, _judge(decode, name, DECODE_TOLERANCE.get(dtype, 0.1), group, rank, size))
     return Verdict(layers[0], worst, tuple(layers), time.perf_counter() - started)
 
 
-def _judge(checks, dtype, limit: float, group, rank: int, size: int) -> float:
+def _judge(checks, computed_in: str, limit: float, group, rank: int, size: int) -> float:
     """Each rank's worst check, shared; the first rank over the limit fails
     every rank with what and where."""
     what, layer, delta = max(checks, key=lambda c: c[2])
     rows = _share(group, [delta, float(what), float(layer)], rank, size)
-    name = str(dtype).split(".")[-1]
     for r, (d, w, k) in enumerate(rows):
         if not d <= limit:
             subject = {LAYER: f"layer {int(k)}", LAYER_DECODE: f"layer {int(k)} (cached decode)",
+                       LAYER_PREFILL: f"layer {int(k)} (cached prefill)",
                        EMBEDDING: "the embedding", LM_HEAD: "the lm_head",
                        DECODE: "the cached decode (against one pass)"}[int(w)]
             raise CanaryFailed(f"canary: {subject} differs on rank {r}, max |Δ| = {d:.3g} "
-                               f"(relative; the limit for {name} is {limit:g})")
+                               f"(relative; the limit for {computed_in} is {limit:g})")
     return max(r[0] for r in rows)
 
 
@@ -269,7 +265,6 @@ def _lm_head(model):
 
 
 def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: str, checks: list) -> list[int]:
-    dtype = activation_dtype(model)
     held = held_layer_indices(model)
     hidden = int(config["hidden_size"])
     reference, _ = load_model(Path(model_dir), lazy=True)
@@ -280,25 +275,28 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
 
     tokens = _probe_tokens(config, PROBE_TOKENS)
     if -1 not in partial:
-        checks.append((EMBEDDING, -1, _delta(model.model.embed_tokens(tokens), reference.model.embed_tokens(tokens))))
-        h = mx.random.normal((1, 2, hidden), key=mx.random.key(PROBE_SEED + 1)).astype(dtype)
-        checks.append((LM_HEAD, -1, _delta(_lm_head(model)(h), _lm_head(reference)(h))))
-        _settle(checks)
+        # Rows gathered, not computed: the same values on both sides when right.
+        checks.append((EMBEDDING, -1, _measured(lambda: model.model.embed_tokens(tokens),
+                                                lambda: reference.model.embed_tokens(tokens))))
+        h = mx.random.normal((1, 2, hidden), key=mx.random.key(PROBE_SEED + 1))  # float32: see the top
+        checks.append((LM_HEAD, -1, _measured(lambda: _lm_head(model)(h), lambda: _lm_head(reference)(h))))
         _release(reference.model.embed_tokens)
         _release(getattr(reference, "lm_head", None))
 
-    probe = mx.random.normal((1, PROBE_TOKENS, hidden), key=mx.random.key(PROBE_SEED)).astype(dtype)
+    probe = mx.random.normal((1, PROBE_TOKENS, hidden), key=mx.random.key(PROBE_SEED))  # float32: see the top
     chosen = [i for i in choose_layers(model, config, arch, instance_id) if i not in partial]
     own_caches, reference_caches = _layer_caches(model), make_prompt_cache(reference)
     for index in chosen:
         layer, uncut_layer = _held_layer(model, held, index), reference.layers[index]
-        checks.append((LAYER, index, _delta(arch.probe(layer, probe, config), arch.probe(uncut_layer, probe, config))))
-        if arch.step is not None:
+        if arch.step is None:
+            checks.append((LAYER, index, _measured(lambda: arch.probe(layer, probe, config),
+                                                   lambda: arch.probe(uncut_layer, probe, config))))
+        else:
+            # The chunked prefill's first chunk is the layer in one pass.
             _check_steps(arch, config, layer, uncut_layer, probe, _cache_for(own_caches, held, index),
                          reference_caches[index], index, checks)
         # One uncut layer in memory at a time: the planner counts one (the
         # widest) as the canary's share of a rank's peak.
-        _settle(checks)
         _release(uncut_layer)
         reference_caches[index] = None
     del reference, reference_caches, own_caches
@@ -311,14 +309,20 @@ def _check_steps(arch, config, layer, uncut_layer, probe, cut_cache, uncut_cache
     Each layer keeps its own cache in both lists, so no two checks share state."""
     for start, end in _steps(probe.shape[1]):
         x = probe[:, start:end]
-        cut = arch.step(layer, x, config, cut_cache)
-        uncut = arch.step(uncut_layer, x, config, uncut_cache)
-        checks.append((LAYER_DECODE, index, _delta(cut, uncut)))
+        what = LAYER_PREFILL if start < PREFILL_TOKENS else LAYER_DECODE
+        checks.append((what, index, _measured(lambda: arch.step(layer, x, config, cut_cache),
+                                              lambda: arch.step(uncut_layer, x, config, uncut_cache))))
 
 
-def _settle(checks: list) -> None:
-    """Evaluate the checks so far, so that nothing holds the uncut weights they read."""
-    mx.eval([d for _, _, d in checks])
+def _measured(cut, uncut) -> float:
+    """The delta of one check. Each side is evaluated alone: a half-precision
+    or quantized weight is widened to float32 only while its own matmul runs
+    (the planner counts that), and no uncut weight is held once it returns."""
+    a = cut()
+    mx.eval(a)
+    b = uncut()
+    mx.eval(b)
+    return _delta(a, b).item()
 
 
 def _release(module) -> None:
@@ -357,7 +361,7 @@ def _check_decode(model, config, group, rank: int, size: int, checks: list) -> N
     for start, end in _steps(n):  # the decode deltas are judged by the caller, after the agreement
         logits = model(tokens[:, start:end], cache=cache)[0, -1].astype(mx.float32)
         mx.eval(logits, [c.state for c in cache])
-        checks.append((DECODE, -1, _delta(logits, whole[end - 1])))
+        checks.append((DECODE, -1, _delta(logits, whole[end - 1]).item()))
     logits = whole[-1]
     mean = mx.distributed.all_sum(logits, group=group) / size if group is not None else logits
     mx.eval(mean)

@@ -94,6 +94,21 @@ def test_overhead_is_process_base_prefill_activations_and_the_canary_layer(moe):
     assert stage.overhead_bytes == whole.overhead_bytes + canary
 
 
+def test_the_canary_counts_its_float32_copies_of_half_precision_weights():
+    """The canary's probes are float32, so a bf16 layer is widened while it
+    is checked: its bytes again twice over; a 4-bit layer widens only its
+    scales and biases; fp32 widens nothing (the test above)."""
+    bf16 = profile(inventory.from_config({**fp32("qwen3_moe"), "torch_dtype": "bfloat16"}, "tiny-bf16"))
+    layer = (ATTN + LAYER_NORMS + ROUTER + EXPERTS) // 2
+    assert planner.canary_bytes(bf16) == layer + 2 * layer
+    q4 = profile(inventory.from_config({**fp32("qwen3_moe"), "torch_dtype": "bfloat16",
+                                        "quantization": {"group_size": 32, "bits": 4}}, "tiny-q4"))
+    widest = max(q4.layers, key=lambda p: sum(p.full.values()))
+    # Per 32 weights: 16 bytes packed, a bf16 scale and bias; norms stay bf16.
+    assert 0 < widest.half < sum(widest.full.values()) / 4
+    assert planner.canary_bytes(q4) == sum(widest.full.values()) + 2 * widest.half
+
+
 def test_mla_kv_is_the_latent_and_never_split():
     spec = inventory.from_config(fp32("deepseek_v3"), "tiny-mla")
     assert {k.bytes_per_token for k in spec.kv_cache} == {(64 + 16) * 4}
