@@ -11,19 +11,25 @@ are ever read):
    and sliding attention, V4's compressors each count), plus a sample of
    further held layers drawn from the instance id, so that over restarts
    every layer gets checked. Each is computed as cut and again from the
-   uncut copy of that layer, on a probe in one pass and, where the
-   architecture says how to run one layer with a cache, down the cached
-   path: a prefill in chunks of CHUNK tokens that crosses a chunk boundary,
-   then DECODE_STEPS one-token steps, each compared.
+   uncut copy of that layer down the cached path, where the architecture
+   says how to run one layer with a cache: a prefill in chunks of CHUNK
+   tokens that crosses a chunk boundary (its first chunk, on an empty cache,
+   is the layer in one pass), then DECODE_STEPS one-token steps, each
+   compared; otherwise on a probe in one pass.
    Pipeline stages hold whole layers, so the same check proves them unchanged;
    what such a strategy can also get wrong is the order of the stages, so
    their layer ranges must tile the model in the order activations travel.
-3. The whole model, as cut, decodes what it computes in one pass: a chunked
-   prefill and one-token steps with the KV cache give the logits of a single
-   uncached pass over the same tokens. A wrong KV slice, a cache shared or
-   swapped between layers, or a broken one-token attention path all break
-   that, whichever layers the sample picked. The one-pass logits must then be
+3. The whole model, as cut, decodes what it computes in one pass: after a
+   prefill, one-token steps with the KV cache give the logits of a single
+   pass over the same tokens. A wrong KV slice, a cache shared or swapped
+   between layers, or a broken one-token attention path all break that,
+   whichever layers the sample picked. The one-pass logits must then be
    finite and equal on every rank.
+
+Checks 1 and 2 run on float32 probes whatever the weights, so that a bf16 or
+4-bit layer computes in float32 on both sides and a broken cut stands far
+above the limit (see FP32_TOLERANCE). On CPU a pass costs in proportion to
+its tokens, so every probe is as short as what it must show allows.
 
 A single rank cuts nothing, so it only checks that its logits are finite.
 
@@ -69,8 +75,8 @@ SAMPLED_LAYERS = 2
 # (MLX widens its half-precision weights, or a 4-bit weight's scales and
 # biases, for the matmul): u = 2^-24 whatever the checkpoint, 2·(N+1)·u =
 # 3.6e-7 on 2 ranks, and the limit is 1e-4 for every dtype. Measured on 2
-# ranks: correct cuts <= 2.3e-7, broken ones >= 0.042 (420x the limit), fp32,
-# bf16 and 4-bit alike. With bf16 probes a missing sum was only 1.8-7x its
+# ranks: correct cuts <= 2.3e-7, broken ones >= 0.036 (360x the limit, v4-mini's
+# experts without their sum), fp32 and 4-bit/bf16 alike. With bf16 probes a missing sum was only 1.8-7x its
 # bf16 bound, since the output carries the residual rounded at its scale.
 # The widening costs memory beyond the uncut layer; the planner counts it
 # (placement/planner.py, canary_bytes). Figures in docs/proofs.md.
@@ -218,7 +224,13 @@ def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, 
     # compute in float32 whatever the weights, so fp32's limit applies.
     worst = _judge(checks, "float32 probes", FP32_TOLERANCE, group, rank, size)
     decode: list = []
-    _check_decode(model, config, group, rank, size, decode)
+    # Each pass costs its tokens (on CPU, MLX's matmul re-reads the weights
+    # per token), so the whole model prefills one chunk where the layer checks
+    # crossed a chunk boundary down every kind's cached path: its steps still
+    # read every layer's cache, which is what it is here for. (Decided from
+    # the architecture alone: every rank must run the same passes.)
+    prefill = CHUNK if arch.step is not None else PREFILL_TOKENS
+    _check_decode(model, config, group, rank, size, decode, prefill=prefill)
     name = str(dtype).split(".")[-1]
     worst = max(worst, _judge(decode, name, DECODE_TOLERANCE.get(dtype, 0.1), group, rank, size))
     return Verdict(layers[0], worst, tuple(layers), time.perf_counter() - started)
@@ -307,7 +319,7 @@ def _check_against_checkpoint(model, config, arch, model_dir: str, instance_id: 
 def _check_steps(arch, config, layer, uncut_layer, probe, cut_cache, uncut_cache, index: int, checks: list) -> None:
     """The layer down the cached path, cut and uncut, each step compared.
     Each layer keeps its own cache in both lists, so no two checks share state."""
-    for start, end in _steps(probe.shape[1]):
+    for start, end in _steps():
         x = probe[:, start:end]
         what = LAYER_PREFILL if start < PREFILL_TOKENS else LAYER_DECODE
         checks.append((what, index, _measured(lambda: arch.step(layer, x, config, cut_cache),
@@ -333,12 +345,11 @@ def _release(module) -> None:
     mx.clear_cache()
 
 
-def _steps(length: int) -> list[tuple[int, int]]:
-    """The prefill in CHUNK-token chunks (crossing a chunk boundary), then
-    DECODE_STEPS one-token steps."""
-    assert PREFILL_TOKENS > CHUNK and PREFILL_TOKENS + DECODE_STEPS <= length
-    spans = [(s, min(s + CHUNK, PREFILL_TOKENS)) for s in range(0, PREFILL_TOKENS, CHUNK)]
-    return spans + [(t, t + 1) for t in range(PREFILL_TOKENS, PREFILL_TOKENS + DECODE_STEPS)]
+def _steps(prefill: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
+    """The prefill in CHUNK-token chunks (crossing a chunk boundary when
+    prefill > CHUNK), then DECODE_STEPS one-token steps."""
+    spans = [(s, min(s + CHUNK, prefill)) for s in range(0, prefill, CHUNK)]
+    return spans + [(t, t + 1) for t in range(prefill, prefill + DECODE_STEPS)]
 
 
 def _probe_tokens(config, n: int) -> mx.array:
@@ -348,17 +359,39 @@ def _probe_tokens(config, n: int) -> mx.array:
     return mx.array([[(i * (vocab - 1)) // (n - 1) for i in range(n)]])
 
 
-def _check_decode(model, config, group, rank: int, size: int, checks: list) -> None:
+def _unique(cache: list) -> list:
+    """Each cache once: a pipeline stage's skipped layers alias held ones."""
+    return list({id(c): c for c in cache}.values())
+
+
+def _can_trim(cache: list) -> bool:
+    return all(hasattr(c, "is_trimmable") and c.is_trimmable() for c in _unique(cache))
+
+
+def _trim(cache: list, tokens: int) -> None:
+    for c in _unique(cache):
+        c.trim(tokens)
+
+
+def _check_decode(model, config, group, rank: int, size: int, checks: list, prefill: int = PREFILL_TOKENS) -> None:
     """The model as cut, cached and chunked, against itself in one pass; then
     the one-pass logits finite and equal on every rank."""
-    n = PREFILL_TOKENS + DECODE_STEPS
+    n = prefill + DECODE_STEPS
     tokens = _probe_tokens(config, n)
-    whole = model(tokens)[0].astype(mx.float32)
+    cache = make_prompt_cache(model)
+    spans = _steps(prefill)
+    # The first chunk, on an empty cache, computes what the one pass computes
+    # for its tokens: where every rank's caches can be cut back, the one pass
+    # writes them and is trimmed to that chunk, which saves its tokens.
+    trim = min(_shared_max(group, float(_can_trim(cache)), rank, size)) == 1.0
+    whole = model(tokens, cache=cache if trim else None)[0].astype(mx.float32)
     # A pipeline stage sends and receives inside the forward: each pass is
     # evaluated before the next starts, in the same order on every rank.
     mx.eval(whole)
-    cache = make_prompt_cache(model)
-    for start, end in _steps(n):  # the decode deltas are judged by the caller, after the agreement
+    if trim:
+        _trim(cache, n - spans[0][1])
+        spans = spans[1:]
+    for start, end in spans:  # the decode deltas are judged by the caller, after the agreement
         logits = model(tokens[:, start:end], cache=cache)[0, -1].astype(mx.float32)
         mx.eval(logits, [c.state for c in cache])
         checks.append((DECODE, -1, _delta(logits, whole[end - 1]).item()))
