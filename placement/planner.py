@@ -503,7 +503,7 @@ def overhead_bytes(model: ModelProfile, strategy: str, share: int, context: int,
     the context), and the runner's canary: on more than one rank it reads
     the checkpoint's uncut parts a second time while it warms up, one at a
     time (the embedding and lm_head together, then one layer), so the widest
-    of them is added. share of `of` grains (of None: share is n, an even
+    of them, with its float32 copies, is added (canary_bytes). share of `of` grains (of None: share is n, an even
     split); ranks: how many ranks the instance has."""
     held, of = (1, share) if of is None else (share, of)
     # moe_experts computes every routed slot of a token on each rank (the
