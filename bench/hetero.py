@@ -212,11 +212,14 @@ def describe(placement: pb.Placement) -> dict:
             "predicted_routing_imbalance": placement.predicted_routing_imbalance or None}
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, smallest: bool = False) -> dict:
+    """smallest: the memory case alone (what a test runs: no speed is
+    compared)."""
     if os.geteuid() != 0:
         return {"bench": "hetero", "ok": False, "error": "needs root for network namespaces and cgroups"}
     if (os.cpu_count() or 1) < 2:
         return {"bench": "hetero", "ok": False, "error": "needs 2 cores, one per host"}
+    quick = quick or smallest
     tokens = 16 if quick else 32
     repeats = 1 if quick else 3
     context = 1024
@@ -234,6 +237,10 @@ def run(quick: bool = False) -> dict:
         report["calibrated_decode_bytes_per_s"] = [c.decode_bytes_per_s for c in calibrations]
         roomy = cluster_for(calibrations, [16 << 30] * 2, link)
 
+        if smallest:
+            report["memory"] = memory_case(spec, calibrations, link, hosts, model_dir, prefixes, tokens, context)
+            report["ok"] = True
+            return report
         # compute: the planner's choice against every even plan, interleaved.
         chosen = planner.plan(spec, roomy, pb.PlacementRequest(ranks=2, context_length=context,
                                                                concurrency=1)).chosen
@@ -255,38 +262,44 @@ def run(quick: bool = False) -> dict:
             "meets_goal": medians["chosen"] >= GOAL_SPEEDUP * medians[best_even],
         }
 
-        # memory: the slow host holds less than any even plan needs there.
-        even_needs = []
-        for name, (even, _) in even_plans(spec, roomy, context).items():
-            model = planner.profile(spec)
-            settings = planner.Settings(context, 1, planner.constants.DEFAULT_HEADROOM, context)
-            r = even.ranks[1]
-            if name == "pipeline":
-                m, _ = planner.rank_memory(model, name, 1, r.layer_start, r.layer_end, settings, ranks=2)
-            else:
-                m, _ = planner.rank_memory(model, name, r.share_of, 0, model.num_layers, settings,
-                                           share=(r.share, r.share_of), ranks=2)
-            even_needs.append(m.total_bytes)
-        small = int(min(even_needs) * 0.9 / (1 - planner.constants.DEFAULT_HEADROOM))
-        tight = cluster_for(calibrations, [16 << 30, small], link)
-        fitting_even = [name for name, (_, fits) in even_plans(spec, tight, context).items() if fits]
-        plan = planner.plan(spec, tight, pb.PlacementRequest(ranks=2, context_length=context, concurrency=1))
-        entry = {"slow_host_usable_bytes": small, "even_plans_that_fit": fitting_even,
-                 "chosen": describe(plan.chosen) if plan.HasField("chosen") else None}
-        if plan.HasField("chosen"):
-            got = measure(hosts, model_dir, plan.chosen, prefixes, tokens)
-            entry.update(tokens_per_s=got["decode_tokens_per_s"], peak_rss_bytes=got["peak_rss_bytes"],
-                         estimated_bytes=[r.memory.total_bytes for r in plan.chosen.ranks],
-                         slow_rank_within_usable=got["peak_rss_bytes"][1] <= small)
-        entry["meets_goal"] = not fitting_even and bool(entry.get("tokens_per_s")) and \
-            entry.get("slow_rank_within_usable", False)
-        report["memory"] = entry
+        report["memory"] = memory_case(spec, calibrations, link, hosts, model_dir, prefixes, tokens, context)
 
         # routing: two equal hosts (no cap), the skewed-routing model.
         report["routing"] = routing_case(hosts, [core_prefix(0), core_prefix(1)], calibrations[0], link,
                                          tokens, repeats, context)
     report["ok"] = True
     return report
+
+
+def memory_case(spec, calibrations, link, hosts, model_dir, prefixes, tokens: int, context: int) -> dict:
+    """The slow host's usable memory set below what any even plan needs
+    there: the planner's choice must fit and run within it."""
+    roomy = cluster_for(calibrations, [16 << 30] * 2, link)
+    model = planner.profile(spec)
+    settings = planner.Settings(context, 1, planner.constants.DEFAULT_HEADROOM, context)
+    even_needs = []
+    for name, (even, _) in even_plans(spec, roomy, context).items():
+        r = even.ranks[1]
+        if name == "pipeline":
+            m, _ = planner.rank_memory(model, name, 1, r.layer_start, r.layer_end, settings, ranks=2)
+        else:
+            m, _ = planner.rank_memory(model, name, r.share_of, 0, model.num_layers, settings,
+                                       share=(r.share, r.share_of), ranks=2)
+        even_needs.append(m.total_bytes)
+    small = int(min(even_needs) * 0.9 / (1 - planner.constants.DEFAULT_HEADROOM))
+    tight = cluster_for(calibrations, [16 << 30, small], link)
+    fitting_even = [name for name, (_, fits) in even_plans(spec, tight, context).items() if fits]
+    plan = planner.plan(spec, tight, pb.PlacementRequest(ranks=2, context_length=context, concurrency=1))
+    entry = {"slow_host_usable_bytes": small, "even_plans_that_fit": fitting_even,
+             "chosen": describe(plan.chosen) if plan.HasField("chosen") else None}
+    if plan.HasField("chosen"):
+        got = measure(hosts, model_dir, plan.chosen, prefixes, tokens)
+        entry.update(tokens_per_s=got["decode_tokens_per_s"], peak_rss_bytes=got["peak_rss_bytes"],
+                     estimated_bytes=[r.memory.total_bytes for r in plan.chosen.ranks],
+                     slow_rank_within_usable=got["peak_rss_bytes"][1] <= small)
+    entry["meets_goal"] = not fitting_even and bool(entry.get("tokens_per_s")) and \
+        entry.get("slow_rank_within_usable", False)
+    return entry
 
 
 def routing_case(hosts: EmulatedCluster, prefixes: list[list[str]], calibration: pb.NodeCalibration, link: dict,

@@ -119,6 +119,11 @@ def headline(report: dict) -> dict:
     if b.get("matrix", {}).get("ok"):
         out["matrix_choice_right"] = b["matrix"]["choice_right_fraction"]
         out["matrix_worst_prediction_error"] = b["matrix"]["worst_prediction_error"]
+    if b.get("hetero", {}).get("ok") and "compute" in b["hetero"]:
+        h = b["hetero"]
+        out["hetero"] = {"chosen_over_best_even": h["compute"]["speedup_over_best_even"],
+                         "fits_where_no_even_plan_does": h["memory"]["meets_goal"],
+                         "routed_over_even_experts": h["routing"]["speedup"]}
     return out
 
 

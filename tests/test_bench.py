@@ -54,3 +54,21 @@ def test_ready_bench_compares_with_a_plain_launch(tmp_path):
         assert row["exod_ready_s"] > 0 and row["exod_cold_ready_s"] > 0 and row["mlx_lm_ready_s"] > 0
         assert "meets_target" in row and "cold_meets_target" in row
         assert len(row["exod_samples"]) == len(row["mlx_lm_samples"]) == report["repeats"]
+
+
+def test_hetero_bench_places_what_no_even_plan_fits_and_it_runs_within_the_memory_given():
+    """The heterogeneous bench's memory case on two namespace hosts, the
+    slow one in a CPU cgroup: no even plan fits the slow host's memory,
+    the planner's uneven plan does, runs, and its slow rank's measured peak
+    stays within the memory the host was given (no speed is compared)."""
+    from bench import hetero
+
+    report = hetero.run(smallest=True)
+    assert report["ok"], report.get("error")
+    memory = report["memory"]
+    assert memory["even_plans_that_fit"] == []
+    assert memory["chosen"] is not None and memory["tokens_per_s"] > 0
+    shares = memory["chosen"]["shares"]
+    assert shares[0] != shares[1], "an uneven plan"
+    assert memory["peak_rss_bytes"][1] <= memory["slow_host_usable_bytes"]
+    assert memory["meets_goal"]
