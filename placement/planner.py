@@ -526,8 +526,11 @@ WIDENED_PER_HALF_BYTE = 2
 
 def canary_bytes(model: ModelProfile) -> int:
     """The widest uncut part the canary holds at once (runner/canary.py),
-    with the float32 copies of its half-precision weights."""
-    return max(_canary_part_bytes(p) for p in [*model.layers, model.outside])
+    with the float32 copies of its half-precision weights. Kept with the
+    model's other derived sums: every rank of every candidate asks."""
+    if "canary bytes" not in model.sums:
+        model.sums["canary bytes"] = max(_canary_part_bytes(p) for p in [*model.layers, model.outside])
+    return model.sums["canary bytes"]
 
 
 def _canary_part_bytes(part) -> int:

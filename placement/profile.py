@@ -94,7 +94,7 @@ class ModelProfile:
     num_experts: int = 0  # routed experts per MoE layer (0: dense)
     experts_per_token: int = 0
     moe_layer_ids: tuple = ()  # the layers that hold routed experts, ascending
-    # Running sums over the layers, per (strategy, grains, context,
+    # Derived once and kept (and the canary's widest part): running sums over the layers, per (strategy, grains, context,
     # concurrency): derived from the fields above, kept so that a plan's
     # many candidates sum any layer range in O(classes) (range_sums).
     sums: dict = field(default_factory=dict, compare=False, repr=False)
