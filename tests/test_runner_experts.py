@@ -12,7 +12,7 @@ from exod.runner import strategies
 from exod.runner.launch import LaunchError, LocalInstance
 
 from .runner_helpers import PROMPT, STEPS, greedy_request, reference, sharded
-from .test_runner_equivalence import LOGIT_BOUND, record
+from .test_runner_equivalence import LOGIT_BOUND, record, references  # noqa: F401 (the fixture: one reference per model a session)
 
 # 8 experts per layer. Without replication: 3 + 3 + 2 (and 2 x 4) experts,
 # none contiguous, different in every layer.
@@ -44,18 +44,6 @@ CASES = [
     ("qwen2_moe", "replicated", REPLICATED_4, "q4"),
     ("qwen2_moe", "replicated", REPLICATED_3, "fp32"),
 ]
-
-
-@pytest.fixture(scope="module")
-def references():
-    cache = {}
-
-    def get(model_dir):
-        if model_dir not in cache:
-            cache[model_dir] = reference(model_dir)
-        return cache[model_dir]
-
-    return get
 
 
 @pytest.mark.parametrize("name,kind,sets,variant", CASES,

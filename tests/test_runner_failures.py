@@ -82,12 +82,7 @@ def test_a_broken_uneven_assignment_fails_the_canary(strategy, variant, models):
     # Every rank keeps at least one grain (the dropped one comes off a rank with two).
     shares = [64, 40, 24] if not variant else ([2, 1, 1] if strategy == "uneven_grains_overlapping" else [1, 1, 2])
     with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
-        assert ended(instance, 180)
-        for rank in instance.ranks:
-            assert rank.status.state == pb.FAILED
-            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
-            assert "max |Δ| =" in rank.status.reason
-        assert never_ready(instance)
+        assert_every_rank_fails_a_layer_check(instance)
 
 
 @pytest.mark.parametrize("variant", ["", "-4bit"])
@@ -96,12 +91,7 @@ def test_a_broken_expert_placement_fails_the_canary(strategy, shares, variant, m
     """moe_experts on 3 ranks: an expert on two ranks (its tokens counted
     twice) or on none never reaches Ready."""
     with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV, shares=shares) as instance:
-        assert ended(instance, 180)
-        for rank in instance.ranks:
-            assert rank.status.state == pb.FAILED
-            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
-            assert "max |Δ| =" in rank.status.reason
-        assert never_ready(instance)
+        assert_every_rank_fails_a_layer_check(instance)
 
 
 # qwen3_moe's MoE layers 1-3, 3 ranks of 4 experts each: experts 2-5, then
@@ -120,12 +110,7 @@ def test_a_broken_expert_layout_fails_the_canary(strategy, layout, variant, mode
     that no rank computes, never reach Ready."""
     with LocalInstance(models["qwen3_moe" + variant], strategy, 3, env=PLUGIN_ENV,
                        expert_layout=expert_layout.to_proto(layout)) as instance:
-        assert ended(instance, 180)
-        for rank in instance.ranks:
-            assert rank.status.state == pb.FAILED
-            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
-            assert "max |Δ| =" in rank.status.reason
-        assert never_ready(instance)
+        assert_every_rank_fails_a_layer_check(instance)
 
 
 @pytest.mark.parametrize("variant", ["", "-4bit"])
@@ -147,6 +132,16 @@ def ended(instance, timeout):
 
 def never_ready(instance):
     return all(s.state != pb.READY for statuses in instance.statuses for s in statuses)
+
+
+def assert_every_rank_fails_a_layer_check(instance) -> None:
+    """Every rank ends Failed by a canary layer check, with its |Δ|, and none was ever Ready."""
+    assert ended(instance, 180)
+    for rank in instance.ranks:
+        assert rank.status.state == pb.FAILED
+        assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+        assert "max |Δ| =" in rank.status.reason
+    assert never_ready(instance)
 
 
 @pytest.mark.parametrize("model,strategy", [
