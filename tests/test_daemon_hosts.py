@@ -138,7 +138,10 @@ def test_three_hosts_find_each_other_and_measure_their_links(tmp_path):
             wait(relay_probed, 20)
             link = link_between(state(net, 0), IDS[0], IDS[1])
             rtt = {p["address"]: p["rtt_s"] for p in link["probes"]}
-            assert rtt[f"{net.addresses[0]}:6000"] >= rtt[f"{net.addresses[1]}:{GRPC}"] + 0.009, rtt
+            # The relay holds each direction 5 ms, so its median cannot fall under 10 ms whatever the load;
+            # the direct probe's median is only bounded by it (a loaded CI box stretched it to 6 ms).
+            assert rtt[f"{net.addresses[0]}:6000"] >= 0.0095, rtt
+            assert rtt[f"{net.addresses[0]}:6000"] > rtt[f"{net.addresses[1]}:{GRPC}"], rtt
             assert link["to_address"] == f"{net.addresses[1]}:{GRPC}"  # the fastest address wins
 
             # kill -9 of h1: the others mark it Down within the bound.
