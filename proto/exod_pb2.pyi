@@ -36,6 +36,7 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MOE_TENSOR: _ClassVar[Strategy]
     TENSOR: _ClassVar[Strategy]
     MOE_EXPERTS: _ClassVar[Strategy]
+    HYBRID: _ClassVar[Strategy]
 
 class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -117,6 +118,7 @@ PIPELINE: Strategy
 MOE_TENSOR: Strategy
 TENSOR: Strategy
 MOE_EXPERTS: Strategy
+HYBRID: Strategy
 BACKEND_UNSPECIFIED: Backend
 RING: Backend
 JACCL: Backend
@@ -537,7 +539,7 @@ class PlacementRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., nodes: _Optional[_Iterable[str]] = ..., headroom_fraction: _Optional[float] = ..., ranks: _Optional[int] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_restarts: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision", "prefix_cache_tokens", "expert_layout", "predicted_routing_imbalance")
+    __slots__ = ("model_id", "strategy", "backend", "ranks", "fits", "predicted_decode_tokens_per_s", "predicted_compute_s", "predicted_communication_s", "reasons", "context_length", "concurrency", "rejected", "bytes_to_fetch", "predicted_transfer_s", "revision", "prefix_cache_tokens", "expert_layout", "predicted_routing_imbalance", "stage_ranks", "stage_strategy")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -556,6 +558,8 @@ class Placement(_message.Message):
     PREFIX_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ROUTING_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_RANKS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     strategy: Strategy
     backend: Backend
@@ -574,7 +578,9 @@ class Placement(_message.Message):
     prefix_cache_tokens: int
     expert_layout: ExpertLayout
     predicted_routing_imbalance: float
-    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ..., predicted_routing_imbalance: _Optional[float] = ...) -> None: ...
+    stage_ranks: _containers.RepeatedScalarFieldContainer[int]
+    stage_strategy: Strategy
+    def __init__(self, model_id: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., fits: _Optional[bool] = ..., predicted_decode_tokens_per_s: _Optional[float] = ..., predicted_compute_s: _Optional[float] = ..., predicted_communication_s: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., concurrency: _Optional[int] = ..., rejected: _Optional[bool] = ..., bytes_to_fetch: _Optional[int] = ..., predicted_transfer_s: _Optional[float] = ..., revision: _Optional[str] = ..., prefix_cache_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ..., predicted_routing_imbalance: _Optional[float] = ..., stage_ranks: _Optional[_Iterable[int]] = ..., stage_strategy: _Optional[_Union[Strategy, str]] = ...) -> None: ...
 
 class ExpertLayout(_message.Message):
     __slots__ = ("layers",)
@@ -761,7 +767,7 @@ class RunnerDeadlines(_message.Message):
     def __init__(self, connect_s: _Optional[float] = ..., load_s: _Optional[float] = ..., warmup_s: _Optional[float] = ..., peer_s: _Optional[float] = ...) -> None: ...
 
 class RunnerSpec(_message.Message):
-    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "shares", "prefill_step_tokens", "expert_layout")
+    __slots__ = ("instance_id", "node_id", "rank", "world_size", "backend", "hosts", "coordinator", "rdma_devices", "model_dir", "strategy", "pipeline_layers", "deadlines", "estimated_bytes", "context_length", "rendezvous_secret", "max_batch", "prefix_cache_tokens", "prefix_cache_bytes", "max_queue", "shares", "prefill_step_tokens", "expert_layout", "stage_ranks", "stage_strategy")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -784,6 +790,8 @@ class RunnerSpec(_message.Message):
     SHARES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_RANKS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     node_id: str
     rank: int
@@ -806,7 +814,9 @@ class RunnerSpec(_message.Message):
     shares: _containers.RepeatedScalarFieldContainer[int]
     prefill_step_tokens: int
     expert_layout: ExpertLayout
-    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., shares: _Optional[_Iterable[int]] = ..., prefill_step_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ...) -> None: ...
+    stage_ranks: _containers.RepeatedScalarFieldContainer[int]
+    stage_strategy: str
+    def __init__(self, instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[_Union[Backend, str]] = ..., hosts: _Optional[_Iterable[str]] = ..., coordinator: _Optional[str] = ..., rdma_devices: _Optional[_Iterable[str]] = ..., model_dir: _Optional[str] = ..., strategy: _Optional[str] = ..., pipeline_layers: _Optional[_Iterable[int]] = ..., deadlines: _Optional[_Union[RunnerDeadlines, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., rendezvous_secret: _Optional[str] = ..., max_batch: _Optional[int] = ..., prefix_cache_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., shares: _Optional[_Iterable[int]] = ..., prefill_step_tokens: _Optional[int] = ..., expert_layout: _Optional[_Union[ExpertLayout, _Mapping]] = ..., stage_ranks: _Optional[_Iterable[int]] = ..., stage_strategy: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
