@@ -11,6 +11,9 @@ A rank needs
   ("all-to-sharded": axis -2 of weight, scales and biases, -1 of a 1-D
   bias; "sharded-to-all": axis -1, a bias not cut); and one layer whole,
   the one the canary computes uncut from the checkpoint.
+- hybrid: of its stage's layers (pipeline_range over the stages), the
+  moe_tensor part its share within the stage names, one of those layers
+  whole for the canary, and every tensor outside the layers, whole;
 - any other strategy: everything.
 
 A part of a tensor along an axis is `count` blocks of `length` bytes, one
@@ -109,11 +112,11 @@ def whole(entry: Entry, file: str) -> Part:
                 entry.start, entry.nbytes, entry.nbytes, 1)
 
 
-def canary_layer(spec, config: dict, arch) -> int:
+def canary_layer(spec, config: dict, arch, within: tuple = ()) -> int:
     """The layer the runner's canary computes uncut from the checkpoint
     where every layer is held (runner/canary.py choose_layer): the first
-    probeable layer, preferring one with experts."""
-    layers = list(range(spec.num_layers))
+    probeable layer, preferring one with experts; within: the held range."""
+    layers = list(range(*within)) if within else list(range(spec.num_layers))
     allowed = set(arch.canary_layers(config))
     probeable = [i for i in layers if i in allowed] or layers
     experts = {t.layer for t in spec.tensors if t.HasField("moe_tensor_split")}
@@ -145,12 +148,14 @@ def strategy_grains(spec, strategy: str) -> int:
 
 
 def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int, world: int,
-               pipeline_layers: list, files: dict, rank_shares=(), expert_layout=None) -> RankNeeds:
+               pipeline_layers: list, files: dict, rank_shares=(), expert_layout=None,
+               stage_ranks=()) -> RankNeeds:
     """tensors: name -> (file, Entry) over the checkpoint; spec: its
     ModelSpec (split rules, layers); files: name -> size of every file;
     rank_shares: each rank's grains (tensor strategies; empty: even);
     expert_layout: moe_experts' layout (models/expert_layout.py; None:
-    contiguous experts by share)."""
+    contiguous experts by share); stage_ranks: a hybrid's ranks per stage
+    (pipeline_layers then per stage)."""
     info = {t.name: t for t in spec.tensors}
     side = sorted(n for n, size in files.items() if is_side_file(n, size))
     parts, absent = [], {}
@@ -165,6 +170,9 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
             else:
                 absent[name] = (entry.code, tuple(entry.shape))
         return RankNeeds(parts, absent, side, (start, end))
+    if strategy == "hybrid":
+        return _stage_needs(tensors, spec, config, arch, info, side, rank, list(stage_ranks), list(pipeline_layers),
+                            list(rank_shares))
     if strategy not in SLICING_STRATEGIES:
         return RankNeeds([whole(e, f) for _, (f, e) in sorted(tensors.items())], {}, side, (0, spec.num_layers))
     keep = canary_layer(spec, config, arch)
@@ -187,6 +195,44 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
         parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, grains),
                           offset, length, stride, count))
     return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (lo, hi, grains))
+
+
+def _stage_needs(tensors: dict, spec, config: dict, arch, info: dict, side: list, rank: int, stages: list,
+                 split: list, rank_shares: list) -> RankNeeds:
+    """A hybrid rank: its stage's layers, cut as moe_tensor cuts them over
+    the stage's ranks (runner/strategies.py hybrid)."""
+    if not stages or min(stages) < 1 or not 0 <= rank < sum(stages):
+        raise ModelError(f"hybrid: stages {stages} do not hold rank {rank}")
+    stage = next(i for i in range(len(stages)) if rank < sum(stages[:i + 1]))
+    first = sum(stages[:stage])
+    start, end = pipeline_range(spec.num_layers, split, stage, len(stages))
+    count = stages[stage]
+    grains = strategy_grains(spec, "moe_tensor")
+    mine = rank_shares[first:first + count] if rank_shares else []
+    if rank_shares and len(rank_shares) != sum(stages):
+        raise ModelError(f"hybrid: {len(rank_shares)} shares for {sum(stages)} ranks")
+    try:
+        held = shares.check(mine or shares.even(grains, count), grains, count)
+    except shares.ShareError as e:
+        raise ModelError(f"hybrid: stage {stage}: {e}") from None
+    lo, hi = shares.bounds(held, rank - first)
+    keep = canary_layer(spec, config, arch, (start, end)) if count > 1 else -1
+    parts, absent = [], {}
+    for name, (file, entry) in sorted(tensors.items()):
+        t = info.get(name)
+        layer = t.layer if t is not None else -1
+        if layer >= 0 and not start <= layer < end:
+            absent[name] = (entry.code, tuple(entry.shape))
+            continue
+        rule = t.moe_tensor_split if t is not None else None
+        if count == 1 or t is None or not rule.units or layer == keep or not entry.shape:
+            parts.append(whole(entry, file))
+            continue
+        axis = rule.axis % len(entry.shape)
+        offset, length, stride, blocks, stored = slice_of(entry, axis, lo, hi, grains)
+        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, grains),
+                          offset, length, stride, blocks))
+    return RankNeeds(parts, absent, side, (start, end), keep, (lo, hi, grains) if count > 1 else ())
 
 
 def _layout_needs(tensors: dict, spec, info: dict, side: list, keep: int, rank: int, world: int,
@@ -444,11 +490,12 @@ class RankPlan:
 
 
 def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=(), spec=None,
-              rank_shares=(), expert_layout=None) -> RankPlan:
+              rank_shares=(), expert_layout=None, stage_ranks=()) -> RankPlan:
     """What rank `rank` of `world` under `strategy` needs of `checkpoint`
     (models/checkpoint.Checkpoint); `spec`: its ModelSpec, when at hand;
     rank_shares: every rank's grains (tensor strategies; empty: even);
-    expert_layout: moe_experts' (a pb.ExpertLayout or its dict; None: none)."""
+    expert_layout: moe_experts' (a pb.ExpertLayout or its dict; None: none);
+    stage_ranks: a hybrid's ranks per stage."""
     from .architectures import for_model_type
 
     spec = spec if spec is not None else checkpoint.spec(checkpoint.model_id)
@@ -456,7 +503,7 @@ def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=
     arch = for_model_type(config["model_type"])
     sizes = {name: size for name, (size, _) in checkpoint.files.items()}
     needs = rank_needs(checkpoint.tensors(), spec, config, arch, strategy, rank, world, list(pipeline_layers), sizes,
-                       list(rank_shares), expert_layout)
+                       list(rank_shares), expert_layout, list(stage_ranks))
     digests = {f: checkpoint.files[f][1] for f in sorted({p.file for p in needs.parts} | set(needs.side_files))
                if checkpoint.files.get(f, (0, ""))[1]}
     key = shard_key(checkpoint.model_id, checkpoint.revision, strategy, rank, world, needs, digests)

@@ -204,7 +204,10 @@ def _delta(cut, uncut) -> mx.array:
     return mx.where(mx.isfinite(cut).all(), mx.minimum(delta, 3e38), 3e38)
 
 
-def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, instance_id: str = "") -> Verdict:
+def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, instance_id: str = "",
+        stages: tuple = ()) -> Verdict:
+    """stages: a hybrid's ranks per stage (their layer ranges must tile the
+    model, as pipeline ranks' do)."""
     started = time.perf_counter()
     rank = group.rank() if group else 0
     size = group.size() if group else 1
@@ -215,8 +218,8 @@ def run(model, config, arch, model_dir: str, group, whole_layers: bool = False, 
         _check_decode(model, config, group, rank, size, checks=[])  # finite logits
         verdict.seconds = time.perf_counter() - started
         return verdict
-    if whole_layers:
-        _check_tiling(model, config, group, rank, size)
+    if whole_layers or stages:
+        _check_tiling(model, config, group, rank, size, tuple(stages) or (1,) * size)
     dtype = activation_dtype(model)
     checks: list = []  # (what, layer, delta)
     layers = _check_against_checkpoint(model, config, arch, model_dir, instance_id, checks)
@@ -252,21 +255,26 @@ def _judge(checks, computed_in: str, limit: float, group, rank: int, size: int) 
     return max(r[0] for r in rows)
 
 
-def _check_tiling(model, config, group, rank: int, size: int) -> None:
+def _check_tiling(model, config, group, rank: int, size: int, stages: tuple) -> None:
     """Stages pass activations from the last rank down to rank 0 (mlx-lm's
-    order), so rank size-1 must start at layer 0, each rank must start where
-    the next one ends, and rank 0 must end at the last layer."""
+    order), so the last stage must start at layer 0, each stage must start
+    where the next one ends, and stage 0 must end at the last layer; every
+    rank of a stage holds the stage's range."""
     held = held_layer_indices(model)
     starts = _shared_max(group, float(held[0]), rank, size)
     ends = _shared_max(group, float(held[-1] + 1), rank, size)
     total = int(config["num_hidden_layers"])
-    expected_end = total
-    for r in range(size):
-        start, end = int(starts[r]), int(ends[r])
-        if end != expected_end or start >= end:
-            raise CanaryFailed(f"canary: rank {r} holds layers {start}..{end - 1}, but the stages must "
-                               f"end at layer {expected_end - 1} there")
-        expected_end = start
+    expected_end, lo = total, 0
+    for count in stages:
+        ranks = range(lo, lo + count)
+        for r in ranks:
+            start, end = int(starts[r]), int(ends[r])
+            if end != expected_end or start >= end or start != int(starts[lo]):
+                raise CanaryFailed(f"canary: rank {r} holds layers {start}..{end - 1}, but the stages must "
+                                   f"end at layer {expected_end - 1} there"
+                                   + (f", and every rank of a stage start where its first (rank {lo}) does"
+                                      if count > 1 else ""))
+        expected_end, lo = int(starts[lo]), lo + count
     if expected_end != 0:
         raise CanaryFailed(f"canary: the stages leave layers 0..{expected_end - 1} out")
 

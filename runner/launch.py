@@ -234,13 +234,15 @@ class LocalInstance:
                  rank_prefix: Optional[list[list[str]]] = None, model_dirs: Optional[list] = None,
                  max_batch: int = 8, prefix_cache_tokens: int = 0, max_queue: Optional[int] = None,
                  shares: Optional[list[int]] = None, prefill_step_tokens: int = 0,
-                 expert_layout: Optional[pb.ExpertLayout] = None):
+                 expert_layout: Optional[pb.ExpertLayout] = None, stage_ranks: Optional[list[int]] = None,
+                 stage_strategy: str = ""):
         """model_dirs: each rank's own model directory (shard checkpoints),
         instead of model_dir for all; rank_hosts: the ring addresses as each rank sees them, when they
         differ (a rank reaching its peers through relays); rank_prefix: the
         command each rank runs under (a network namespace); shares: each
         rank's grains of a tensor strategy (models/shares.py; None: even);
-        expert_layout: moe_experts' experts per rank and layer (None: contiguous)."""
+        expert_layout: moe_experts' experts per rank and layer (None: contiguous);
+        stage_ranks, stage_strategy: a hybrid's stages (pipeline_layers then per stage)."""
         self.instance_id = instance_id or f"local-{os.getpid()}-{next(self._ids)}"
         self.hosts = hosts or [f"127.0.0.1:{p}" for p in free_ports(world_size)]
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="exod-logs-"))
@@ -259,7 +261,8 @@ class LocalInstance:
                           prefix_cache_tokens=prefix_cache_tokens, max_queue=max_queue,
                           prefill_step_tokens=prefill_step_tokens,
                           estimated_bytes=(estimated_bytes or [0] * world_size)[r],
-                          expert_layout=expert_layout)
+                          expert_layout=expert_layout, stage_ranks=stage_ranks or [],
+                          stage_strategy=stage_strategy)
             for r in range(world_size)
         ]
         # start_only: tests leave some ranks out to prove the others give up in time.

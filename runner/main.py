@@ -210,7 +210,8 @@ class Rank:
         from .strategies import WHOLE_LAYERS
 
         verdict = canary.run(model, config, arch, self.spec.model_dir, group,
-                             whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id)
+                             whole_layers=self.spec.strategy in WHOLE_LAYERS, instance_id=self.spec.instance_id,
+                             stages=tuple(self.spec.stage_ranks))
         from .strategies import calibrate_routing
 
         calibrate_routing(model, config)

@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
 
+from .stages import Stages
+
 # Caches whose update_and_fetch takes keys and values of any width, and whose
 # batch forms (mlx-lm's merge) keep offsets and padding per sequence.
 ADVANCEABLE = (KVCache, RotatingKVCache)
@@ -96,25 +98,45 @@ def even_split(layers: int, size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(size)]
 
 
-def apply(model, group, split: list[int]) -> Stage:
+def apply(model, group, split: list[int], stages: "Stages | None" = None) -> Stage:
     """Make this rank one stage of the pipeline, in place, before any weight
-    is materialized (the layers it drops are never read)."""
+    is materialized (the layers it drops are never read).
+
+    stages: ranks per stage (a hybrid placement, runner/stages.py), with
+    `split` giving each stage's layers; None: one rank per stage. Every rank
+    of a stage runs the stage's layers. The stage's input arrives at its
+    highest rank from the next stage's lowest (its ring neighbour) and is
+    passed down the stage from rank to rank; the stage's lowest rank sends
+    the output on. A stage's ranks end with the same output when its cut
+    layers sum over the stage (runner/stages.py)."""
     layers = layer_list(model)
-    size, rank = group.size(), group.rank()
+    world, rank = group.size(), group.rank()
+    stages = stages or Stages((1,) * world)
+    if sum(stages.sizes) != world:
+        raise PipelineError(f"stages {list(stages.sizes)} do not cover the {world} ranks")
+    size, mine = len(stages.sizes), stages.of_rank(rank)
     if len(split) != size or sum(split) != len(layers) or min(split) < 1:
-        raise PipelineError(f"pipeline split {split} does not cover {len(layers)} layers on {size} ranks")
-    stage = split_ranges(split, rank)
+        raise PipelineError(f"pipeline split {split} does not cover {len(layers)} layers on {size} stages")
+    lo, hi = stages.bounds(mine)
+    stage = split_ranges(split, mine)
     last = len(layers) - 1
+    receives = mine < size - 1  # the last stage runs the first layers, from its own embedding
     make = getattr(model, "make_cache", None)
     kinds = make() if make else [KVCache() for _ in layers]
     advance = all(type(kinds[i]) in ADVANCEABLE for i in range(len(layers)) if not stage.start <= i < stage.end)
     for i, layer in enumerate(layers):
         held = stage.start <= i < stage.end
-        recv_from = rank + 1 if held and i == stage.start and rank < size - 1 else None
-        send_to = rank - 1 if held and i == stage.end - 1 and rank > 0 else None
-        gather = i == last and size > 1
-        if not held or recv_from is not None or send_to is not None or gather:
-            layers[i] = StageLayer(layer, held, group, recv_from, send_to, gather, advance=advance and not held)
+        first = held and i == stage.start and receives
+        recv_from = rank + 1 if first else None
+        forward_to = rank - 1 if first and rank > lo else None
+        send_to = rank - 1 if held and i == stage.end - 1 and rank == lo and lo > 0 else None
+        # A stage of several ranks sums its cut blocks over them: the stage's
+        # last sum feeds no cache of this rank, yet the others wait for it.
+        tie = held and i == stage.end - 1 and (send_to is not None or hi - lo > 1)
+        gather = i == last and world > 1
+        if not held or recv_from is not None or tie or gather:
+            layers[i] = StageLayer(layer, held, group, recv_from, send_to, gather, advance=advance and not held,
+                                   forward_to=forward_to, tie=tie)
     if not advance:
         model.make_cache = lambda: aliased_caches(make() if make else [KVCache() for _ in layers], stage)
     model.exod_stage = stage
@@ -125,7 +147,8 @@ class StageLayer(nn.Module):
     """One slot of the layer list on this rank: the layer itself (held) or
     nothing (Elsewhere), with this stage's sends and receives around it."""
 
-    def __init__(self, layer, held: bool, group, recv_from=None, send_to=None, gather=False, advance=False):
+    def __init__(self, layer, held: bool, group, recv_from=None, send_to=None, gather=False, advance=False,
+                 forward_to=None, tie=False):
         super().__init__()
         for key, value in _plain_attributes(layer):
             setattr(self, key, value)
@@ -134,6 +157,8 @@ class StageLayer(nn.Module):
         self._group = group
         self._recv_from = recv_from
         self._send_to = send_to
+        self._forward_to = forward_to
+        self._tie = tie
         self._gather = gather
         self._advance = advance
 
@@ -141,6 +166,9 @@ class StageLayer(nn.Module):
         if self._recv_from is not None:
             # The embedding this rank computed only gives the shape and dtype.
             x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
+        if self._forward_to is not None:
+            # Down the stage before this rank computes: the next rank waits for it.
+            x = mx.depends(x, mx.distributed.send(x, self._forward_to, group=self._group))
         out = self["layer"](x, *args, **kwargs) if "layer" in self else x
         if self._advance:
             cache = _cache_argument(args, kwargs)
@@ -150,9 +178,10 @@ class StageLayer(nn.Module):
                 cache.update_and_fetch(empty, empty)
         if self._send_to is not None:
             out = mx.distributed.send(out, self._send_to, group=self._group)
+        if self._tie:
             cache = _cache_argument(args, kwargs)
             if cache is not None:
-                # Prefill evaluates only the caches: the send must be in their graph.
+                # Prefill evaluates only the caches: the stage's last sends must be in their graph.
                 _depend(cache, out)
         if self._gather:
             # Ranks join in rank order, so the first rows are rank 0's: the last layer's output.

@@ -16,6 +16,8 @@ from exod.models.architectures import LAYER
 from exod.models.architectures.base import split_rule, strategy_refusal
 
 from . import pipeline as stage
+from . import stages
+from .stages import StageError, StageGroup, stages_of
 
 STRATEGIES: dict[str, Callable] = {}
 # Strategies that hand whole, unchanged layers to each rank: the canary has no
@@ -54,6 +56,8 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
     refusal = strategy_refusal(name, arch, type(model), paths, config)
     if refusal:
         return [refusal]
+    if name == "hybrid":
+        return []  # its stages' pipeline and moe_tensor are asked each (hybrid_refusals)
     if name == "pipeline":
         if arch.pipeline is not None:
             layers = int(config["num_hidden_layers"])
@@ -81,14 +85,14 @@ def grain_refusal(name: str, world: int, count: int, example: str) -> str:
             f"({example}), fewer than {world} ranks")
 
 
-def rank_grains(name: str, model, arch, config: dict, spec, group) -> tuple[int, int, int]:
+def rank_grains(name: str, model, arch, config: dict, shares: list, group) -> tuple[int, int, int]:
     """(lo, hi, of): the grains this rank holds of every tensor `name` cuts,
-    from the spec's shares (models/shares.py; none: the most even)."""
+    from each rank's shares (models/shares.py; none: the most even)."""
     rule = split_rule(name, arch)
     units = [split.units for path, _ in model.named_modules() if (split := rule(path, config)) is not None]
     count = grains.grains_of(units)
     try:
-        held = grains.check(list(spec.shares) or grains.even(count, group.size()), count, group.size())
+        held = grains.check(list(shares) or grains.even(count, group.size()), count, group.size())
     except grains.ShareError as e:
         raise StrategyError(f"{name}: {e}") from None
     return (*grains.bounds(held, group.rank()), count)
@@ -162,7 +166,7 @@ def tensor(model, group, spec, arch, config) -> None:
     if group is None:
         return
     _refuse("tensor", model, group, arch, config)
-    lo, hi, of = rank_grains("tensor", model, arch, config, spec, group)
+    lo, hi, of = rank_grains("tensor", model, arch, config, spec.shares, group)
     if (hi - lo) * group.size() == of and lo == group.rank() * (hi - lo):
         model.shard(group)
         return
@@ -227,7 +231,7 @@ class AllSumOutput(nn.Module):
         self._group = group
 
     def __call__(self, x, *args, **kwargs):
-        return mx.distributed.all_sum(self.block(x, *args, **kwargs), group=self._group)
+        return stages.all_sum(self.block(x, *args, **kwargs), self._group)
 
 
 def moe_tensor(model, group, spec, arch, config) -> None:
@@ -238,7 +242,11 @@ def moe_tensor(model, group, spec, arch, config) -> None:
     if group is None:
         return
     _refuse("moe_tensor", model, group, arch, config)
-    lo, hi, of = rank_grains("moe_tensor", model, arch, config, spec, group)
+    _cut_experts(model, group, list(spec.shares), arch, config)
+
+
+def _cut_experts(model, group, shares: list, arch, config) -> None:
+    lo, hi, of = rank_grains("moe_tensor", model, arch, config, shares, group)
     blocks = set()
     for path, module in list(model.named_modules()):
         split = arch.moe_tensor_split(path, config)
@@ -252,6 +260,47 @@ def moe_tensor(model, group, spec, arch, config) -> None:
         parent_path, name = path.rsplit(".", 1)
         parent = resolve(model, parent_path)
         parent[name] = AllSumOutput(parent[name], group)
+
+
+def hybrid(model, group, spec, arch, config) -> None:
+    """Pipeline across stages of neighbouring ranks (spec.stage_ranks, one
+    entry of spec.pipeline_layers per stage), moe_tensor inside each stage
+    of two or more ranks (spec.shares: each rank's grains within its
+    stage). A stage is not an MLX group (the ring cannot split one): its
+    cut blocks sum along the stage's chain of ranks (runner/stages.py)."""
+    if group is None:
+        return
+    inner = spec.stage_strategy or "moe_tensor"
+    if inner != "moe_tensor":
+        raise StrategyError(f"hybrid: {inner} inside a stage is not supported (moe_tensor is)")
+    try:
+        stages = stages_of(spec.stage_ranks, group.size())
+    except StageError as e:
+        raise StrategyError(f"hybrid: {e}") from None
+    reasons = hybrid_refusals(model, arch, config, stages.sizes)
+    if reasons:
+        raise StrategyError(reasons[0])
+    lo, hi = stages.bounds(stages.of_rank(group.rank()))
+    if spec.shares and len(spec.shares) != group.size():
+        raise StrategyError(f"hybrid: {len(spec.shares)} shares for {group.size()} ranks")
+    if hi - lo > 1:
+        _cut_experts(model, StageGroup(group, lo, hi), list(spec.shares[lo:hi]), arch, config)
+    layers = len(stage.layer_list(model))
+    split = list(spec.pipeline_layers)
+    if len(split) != len(stages.sizes) or sum(split) != layers or min(split, default=0) < 1:
+        raise StrategyError(f"hybrid: pipeline split {split} does not cover {layers} layers "
+                            f"on {len(stages.sizes)} stages")
+    stage.apply(model, group, split, stages)
+
+
+def hybrid_refusals(model, arch, config: dict, sizes) -> list[str]:
+    """Why the runner will not run these stages: pipeline over the stages,
+    moe_tensor over the largest stage (the planner's rules too)."""
+    if len(sizes) < 2 or max(sizes) < 2:
+        return [f"hybrid needs two stages or more and a stage of two ranks or more, not {list(sizes)}"]
+    return (refusals("hybrid", model, arch, config, sum(sizes))
+            or refusals("pipeline", model, arch, config, len(sizes))
+            or refusals("moe_tensor", model, arch, config, max(sizes)))
 
 
 class LocalExperts(nn.Module):
@@ -344,7 +393,7 @@ def moe_experts(model, group, spec, arch, config) -> None:
         lo, hi = grains.bounds(grains.even(of, world), group.rank()) if units else (0, 1)
         place_experts(model, group, arch, config, sets, (lo, hi, of or 1))
         return
-    lo, hi, of = rank_grains("moe_experts", model, arch, config, spec, group)
+    lo, hi, of = rank_grains("moe_experts", model, arch, config, spec.shares, group)
     held = grains.check(list(spec.shares) or grains.even(of, world), of, world)
     count = _expert_count(routed, config)
     bounds = [grains.cut(count, *grains.bounds(held, r), of) for r in range(world)]
@@ -480,3 +529,4 @@ register("pipeline", pipeline, whole_layers=True)
 register("tensor", tensor)
 register("moe_tensor", moe_tensor)
 register("moe_experts", moe_experts)
+register("hybrid", hybrid)

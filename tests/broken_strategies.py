@@ -158,7 +158,7 @@ def uneven_grains_overlapping(model, group, spec, arch, config):
     says but starts them at rank x its own width, as an even split would:
     with shares 2, 1, 1 of 4, ranks hold grains 0-1, 1 and 2, so grain 1
     is summed twice and grain 3 is on no rank."""
-    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec, group)
+    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec.shares, group)
     width = hi - lo
     start = group.rank() * width
     _moe_tensor_with_grains(model, group, arch, config, start, start + width, of)
@@ -168,7 +168,7 @@ def uneven_grains_dropped(model, group, spec, arch, config):
     """Uneven moe_tensor where the last rank holds one grain fewer than its
     share: every rank's cut is whole and summed, and one grain of every
     expert is on no rank."""
-    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec, group)
+    lo, hi, of = strategies.rank_grains("moe_tensor", model, arch, config, spec.shares, group)
     if group.rank() == group.size() - 1:
         hi -= 1
     _moe_tensor_with_grains(model, group, arch, config, lo, hi, of)
@@ -273,3 +273,41 @@ def diverging_sampler(model, group, spec, arch, config):
 
 
 strategies.register("diverging_sampler", diverging_sampler)
+
+
+def hybrid_stage_without_sum(model, group, spec, arch, config):
+    """A hybrid whose stages cut their experts over their ranks and never
+    sum them: each rank of a stage goes on with its own partial output."""
+    from exod.runner.stages import StageGroup
+
+    strategies.hybrid(model, group, spec, arch, config)
+
+    class Alone(StageGroup):
+        def all_sum(self, x):
+            return x
+
+    for _, module in model.named_modules():
+        if isinstance(module, strategies.AllSumOutput):
+            stage = module._group
+            module._group = Alone(stage.world, stage.lo, stage.hi)
+
+
+def hybrid_stage_ranks_shifted(model, group, spec, arch, config):
+    """A hybrid whose stages' ranks do not agree on their layers: the last
+    rank of each stage of several ranks runs the next stage's layers as
+    its own, so the stages no longer tile the model the way they pass
+    activations."""
+    from exod.runner import pipeline
+    from exod.runner.stages import stages_of
+
+    stages = stages_of(spec.stage_ranks, group.size())
+    mine = stages.of_rank(group.rank())
+    lo, hi = stages.bounds(mine)
+    split = list(spec.pipeline_layers)
+    if hi - lo > 1 and group.rank() == hi - 1 and mine + 1 < len(split):
+        split[mine], split[mine + 1] = split[mine + 1], split[mine]
+    pipeline.apply(model, group, split, stages)
+
+
+strategies.register("hybrid_stage_without_sum", hybrid_stage_without_sum)
+strategies.register("hybrid_stage_ranks_shifted", hybrid_stage_ranks_shifted)

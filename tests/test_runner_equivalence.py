@@ -128,6 +128,49 @@ def test_uneven_shares_match_single_process(name, strategy, shares, variant, run
         assert status.canary_max_delta <= 1e-4
 
 
+# Hybrid: pipeline across stages of neighbouring ranks, moe_tensor inside
+# each stage of two or more (runner/stages.py). (name, ranks per stage,
+# layers per stage, shares within each stage or None: even, variant.) Stage
+# 0 runs the last layers; qwen3_moe's layer 0 is dense, so every stage of
+# several ranks here holds MoE layers and sums along its chain: 2 ranks, 3
+# ranks (deepseek_v3), uneven, and two such stages at once.
+HYBRID = [
+    ("qwen3_moe", [2, 1], [2, 2], None, "fp32"),
+    ("qwen3_moe", [1, 2], [2, 2], [128, 80, 48], "fp32"),
+    ("qwen3_moe", [2, 2], [1, 3], [80, 48, 100, 28], "fp32"),
+    ("deepseek_v3", [1, 3], [1, 3], None, "fp32"),
+    ("qwen3_moe", [2, 1], [3, 1], None, "q4"),
+]
+
+
+@pytest.mark.parametrize("name,stages,split,shares,variant", HYBRID,
+                         ids=[f"{n}-{'+'.join(map(str, st))}-{v}" for n, st, _, _, v in HYBRID])
+def test_hybrid_stages_match_single_process(name, stages, split, shares, variant, runner_models, references):
+    model_dir = runner_models(name, variant)
+    expected = references(model_dir)
+    got = sharded(model_dir, "hybrid", sum(stages), stage_ranks=stages, stage_strategy="moe_tensor",
+                  pipeline_layers=split, shares=shares)
+    delta = np.abs(got["logits"] - expected["logits"]).max()
+    record(name, f"hybrid {'+'.join(map(str, stages))}", sum(stages), variant, delta)
+    assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
+    assert got["tokens"] == expected["tokens"]
+    steps = np.abs(got["logprobs"] - expected["logprobs"]).max()
+    assert steps <= LOGIT_BOUND[variant], f"logprobs max |d| = {steps}"
+    for status in got["ready"]:
+        assert status.canary_max_delta <= 1e-4
+
+
+def test_hybrid_stages_that_do_not_cover_the_ranks_fail_in_loading(runner_models):
+    from exod.runner.launch import LaunchError
+
+    with LocalInstance(runner_models("qwen3_moe", "fp32"), "hybrid", 3, context_length=512,
+                       stage_ranks=[2, 2], stage_strategy="moe_tensor", pipeline_layers=[2, 2]) as instance:
+        with pytest.raises(LaunchError) as failed:
+            instance.wait_ready(120)
+        instance.shutdown(15)
+    assert "(Loading failed: hybrid: stages [2, 2] do not cover the 3 ranks" in str(failed.value), str(failed.value)
+
+
 def test_shares_that_do_not_cover_the_grains_fail_in_loading(runner_models):
     from exod.runner.launch import LaunchError
 

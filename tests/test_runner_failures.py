@@ -173,6 +173,34 @@ def test_pipeline_stages_in_the_wrong_order_fail_the_canary(fp32_models):
         assert never_ready(instance)
 
 
+@pytest.mark.parametrize("variant", ["", "-4bit"])
+def test_a_hybrid_stage_that_never_sums_fails_the_canary(variant, models):
+    """Stages {0, 1} and {2}: ranks 0 and 1 cut the experts of the last
+    layers and go on with their own partial outputs."""
+    with LocalInstance(models["qwen3_moe" + variant], "hybrid_stage_without_sum", 3, env=PLUGIN_ENV,
+                       stage_ranks=[2, 1], stage_strategy="moe_tensor", pipeline_layers=[2, 2]) as instance:
+        assert ended(instance, 120)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: layer"), rank.status.reason
+            delta, limit = margin(rank.status.reason)
+            assert delta >= 10 * limit, rank.status.reason
+        assert never_ready(instance)
+
+
+def test_hybrid_ranks_that_disagree_on_their_stage_layers_fail_the_canary(fp32_models):
+    """Rank 1 of the stage {0, 1} runs layers 1-3 while rank 0 runs layer 3:
+    only the tiling check can see it before a forward pass would hang."""
+    with LocalInstance(fp32_models["qwen3_moe"], "hybrid_stage_ranks_shifted", 3, env=PLUGIN_ENV,
+                       stage_ranks=[2, 1], stage_strategy="moe_tensor", pipeline_layers=[1, 3]) as instance:
+        assert ended(instance, 120)
+        for rank in instance.ranks:
+            assert rank.status.state == pb.FAILED
+            assert rank.status.reason.startswith("canary: rank 1 holds layers 1..3"), rank.status.reason
+            assert "every rank of a stage start where its first (rank 0) does" in rank.status.reason
+        assert never_ready(instance)
+
+
 def test_a_rank_whose_peer_never_starts_fails_within_the_connect_deadline(fp32_models):
     deadlines = pb.RunnerDeadlines(connect_s=2)
     started = time.monotonic()
