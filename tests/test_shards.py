@@ -32,13 +32,13 @@ def checkpoint_of(root):
     return ckpt.local("acme/tiny", "", root, files)
 
 
-def shard_dirs(root, tmp_path, strategy, world, split=(), rank_shares=(), layout=None):
+def shard_dirs(root, tmp_path, strategy, world, split=(), rank_shares=(), layout=None, stages=()):
     checkpoint = checkpoint_of(root)
     sizes = {n: s for n, (s, _) in checkpoint.files.items()}
     out = []
     for rank in range(world):
         plan = shards.plan_rank(checkpoint, strategy, rank, world, split, rank_shares=rank_shares,
-                                expert_layout=layout)
+                                expert_layout=layout, stage_ranks=stages)
         out.append(shards.write_local(plan, root, tmp_path / plan.key, sizes))
     return out
 
@@ -105,6 +105,35 @@ def test_uneven_shares_from_shards_compute_what_one_process_does(models, tmp_pat
     with LocalInstance(root, "moe_tensor", 3, context_length=512, model_dirs=dirs, shares=[24, 40, 64]) as instance:
         with pytest.raises(LaunchError, match="is not the part the shard holds"):
             instance.wait_ready(180)
+
+
+def test_hybrid_ranks_from_their_shards_compute_what_one_process_does(models, tmp_path):
+    """Stages {0, 1} (layers 2-3, moe_tensor 80/48 of the 128 expert rows)
+    and {2} (layers 0-1, whole): ranks 0 and 1 store only their stage's
+    layers, cut, but layer 2 whole for the canary; rank 2 stores only its
+    own layers, whole; the tensors outside the layers are on every rank."""
+    root, stages, split, held = models["fp32"], [2, 1], [2, 2], [80, 48, 128]
+    dirs = shard_dirs(root, tmp_path, "hybrid", 3, split, rank_shares=held, stages=stages)
+    metas = [json.loads((d / shards.MANIFEST).read_text()) for d in dirs]
+    for rank in (0, 1):
+        lo = 80 * rank
+        assert (metas[rank]["layer_start"], metas[rank]["layer_end"], metas[rank]["canary_layer"]) == (2, 4, 2)
+        assert metas[rank]["tensors"] and all(".layers.3." in n for n in metas[rank]["tensors"])
+        assert all(t["grains"] == [lo, lo + held[rank], 128] for t in metas[rank]["tensors"].values())
+        assert metas[rank]["absent"] and all(".layers.0." in n or ".layers.1." in n for n in metas[rank]["absent"])
+    assert (metas[2]["layer_start"], metas[2]["layer_end"], metas[2]["tensors"]) == (0, 2, {})
+    assert all(".layers.2." in n or ".layers.3." in n for n in metas[2]["absent"])
+    for meta in metas:
+        assert not any("embed_tokens" in n or "lm_head" in n for n in meta["absent"])
+    expected = reference(root)
+    with LocalInstance(root, "hybrid", 3, context_length=512, model_dirs=dirs, pipeline_layers=split, shares=held,
+                       stage_ranks=stages, stage_strategy="moe_tensor") as instance:
+        instance.wait_ready(180)
+        chunks = instance.generate(greedy_request(), timeout=120)
+        assert instance.shutdown(15)
+    final = chunks[-1]
+    assert np.abs(np.array(final.prompt_logits) - expected["logits"]).max() <= 1e-4
+    assert [t.token for c in chunks for t in c.tokens if c is not final or t.token] == expected["tokens"]
 
 
 # qwen3_moe's MoE layers 1-3 on 3 ranks, no two layers alike.
