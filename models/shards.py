@@ -12,7 +12,8 @@ A rank needs
   bias; "sharded-to-all": axis -1, a bias not cut); and one layer whole,
   the one the canary computes uncut from the checkpoint.
 - hybrid: of its stage's layers (pipeline_range over the stages), the
-  moe_tensor part its share within the stage names, one of those layers
+  part its share within the stage names of what the stage's strategy
+  (moe_tensor, tensor) cuts, one of those layers
   whole for the canary, and every tensor outside the layers, whole;
 - any other strategy: everything.
 
@@ -149,13 +150,13 @@ def strategy_grains(spec, strategy: str) -> int:
 
 def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int, world: int,
                pipeline_layers: list, files: dict, rank_shares=(), expert_layout=None,
-               stage_ranks=()) -> RankNeeds:
+               stage_ranks=(), stage_strategy: str = "moe_tensor") -> RankNeeds:
     """tensors: name -> (file, Entry) over the checkpoint; spec: its
     ModelSpec (split rules, layers); files: name -> size of every file;
     rank_shares: each rank's grains (tensor strategies; empty: even);
     expert_layout: moe_experts' layout (models/expert_layout.py; None:
-    contiguous experts by share); stage_ranks: a hybrid's ranks per stage
-    (pipeline_layers then per stage)."""
+    contiguous experts by share); stage_ranks, stage_strategy: a hybrid's
+    ranks per stage (pipeline_layers then per stage) and their cut."""
     info = {t.name: t for t in spec.tensors}
     side = sorted(n for n, size in files.items() if is_side_file(n, size))
     parts, absent = [], {}
@@ -172,7 +173,7 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
         return RankNeeds(parts, absent, side, (start, end))
     if strategy == "hybrid":
         return _stage_needs(tensors, spec, config, arch, info, side, rank, list(stage_ranks), list(pipeline_layers),
-                            list(rank_shares))
+                            list(rank_shares), stage_strategy or "moe_tensor")
     if strategy not in SLICING_STRATEGIES:
         return RankNeeds([whole(e, f) for _, (f, e) in sorted(tensors.items())], {}, side, (0, spec.num_layers))
     keep = canary_layer(spec, config, arch)
@@ -198,16 +199,18 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
 
 
 def _stage_needs(tensors: dict, spec, config: dict, arch, info: dict, side: list, rank: int, stages: list,
-                 split: list, rank_shares: list) -> RankNeeds:
-    """A hybrid rank: its stage's layers, cut as moe_tensor cuts them over
+                 split: list, rank_shares: list, inner: str) -> RankNeeds:
+    """A hybrid rank: its stage's layers, cut as `inner` cuts them over
     the stage's ranks (runner/strategies.py hybrid)."""
+    if inner not in ("moe_tensor", "tensor"):
+        raise ModelError(f"hybrid: {inner} inside a stage is not supported")
     if not stages or min(stages) < 1 or not 0 <= rank < sum(stages):
         raise ModelError(f"hybrid: stages {stages} do not hold rank {rank}")
     stage = next(i for i in range(len(stages)) if rank < sum(stages[:i + 1]))
     first = sum(stages[:stage])
     start, end = pipeline_range(spec.num_layers, split, stage, len(stages))
     count = stages[stage]
-    grains = strategy_grains(spec, "moe_tensor")
+    grains = strategy_grains(spec, inner)
     mine = rank_shares[first:first + count] if rank_shares else []
     if rank_shares and len(rank_shares) != sum(stages):
         raise ModelError(f"hybrid: {len(rank_shares)} shares for {sum(stages)} ranks")
@@ -224,7 +227,7 @@ def _stage_needs(tensors: dict, spec, config: dict, arch, info: dict, side: list
         if layer >= 0 and not start <= layer < end:
             absent[name] = (entry.code, tuple(entry.shape))
             continue
-        rule = t.moe_tensor_split if t is not None else None
+        rule = getattr(t, f"{inner}_split") if t is not None else None
         if count == 1 or t is None or not rule.units or layer == keep or not entry.shape:
             parts.append(whole(entry, file))
             continue
@@ -490,12 +493,12 @@ class RankPlan:
 
 
 def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=(), spec=None,
-              rank_shares=(), expert_layout=None, stage_ranks=()) -> RankPlan:
+              rank_shares=(), expert_layout=None, stage_ranks=(), stage_strategy: str = "moe_tensor") -> RankPlan:
     """What rank `rank` of `world` under `strategy` needs of `checkpoint`
     (models/checkpoint.Checkpoint); `spec`: its ModelSpec, when at hand;
     rank_shares: every rank's grains (tensor strategies; empty: even);
     expert_layout: moe_experts' (a pb.ExpertLayout or its dict; None: none);
-    stage_ranks: a hybrid's ranks per stage."""
+    stage_ranks, stage_strategy: a hybrid's ranks per stage and their cut."""
     from .architectures import for_model_type
 
     spec = spec if spec is not None else checkpoint.spec(checkpoint.model_id)
@@ -503,7 +506,7 @@ def plan_rank(checkpoint, strategy: str, rank: int, world: int, pipeline_layers=
     arch = for_model_type(config["model_type"])
     sizes = {name: size for name, (size, _) in checkpoint.files.items()}
     needs = rank_needs(checkpoint.tensors(), spec, config, arch, strategy, rank, world, list(pipeline_layers), sizes,
-                       list(rank_shares), expert_layout, list(stage_ranks))
+                       list(rank_shares), expert_layout, list(stage_ranks), stage_strategy)
     digests = {f: checkpoint.files[f][1] for f in sorted({p.file for p in needs.parts} | set(needs.side_files))
                if checkpoint.files.get(f, (0, ""))[1]}
     key = shard_key(checkpoint.model_id, checkpoint.revision, strategy, rank, world, needs, digests)

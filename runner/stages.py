@@ -94,4 +94,22 @@ def all_sum(x: mx.array, group) -> mx.array:
     """Over an MLX group, or over a stage of one."""
     if isinstance(group, StageGroup):
         return group.all_sum(x)
-    return mx.distributed.all_sum(x, group=group)
+    return _mlx_all_sum(x, group=group)
+
+
+_mlx_all_sum = mx.distributed.all_sum
+
+
+def _all_sum(x, *, group=None, stream=None):
+    if isinstance(group, StageGroup):
+        return group.all_sum(x)
+    return _mlx_all_sum(x, group=group, stream=stream)
+
+
+def route_sums_to_stages() -> None:
+    """tensor inside a stage is mlx-lm's own shard(): its cut layers (and a
+    model's own MoE blocks) sum with mx.distributed.all_sum(x, group=...)
+    on the group they were handed, inside mlx-lm's code. Handed a stage,
+    they sum over it through this, in this runner process only; any other
+    group goes to MLX unchanged."""
+    mx.distributed.all_sum = _all_sum

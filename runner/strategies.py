@@ -17,7 +17,7 @@ from exod.models.architectures.base import split_rule, strategy_refusal
 
 from . import pipeline as stage
 from . import stages
-from .stages import StageError, StageGroup, stages_of
+from .stages import StageError, StageGroup, route_sums_to_stages, stages_of
 
 STRATEGIES: dict[str, Callable] = {}
 # Strategies that hand whole, unchanged layers to each rank: the canary has no
@@ -56,8 +56,8 @@ def refusals(name: str, model, arch, config: dict, world: int) -> list[str]:
     refusal = strategy_refusal(name, arch, type(model), paths, config)
     if refusal:
         return [refusal]
-    if name == "hybrid":
-        return []  # its stages' pipeline and moe_tensor are asked each (hybrid_refusals)
+    if name.startswith("hybrid"):
+        return []  # its stages' pipeline and cut are asked each (hybrid_refusals)
     if name == "pipeline":
         if arch.pipeline is not None:
             layers = int(config["num_hidden_layers"])
@@ -166,7 +166,11 @@ def tensor(model, group, spec, arch, config) -> None:
     if group is None:
         return
     _refuse("tensor", model, group, arch, config)
-    lo, hi, of = rank_grains("tensor", model, arch, config, spec.shares, group)
+    _cut_heads(model, group, list(spec.shares), arch, config)
+
+
+def _cut_heads(model, group, shares: list, arch, config) -> None:
+    lo, hi, of = rank_grains("tensor", model, arch, config, shares, group)
     if (hi - lo) * group.size() == of and lo == group.rank() * (hi - lo):
         model.shard(group)
         return
@@ -264,27 +268,29 @@ def _cut_experts(model, group, shares: list, arch, config) -> None:
 
 def hybrid(model, group, spec, arch, config) -> None:
     """Pipeline across stages of neighbouring ranks (spec.stage_ranks, one
-    entry of spec.pipeline_layers per stage), moe_tensor inside each stage
-    of two or more ranks (spec.shares: each rank's grains within its
-    stage). A stage is not an MLX group (the ring cannot split one): its
-    cut blocks sum along the stage's chain of ranks (runner/stages.py)."""
+    entry of spec.pipeline_layers per stage), spec.stage_strategy
+    (moe_tensor or tensor) inside each stage of two or more ranks
+    (spec.shares: each rank's grains within its stage). A stage is not an
+    MLX group (the ring cannot split one): its cut blocks sum along the
+    stage's chain of ranks (runner/stages.py)."""
     if group is None:
         return
     inner = spec.stage_strategy or "moe_tensor"
-    if inner != "moe_tensor":
-        raise StrategyError(f"hybrid: {inner} inside a stage is not supported (moe_tensor is)")
+    if inner not in STAGE_CUTS:
+        raise StrategyError(f"hybrid: {inner} inside a stage is not supported ({', '.join(sorted(STAGE_CUTS))} are)")
     try:
         stages = stages_of(spec.stage_ranks, group.size())
     except StageError as e:
         raise StrategyError(f"hybrid: {e}") from None
-    reasons = hybrid_refusals(model, arch, config, stages.sizes)
+    reasons = hybrid_refusals(model, arch, config, stages.sizes, inner)
     if reasons:
         raise StrategyError(reasons[0])
     lo, hi = stages.bounds(stages.of_rank(group.rank()))
     if spec.shares and len(spec.shares) != group.size():
         raise StrategyError(f"hybrid: {len(spec.shares)} shares for {group.size()} ranks")
     if hi - lo > 1:
-        _cut_experts(model, StageGroup(group, lo, hi), list(spec.shares[lo:hi]), arch, config)
+        route_sums_to_stages()
+        STAGE_CUTS[inner](model, StageGroup(group, lo, hi), list(spec.shares[lo:hi]), arch, config)
     layers = len(stage.layer_list(model))
     split = list(spec.pipeline_layers)
     if len(split) != len(stages.sizes) or sum(split) != layers or min(split, default=0) < 1:
@@ -293,14 +299,18 @@ def hybrid(model, group, spec, arch, config) -> None:
     stage.apply(model, group, split, stages)
 
 
-def hybrid_refusals(model, arch, config: dict, sizes) -> list[str]:
+def hybrid_refusals(model, arch, config: dict, sizes, inner: str = "moe_tensor") -> list[str]:
     """Why the runner will not run these stages: pipeline over the stages,
-    moe_tensor over the largest stage (the planner's rules too)."""
+    the stage's cut over the largest stage (the planner's rules too)."""
     if len(sizes) < 2 or max(sizes) < 2:
         return [f"hybrid needs two stages or more and a stage of two ranks or more, not {list(sizes)}"]
-    return (refusals("hybrid", model, arch, config, sum(sizes))
+    return (refusals(f"hybrid_{inner}", model, arch, config, sum(sizes))
             or refusals("pipeline", model, arch, config, len(sizes))
-            or refusals("moe_tensor", model, arch, config, max(sizes)))
+            or refusals(inner, model, arch, config, max(sizes)))
+
+
+# The cuts a stage of several ranks can make: (model, stage, shares, arch, config).
+STAGE_CUTS = {"moe_tensor": _cut_experts, "tensor": _cut_heads}
 
 
 class LocalExperts(nn.Module):

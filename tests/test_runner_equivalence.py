@@ -128,30 +128,37 @@ def test_uneven_shares_match_single_process(name, strategy, shares, variant, run
         assert status.canary_max_delta <= 1e-4
 
 
-# Hybrid: pipeline across stages of neighbouring ranks, moe_tensor inside
-# each stage of two or more (runner/stages.py). (name, ranks per stage,
+# Hybrid: pipeline across stages of neighbouring ranks, a cut inside each
+# stage of two or more (runner/stages.py). (name, cut, ranks per stage,
 # layers per stage, shares within each stage or None: even, variant.) Stage
 # 0 runs the last layers; qwen3_moe's layer 0 is dense, so every stage of
 # several ranks here holds MoE layers and sums along its chain: 2 ranks, 3
-# ranks (deepseek_v3), uneven, and two such stages at once.
+# ranks (deepseek_v3), uneven, and two such stages at once. tensor inside a
+# stage is mlx-lm's own shard(), whose layers (and deepseek_v3's MoE block)
+# sum inside mlx-lm's code: qwen2's 8 KV-head groups, unevenly, and
+# deepseek_v3.
 HYBRID = [
-    ("qwen3_moe", [2, 1], [2, 2], None, "fp32"),
-    ("qwen3_moe", [1, 2], [2, 2], [128, 80, 48], "fp32"),
-    ("qwen3_moe", [2, 2], [1, 3], [80, 48, 100, 28], "fp32"),
-    ("deepseek_v3", [1, 3], [1, 3], None, "fp32"),
-    ("qwen3_moe", [2, 1], [3, 1], None, "q4"),
+    ("qwen3_moe", "moe_tensor", [2, 1], [2, 2], None, "fp32"),
+    ("qwen3_moe", "moe_tensor", [1, 2], [2, 2], [128, 80, 48], "fp32"),
+    ("qwen3_moe", "moe_tensor", [2, 2], [1, 3], [80, 48, 100, 28], "fp32"),
+    ("deepseek_v3", "moe_tensor", [1, 3], [1, 3], None, "fp32"),
+    ("qwen3_moe", "moe_tensor", [2, 1], [3, 1], None, "q4"),
+    ("qwen2", "tensor", [2, 1], [2, 2], None, "fp32"),
+    ("qwen2", "tensor", [2, 2], [3, 1], [6, 2, 3, 5], "fp32"),
+    ("deepseek_v3", "tensor", [1, 2], [2, 2], None, "fp32"),
+    ("qwen2", "tensor", [1, 2], [2, 2], None, "q4"),
 ]
 
 
-@pytest.mark.parametrize("name,stages,split,shares,variant", HYBRID,
-                         ids=[f"{n}-{'+'.join(map(str, st))}-{v}" for n, st, _, _, v in HYBRID])
-def test_hybrid_stages_match_single_process(name, stages, split, shares, variant, runner_models, references):
+@pytest.mark.parametrize("name,cut,stages,split,shares,variant", HYBRID,
+                         ids=[f"{n}-{c}-{'+'.join(map(str, st))}-{v}" for n, c, st, _, _, v in HYBRID])
+def test_hybrid_stages_match_single_process(name, cut, stages, split, shares, variant, runner_models, references):
     model_dir = runner_models(name, variant)
     expected = references(model_dir)
-    got = sharded(model_dir, "hybrid", sum(stages), stage_ranks=stages, stage_strategy="moe_tensor",
+    got = sharded(model_dir, "hybrid", sum(stages), stage_ranks=stages, stage_strategy=cut,
                   pipeline_layers=split, shares=shares)
     delta = np.abs(got["logits"] - expected["logits"]).max()
-    record(name, f"hybrid {'+'.join(map(str, stages))}", sum(stages), variant, delta)
+    record(name, f"hybrid {cut} {'+'.join(map(str, stages))}", sum(stages), variant, delta)
     assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
     assert got["tokens"] == expected["tokens"]
     steps = np.abs(got["logprobs"] - expected["logprobs"]).max()

@@ -120,11 +120,13 @@ def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_pa
     answers in the spec the planner reads; the runner asks with the built
     model's modules before it cuts anything. model_class None (a catalog card
     for a model type the installed mlx-lm lacks) skips the class's part."""
-    if strategy == "hybrid":
-        # Pipeline across stages, moe_tensor inside them: proven wherever
+    if strategy.startswith("hybrid"):
+        # Pipeline across stages, a cut inside them (hybrid_moe_tensor,
+        # hybrid_tensor; plain "hybrid" is moe_tensor's): proven wherever
         # both are, with nothing of its own to prove.
+        inner = strategy.partition("_")[2] or "moe_tensor"
         return (strategy_refusal("pipeline", arch, model_class, module_paths, cfg)
-                or strategy_refusal("moe_tensor", arch, model_class, module_paths, cfg))
+                or strategy_refusal(inner, arch, model_class, module_paths, cfg))
     if strategy not in arch.proven_strategies:
         return f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(arch.proven_strategies))})"
     need = CLASS_NEEDS.get(strategy)
