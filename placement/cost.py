@@ -13,6 +13,17 @@ communication, from the links actually used:
   pipeline    one send of hidden_size activations per stage boundary, then
               an all-gather of the last hidden state so that every rank
               computes the logits (mlx-lm's pipeline)
+  hybrid      per stage of g >= 2 ranks: its MoE layers x an all-sum along
+              the stage's chain (the runner reduces up the chain and sends
+              the total back down: 2(g-1) sequential neighbour hops of the
+              whole message), plus the stage's input forwarded down the
+              chain (g-1 hops); one send per stage boundary (the hop between
+              the two stages' adjacent ranks); then pipeline's all-gather
+              over every rank. Every hop pays latency + M/bandwidth + the
+              collective cost.
+              compute: each stage's layers take its slowest rank's time,
+              stages run one after another, and the fixed per-step part
+              (the step cost, the logits) once, as pipeline counts them.
 A ring all-sum of M bytes over N ranks is 2(N-1) neighbour steps of M/N
 bytes, each paying the slowest ring edge's one-way latency. Every collective
 (all-sum, all-gather, send) also pays the nodes' calibrated collective cost:
@@ -97,5 +108,49 @@ def communication_s(strategy: str, nodes: list[pb.NodeProfile], links: dict, bac
     if strategy in ("moe_tensor", "moe_experts"):
         return moe_layers * ring_all_sum_s(hops, message, each)
     sends = sum(h.latency_s + message / h.bandwidth + each for h in hops[: len(hops) - 1])
-    gather = (len(hops) - 1) * (max(h.latency_s for h in hops) + message / min(h.bandwidth for h in hops)) + each
-    return sends + gather
+    return sends + all_gather_s(hops, message, each)
+
+
+def all_gather_s(hops: list[Hop], message_bytes: float, per_collective_s: float) -> float:
+    """The last hidden state gathered on every rank of the ring (mlx-lm's
+    pipeline, so that every rank computes the logits)."""
+    return (len(hops) - 1) * (max(h.latency_s for h in hops) + message_bytes / min(h.bandwidth for h in hops)) \
+        + per_collective_s
+
+
+def send_s(h: Hop, message_bytes: float, per_collective_s: float) -> float:
+    return h.latency_s + message_bytes / h.bandwidth + per_collective_s
+
+
+def chain_all_sum_s(hops: list[Hop], message_bytes: float, per_collective_s: float) -> float:
+    """An all-sum along a chain of len(hops)+1 ranks: the partial sums go up
+    the chain and the total comes back down, 2(g-1) sequential neighbour
+    sends of the whole message (MLX's ring cannot split a group, so the
+    runner sends to neighbours only)."""
+    return 2 * sum(send_s(h, message_bytes, per_collective_s) for h in hops)
+
+
+def hybrid_communication_s(stages: list[list[pb.NodeProfile]], links: dict, backend: int, hidden: int,
+                           activation_bytes: int, stage_moe_layers: list[int], cache: dict | None = None) -> float:
+    """stages in rank order (stage 0 runs the last layers); stage_moe_layers:
+    the MoE layers each stage runs."""
+    message = hidden * activation_bytes
+    nodes = [node for stage in stages for node in stage]
+    total = 0.0
+    for stage, moe in zip(stages, stage_moe_layers):
+        if len(stage) < 2:
+            continue
+        chain = [hop(links, a.node_id, b.node_id, backend, cache) for a, b in zip(stage, stage[1:])]
+        each = collective_s(stage)
+        total += moe * chain_all_sum_s(chain, message, each) + sum(send_s(h, message, each) for h in chain)
+    return total + hybrid_fixed_communication_s(stages, links, backend, message, collective_s(nodes), cache)
+
+
+def hybrid_fixed_communication_s(stages: list[list[pb.NodeProfile]], links: dict, backend: int, message: float,
+                                 each: float, cache: dict | None = None) -> float:
+    """The part that does not depend on the layers: a send per stage
+    boundary, and the all-gather over every rank (as pipeline's)."""
+    nodes = [node for stage in stages for node in stage]
+    boundaries = [hop(links, a[-1].node_id, b[0].node_id, backend, cache) for a, b in zip(stages, stages[1:])]
+    ring = ring_hops([n.node_id for n in nodes], links, backend, cache)
+    return sum(send_s(h, message, each) for h in boundaries) + all_gather_s(ring, message, each)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from exod.models.shares import even as shares_even
 from exod.proto import exod_pb2 as pb
 
-from . import constants, cost, experts
+from . import constants, cost, experts, hybrid
 from . import strategies as strategy_objects
 from .errors import PlanError
 from .profile import (CLASS_FIELD, CLASS_LABEL, CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL,
@@ -21,7 +21,7 @@ from .units import gb
 from .wired import sysctl, wired_limit_mb
 
 STRATEGY_NAMES = {pb.PIPELINE: "pipeline", pb.MOE_TENSOR: "moe_tensor", pb.TENSOR: "tensor",
-                  pb.MOE_EXPERTS: "moe_experts"}
+                  pb.MOE_EXPERTS: "moe_experts", pb.HYBRID: "hybrid"}
 STRATEGY_BY_NAME = {v: k for k, v in STRATEGY_NAMES.items()}
 BACKEND_NAMES = {pb.RING: "ring", pb.JACCL: "jaccl"}
 
@@ -43,14 +43,20 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
     settings = _settings(model, request)
     nodes, skipped = _select_nodes(cluster, request)
     links = {(link.from_node, link.to_node): link for link in cluster.links}
-    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS]
+    strategies = [request.strategy] if request.strategy else [pb.PIPELINE, pb.MOE_TENSOR, pb.TENSOR, pb.MOE_EXPERTS,
+                                                              pb.HYBRID]
+    # Hybrid is planned apart, after the others: their best speed bounds
+    # which of its many splits are worth evaluating.
+    with_hybrid = pb.HYBRID in strategies
+    strategies = [s for s in strategies if s != pb.HYBRID]
 
     candidates, impossible, routed = [], [], []
     memo: dict = {"expert freqs": expert_frequencies(model, expert_counts)}
     # Placements whose runner decodes one sequence at a time reserve one
     # context of KV, not `concurrency`, and their memory is memoised apart.
     single, single_memo = replace(settings, concurrency=1), {"expert freqs": memo["expert freqs"]}
-    for order in candidate_orders(nodes, links, memo.setdefault("hops", {})):
+    orders = candidate_orders(nodes, links, memo.setdefault("hops", {}))
+    for order in orders:
         if request.ranks and len(order) != request.ranks:
             continue
         for strategy in strategies:
@@ -73,6 +79,12 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
                 candidates.append(candidate)
                 impossible.append(bool(structural))
     _place_experts_by_load(candidates, routed, model)
+    left_out = 0
+    if with_hybrid:
+        alone = one_at_a_time(model, "hybrid", 3) and settings.concurrency > 1
+        left_out = _add_hybrids(candidates, impossible, model, orders, links, request,
+                                single if alone else settings, single_memo if alone else memo,
+                                forced=bool(request.strategy), alone=alone, asked=settings.concurrency)
     if request.ranks and not candidates:
         raise PlanError(f"no candidate has exactly {request.ranks} ranks on {len(nodes)} eligible node(s)")
     if request.backend and not candidates:
@@ -81,6 +93,10 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
         why = candidates[-1].reasons[0] if candidates else "no candidate"
         raise PlanError(f"impossible strategy: {why}")
     result = pb.Plan(candidates=candidates, reasons=skipped)
+    if left_out:
+        result.reasons.append(f"note: {left_out} hybrid split(s) not evaluated: even their lower bound on "
+                              f"decode time cannot come within {constants.FEWER_NODES_MARGIN:.0%} of the fastest "
+                              f"fitting candidate")
     chosen = choose(candidates)
     if chosen is not None:
         result.chosen.CopyFrom(chosen)
@@ -189,7 +205,8 @@ def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProf
 
 def one_at_a_time(model: ModelProfile, strategy: str, n: int) -> bool:
     """Whether the runner will decode one sequence at a time (runner/engine.py)."""
-    return model.unbatched or (strategy == "pipeline" and n > 1 and model.unbatched_pipeline)
+    # A hybrid always has two pipeline stages or more.
+    return model.unbatched or (strategy in ("pipeline", "hybrid") and n > 1 and model.unbatched_pipeline)
 
 
 def structural_reasons(model: ModelProfile, strategy: str, n: int) -> list[str]:
@@ -314,29 +331,37 @@ def evaluate(model: ModelProfile, strategy: str, backend: int, order: list[pb.No
 
 
 def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile], usable: list[int],
-                settings: Settings, memo: dict) -> list[int]:
+                settings: Settings, memo: dict, start: int = 0, end: int | None = None,
+                world: int | None = None) -> list[int]:
     """Each rank's grains of a cutting strategy: step times balanced at each
     node's decode rate, within each node's memory (placement/strategies.py).
     Memory and bytes read are affine in the grains held, so two exact
     breakdowns (no grains, all of them) give each rank's cap, checked
-    exactly after."""
+    exactly after. start..end: the layers the ranks cut (a hybrid's stage);
+    there only the layers' time is balanced, since the step and the logits
+    run once for the whole instance. world: the instance's ranks (default:
+    these)."""
     of = model.grains[strategy]
     n = len(order)
-    empty, read0 = _rank_memory(model, strategy, 0, of, 0, model.num_layers, settings, memo, n)
-    full, read1 = _rank_memory(model, strategy, of, of, 0, model.num_layers, settings, memo, n)
+    end = model.num_layers if end is None else end
+    world = n if world is None else world
+    stage = (start, end) != (0, model.num_layers) or world != n
+    empty, read0 = _rank_memory(model, strategy, 0, of, start, end, settings, memo, world)
+    full, read1 = _rank_memory(model, strategy, of, of, start, end, settings, memo, world)
     per_grain_bytes = (full.total_bytes - empty.total_bytes) / of
     per_grain_read = (read1 - read0) / of
     fixed, slope, caps = [], [], []
     for node, room in zip(order, usable):
         rate, step, layer = cost.decode_rates(node)
-        fixed.append(read0 / rate + step + model.num_layers * layer)
+        fixed.append(((read0 - model.outside.read_all) / rate if stage else read0 / rate + step)
+                     + (end - start) * layer)
         slope.append(per_grain_read / rate)
         if per_grain_bytes <= 0:
             cap = of if empty.total_bytes <= room else 0
         else:
             cap = max(0, min(of, math.floor((room - empty.total_bytes) / per_grain_bytes)))
-            while cap > 0 and _rank_memory(model, strategy, cap, of, 0, model.num_layers, settings,
-                                           memo, n)[0].total_bytes > room:
+            while cap > 0 and _rank_memory(model, strategy, cap, of, start, end, settings,
+                                           memo, world)[0].total_bytes > room:
                 cap -= 1
         caps.append(cap)
     shares, _ = strategy_objects.balance(of, fixed, slope, caps)
@@ -346,6 +371,208 @@ def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile],
         if max(f + k * s for f, k, s in zip(fixed, slope, even)) <= slowest * (1 + constants.EVEN_SHARES_MARGIN):
             return even
     return shares
+
+
+# ------------------------------------------------------------------ hybrid
+
+
+def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: ModelProfile,
+                 orders: list[list[pb.NodeProfile]], links: dict, request: pb.PlacementRequest,
+                 settings: Settings, memo: dict, forced: bool, alone: bool, asked: int) -> int:
+    """Hybrid candidates, appended in enumeration order: every order of 3+
+    nodes cut into 2..n-1 stages at its slowest links (hybrid.stage_splits).
+    A split is evaluated unless a lower bound on its decode time (exact
+    fixed part and sends, no all-sums, the layers at the rate-weighted
+    bound) proves that it cannot come within FEWER_NODES_MARGIN of the
+    fastest fitting candidate, the only ones choose() may take; splits are
+    evaluated from the best bound down so that the fastest is known early.
+    forced: hybrid was asked for, so refusals are listed. Returns how many
+    splits were left out."""
+    hops = memo.setdefault("hops", {})
+    message = model.hidden_size * model.activation_bytes
+    reach = (1 - constants.FEWER_NODES_MARGIN) * (1 - 1e-9)
+    best = max((c.predicted_decode_tokens_per_s for c in candidates if c.fits), default=0.0)
+    found, left_out, listed = [], 0, []
+    for order in orders:
+        n = len(order)
+        if (request.ranks and n != request.ranks) or (n == 1 and not forced):
+            continue
+        refusal = structural_reasons(model, "hybrid", n)
+        if refusal:
+            if forced:
+                listed.append(_refused_hybrid(model, order, [], refusal, settings))
+            continue
+        if "hybrid layers" not in memo:
+            memo["hybrid layers"] = hybrid.layer_sums(model, settings, canary_bytes(model))
+        sums = memo["hybrid layers"]
+        rates = [cost.decode_rates(node) for node in order]
+        step = max(cost.rank_compute_s(model.outside.read_all, 0, node) for node in order)
+        layers_floor = hybrid.order_bound(sums, [(r, layer) for r, _, layer in rates], model.num_layers)
+        ids = [node.node_id for node in order]
+        splits = hybrid.stage_splits(order, links, message, hops)
+        for backend in _backends(order, links, request.backend):
+            each = cost.collective_s(order)
+            ring = cost.ring_hops(ids, links, backend, hops)
+            floor = step + layers_floor + cost.all_gather_s(ring, message, each) + min(
+                cost.send_s(h, message, each) for h in ring[:n - 1])
+            if best and 1 / floor < best * reach:
+                left_out += len(splits)
+                continue
+            for stage_ranks in splits:
+                why = strategy_objects.HYBRID.split_reasons(model, stage_ranks)
+                if why:
+                    if forced:
+                        listed.append(_refused_hybrid(model, order, stage_ranks, why, settings, backend))
+                    continue
+                stages = _cut(order, stage_ranks)
+                bound = step + _split_bound(model, sums, stages, links, backend, message, hops)
+                index = len(listed)
+                listed.append(None)
+                found.append((bound, index, (model, backend, order, stage_ranks, links, settings, memo)))
+    for bound, index, args in sorted(found, key=lambda f: (f[0], f[1])):
+        if best and 1 / bound < best * reach:
+            left_out += 1
+            continue
+        candidate = evaluate_hybrid(*args)
+        if alone and not candidate.rejected:
+            candidate.reasons.append(f"note: decodes one sequence at a time (concurrency 1, not {asked}): "
+                                     f"{model.model_id}'s caches cannot be batched"
+                                     + (" across pipeline stages" if not model.unbatched else ""))
+        listed[index] = candidate
+        if candidate.fits:
+            best = max(best, candidate.predicted_decode_tokens_per_s)
+    for candidate in listed:
+        if candidate is not None:
+            candidates.append(candidate)
+            impossible.append(candidate.rejected)
+    return left_out
+
+
+def _cut(items: list, stage_ranks: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in stage_ranks:
+        out.append(items[start:start + size])
+        start += size
+    return out
+
+
+def _split_bound(model: ModelProfile, sums: hybrid.LayerSums, stages: list[list[pb.NodeProfile]], links: dict,
+                 backend: int, message: float, hops: dict) -> float:
+    """A lower bound on a split's decode time less the fixed step: the
+    layers at the rate-weighted bound, the sends between stages and the
+    all-gather exactly, the forward down each chain without its collective
+    cost, no all-sums."""
+    per_stage = []
+    forward = 0.0
+    for stage in stages:
+        rates = [cost.decode_rates(node) for node in stage]
+        total = sum(rate for rate, _, _ in rates)
+        per_stage.append((total, len(stage), sum(layer * rate for rate, _, layer in rates) / total))
+        forward += sum(cost.send_s(cost.hop(links, a.node_id, b.node_id, backend, hops), message, 0.0)
+                       for a, b in zip(stage, stage[1:]))
+    fixed = cost.hybrid_fixed_communication_s(stages, links, backend, message,
+                                              cost.collective_s([n for s in stages for n in s]), hops)
+    return hybrid.layers_bound(sums, per_stage, model.num_layers) + forward + fixed
+
+
+def _refused_hybrid(model: ModelProfile, order: list[pb.NodeProfile], stage_ranks: list[int], reasons: list[str],
+                    settings: Settings, backend: int = pb.RING) -> pb.Placement:
+    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID, stage_strategy=pb.MOE_TENSOR,
+                             stage_ranks=stage_ranks, backend=backend, context_length=settings.context,
+                             concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens,
+                             reasons=reasons, rejected=True)
+    for rank, node in enumerate(order):
+        placement.ranks.add(rank=rank, node_id=node.node_id, node_name=node.name,
+                            usable_bytes=int(node.memory_usable_bytes * (1 - settings.headroom)))
+    return placement
+
+
+def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfile], stage_ranks: list[int],
+                    links: dict, settings: Settings, memo: dict) -> pb.Placement:
+    """One hybrid candidate: stages of `stage_ranks` ranks in rank order
+    (stage 0 runs the last layers), each stage's layers balanced by its
+    speed within its ranks' memory (hybrid_split), then each stage's
+    moe_tensor shares over its layers (rank_shares), each rank's memory
+    exact (rank_memory over the stage's layers, its share, the instance's
+    ranks for the canary)."""
+    n, of = len(order), model.grains["moe_tensor"]
+    usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
+    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID, stage_strategy=pb.MOE_TENSOR,
+                             stage_ranks=stage_ranks, backend=backend, context_length=settings.context,
+                             concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens)
+    sums = memo["hybrid layers"]
+    stages, rooms = _cut(order, stage_ranks), _cut(usable, stage_ranks)
+    shapes = [hybrid.Stage(tuple((rate, layer) for rate, _, layer in map(cost.decode_rates, nodes)), tuple(room))
+              for nodes, room in zip(stages, rooms)]
+    bounds = hybrid_split(model, shapes, sums, memo)
+    stage_times, fixed, moe, rank = [], [], [], 0
+    for nodes, room, (start, end) in zip(stages, rooms, bounds):
+        shares = [of] if len(nodes) == 1 else rank_shares(model, "moe_tensor", nodes, room, settings, memo,
+                                                          start, end, world=n)
+        slowest = 0.0
+        for node, u, share in zip(nodes, room, shares):
+            memory, read = _rank_memory(model, "moe_tensor", share, of, start, end, settings, memo, n)
+            seconds = cost.rank_compute_s(read, end - start, node)
+            fixed.append(cost.rank_compute_s(model.outside.read_all, 0, node))
+            slowest = max(slowest, seconds - fixed[-1])
+            fits = memory.total_bytes <= u
+            placement.ranks.add(rank=rank, node_id=node.node_id, node_name=node.name, layer_start=start,
+                                layer_end=end, share=share, share_of=of, memory=memory, usable_bytes=u, fits=fits,
+                                predicted_compute_s=seconds)
+            if not fits:
+                placement.reasons.append(shortfall(rank, node.name, memory, u)
+                                         + working_set_advice(node, memory.total_bytes, settings.headroom))
+            rank += 1
+        stage_times.append(slowest)
+        moe.append(sums.moe[end] - sums.moe[start])
+    hops = memo.setdefault("hops", {})
+    # The stages run one after another; the step and the logits on every rank at once.
+    placement.predicted_compute_s = sum(stage_times) + max(fixed)
+    placement.predicted_communication_s = cost.hybrid_communication_s(
+        stages, links, backend, model.hidden_size, model.activation_bytes, moe, hops)
+    placement.predicted_decode_tokens_per_s = 1.0 / (placement.predicted_compute_s
+                                                     + placement.predicted_communication_s)
+    placement.fits = not placement.reasons
+    ids = [node.node_id for node in order]
+    unmeasured = [f"{order[i].name}-{order[(i + 1) % n].name}" for i in range(n)
+                  if not cost.hop(links, ids[i], ids[(i + 1) % n], pb.RING, hops).measured]
+    if unmeasured:
+        placement.reasons.append(f"note: assumed 10 GbE for unmeasured links {', '.join(unmeasured)}")
+    return placement
+
+
+def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.LayerSums,
+                 memo: dict) -> list[tuple[int, int]]:
+    """Contiguous layer ranges per stage, in rank order (stage 0 the last
+    layers), that minimise the slowest stage's time within each stage's
+    memory, as pipeline_split does for nodes: a stage's time is its
+    rate-weighted time with balanced shares (hybrid.Stage). When memory
+    cannot be met, the time-balanced split is returned so that the
+    shortfall can be reported."""
+    key = ("hybrid split", tuple(stages))
+    if key in memo:
+        return memo[key]
+    k, layers = len(stages), model.num_layers
+    ascending = stages[::-1]  # the last stage runs the first layers
+
+    def assign(limit, respect_memory):
+        bounds, start = [], 0
+        for i, stage in enumerate(ascending):
+            last = layers - (k - i - 1)
+            end = last if i == k - 1 else start + 1
+            while end < last and stage.time(sums, start, end + 1) <= limit \
+                    and (not respect_memory or stage.fits(sums, start, end + 1)):
+                end += 1
+            if stage.time(sums, start, end) > limit or (respect_memory and not stage.fits(sums, start, end)):
+                return None
+            bounds.append((start, end))
+            start = end
+        return bounds[::-1]
+
+    # The slowest stage takes at least the stages' bound shared out evenly.
+    floor = hybrid.layers_bound(sums, [(s.total_rate, len(s.rates), s.layer_s) for s in stages], layers) / k
+    memo[key] = _bisect_split(assign, max(s.time(sums, 0, layers) for s in stages), floor * (1 - 1e-9))
+    return memo[key]
 
 
 # ------------------------------------------------------------------ experts by routing load

@@ -173,8 +173,8 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         model_id=spec.model_id,
         num_layers=spec.num_layers,
         is_moe=spec.num_experts > 0,
-        proven=frozenset(spec.proven_strategies),
-        refused=dict(spec.refused_strategies),
+        proven=_with_hybrid(frozenset(spec.proven_strategies)),
+        refused=_refused_with_hybrid(spec),
         max_context=spec.max_context,
         hidden_size=spec.hidden_size,
         activation_bytes=DTYPE_BYTES.get(spec.dtype, 2),
@@ -191,3 +191,23 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         experts_per_token=spec.experts_per_token,
         moe_layer_ids=tuple(sorted(i for i in moe_layer_ids if 0 <= i < spec.num_layers)),
     )
+
+
+# Hybrid runs pipeline across stages and moe_tensor inside each: it is proven
+# exactly when both are, and refused for the reason either is.
+HYBRID_PARTS = ("pipeline", "moe_tensor")
+
+
+def _with_hybrid(proven: frozenset) -> frozenset:
+    both = all(s in proven for s in HYBRID_PARTS)
+    return (proven - {"hybrid"}) | ({"hybrid"} if both else frozenset())
+
+
+def _refused_with_hybrid(spec: pb.ModelSpec) -> dict:
+    refused = {k: v for k, v in spec.refused_strategies.items() if k != "hybrid"}
+    proven = set(spec.proven_strategies)
+    missing = [s for s in HYBRID_PARTS if s not in proven]
+    if missing:
+        why = refused.get(missing[0]) or f"{missing[0]} is not proven for this architecture"
+        refused["hybrid"] = f"hybrid runs {' and '.join(HYBRID_PARTS)}: {why}"
+    return refused

@@ -58,7 +58,36 @@ MOE_TENSOR = Strategy("moe_tensor", whole_layers=False, cuts=True)
 TENSOR = Strategy("tensor", whole_layers=False, cuts=True)
 # Whole experts per rank (a grain: an expert and its slice of any shared expert).
 MOE_EXPERTS = Strategy("moe_experts", whole_layers=False, cuts=True)
-BY_NAME = {s.name: s for s in (PIPELINE, MOE_TENSOR, TENSOR, MOE_EXPERTS)}
+
+
+@dataclass(frozen=True)
+class Hybrid(Strategy):
+    """Pipeline across stages of neighbouring ranks, a cutting strategy
+    (`inner`) inside each stage of two or more ranks. Its refusals are its
+    parts' refusals: pipeline's over the stages, inner's over the biggest
+    stage, so that the runner's rules for each part stand."""
+
+    inner: Strategy = MOE_TENSOR
+
+    def reasons(self, model: ModelProfile, n: int) -> list[str]:
+        if not model.is_moe:
+            return [f"{self.name} needs a mixture-of-experts model; {model.model_id} is dense"]
+        if self.name not in model.proven:
+            return [model.refused.get(self.name) or f"{self.name} is not proven for this architecture"]
+        if n < 3:
+            # Two stages of one rank are a pipeline; one stage of two, a cut.
+            return [f"{self.name} needs at least 3 ranks: on {n} it is pipeline or {self.inner.name}"]
+        return []
+
+    def split_reasons(self, model: ModelProfile, stage_ranks: list[int]) -> list[str]:
+        """Why these stages (ranks per stage) cannot run, whatever the memory."""
+        if len(stage_ranks) < 2 or max(stage_ranks) < 2:
+            return [f"{self.name} needs 2+ stages, one of 2+ ranks: got stages of {stage_ranks} rank(s)"]
+        return PIPELINE.reasons(model, len(stage_ranks)) + self.inner.reasons(model, max(stage_ranks))
+
+
+HYBRID = Hybrid("hybrid", whole_layers=False, cuts=True, inner=MOE_TENSOR)
+BY_NAME = {s.name: s for s in (PIPELINE, MOE_TENSOR, TENSOR, MOE_EXPERTS, HYBRID)}
 
 
 def balance(grains: int, fixed: list[float], per_grain: list[float], caps: list[int]) -> tuple[list[int], bool]:

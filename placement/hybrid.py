@@ -1,0 +1,160 @@
+"""Hybrid placements: pipeline across stages of neighbouring ranks, moe_tensor
+inside each stage of two or more ranks (placement/strategies.py HYBRID).
+
+The pieces that do not build a Placement: which stages an order of nodes is
+cut into, per-layer sums of what a moe_tensor rank holds and reads, a
+stage's time and memory for a layer range (what the layer split balances),
+and lower bounds on a split's decode time, which let the planner leave out
+splits that cannot be chosen. Pure: no I/O, no clocks.
+
+A stage's ranks each hold x_r of `of` grains of every cut tensor over the
+stage's layers. Rank r's time for its layers is
+    L_r = (ns + s * x_r / of) / rate_r + n * layer_r
+(ns: bytes read that are not cut, s: bytes read that are, n: layers), and
+the stage takes max_r L_r. Weighting by rate_r / R (R = sum of the rates)
+and summing x_r to `of` gives max_r L_r >= (g * ns + s) / R + n * lambda,
+lambda = sum(layer_r * rate_r) / R, whatever the shares: the bound below and
+the time the layer split balances both rest on it.
+"""
+
+import math
+from dataclasses import dataclass
+
+from exod.proto import exod_pb2 as pb
+
+from . import constants, cost
+from .profile import CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL, READ_SPLIT, SPLIT, range_sums
+
+INNER = "moe_tensor"
+
+
+def stage_splits(order: list[pb.NodeProfile], links: dict, message_bytes: float, hops: dict) -> list[list[int]]:
+    """Ranks per stage for every number of stages 2..n-1: the order cut at
+    its k-1 slowest consecutive links (one send of a message: latency plus
+    message / bandwidth), so that the slow links carry one send per token
+    and the fast ones the all-sums. Every split of n >= 3 ranks into at most
+    n-1 stages has a stage of 2+ ranks."""
+    n = len(order)
+    if n < 3:
+        return []
+    ids = [node.node_id for node in order]
+    slowest = sorted(range(n - 1), key=lambda i: (-cost.send_s(cost.hop(links, ids[i], ids[i + 1], pb.RING, hops),
+                                                                message_bytes, 0.0), i))
+    splits = []
+    for k in range(2, n):
+        edges = [-1, *sorted(slowest[:k - 1]), n - 1]
+        splits.append([b - a for a, b in zip(edges, edges[1:])])
+    return splits
+
+
+@dataclass(frozen=True)
+class LayerSums:
+    """Running sums over the layers of a moe_tensor rank's bytes: read and
+    held, each split into what is not cut (ns) and what is (s, all grains),
+    and the MoE layers; plus what every rank holds whatever its layers."""
+
+    of: int
+    read_ns: list
+    read_s: list
+    mem_ns: list
+    mem_s: list
+    moe: list
+    outside_read: float  # read by every rank each step (embedding row, lm_head)
+    outside_split_read: float  # of which cut (0 unless moe_tensor cuts a non-layer tensor)
+    fixed_mem: float  # outside tensors, process base, prefill activations outside the cut width, the canary
+    per_grain_mem: float  # prefill activations per grain of the cut width
+
+
+def layer_sums(model, settings, canary: int) -> LayerSums:
+    """model: a ModelProfile; settings: the plan's Settings; canary: the
+    canary's bytes (every hybrid rank is one of 3+, so it pays them)."""
+    of = model.grains[INNER]
+    running, outside = range_sums(model, INNER, of, settings.context, settings.concurrency)
+    n_classes = len(CLASSES)
+
+    def ns_mem(row):
+        return (sum(row[FULL + i] - row[SPLIT + i] for i in range(n_classes)) + row[KV_FIXED] + row[KV_CUT]
+                + (row[KV1_FIXED] + row[KV1_CUT]) * settings.prefix_tokens)
+
+    tokens = min(settings.context, constants.PREFILL_CHUNK_TOKENS)
+    activation = tokens * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
+    layer_ids = set(model.moe_layer_ids)
+    moe = [0]
+    for i in range(model.num_layers):
+        moe.append(moe[-1] + (i in layer_ids))
+    return LayerSums(
+        of=of,
+        read_ns=[r[READ_ALL] - r[READ_SPLIT] + (r[KV_FIXED] + r[KV_CUT]) / settings.concurrency for r in running],
+        read_s=[r[READ_SPLIT] for r in running],
+        mem_ns=[ns_mem(r) for r in running],
+        mem_s=[sum(r[SPLIT + i] for i in range(n_classes)) for r in running],
+        moe=moe,
+        outside_read=outside[READ_ALL],
+        outside_split_read=outside[READ_SPLIT],
+        fixed_mem=(ns_mem(outside) + sum(outside[SPLIT + i] for i in range(n_classes))
+                   + constants.PROCESS_BASE_BYTES + activation * model.hidden_size + canary),
+        per_grain_mem=activation * model.max_intermediate / of if of else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's ranks as the layer split sees them."""
+
+    rates: tuple  # (bytes/s, seconds per layer) per rank
+    rooms: tuple  # usable bytes per rank
+
+    @property
+    def total_rate(self) -> float:
+        return sum(rate for rate, _ in self.rates)
+
+    @property
+    def layer_s(self) -> float:
+        """lambda: the ranks' per-layer costs weighted by rate."""
+        return sum(layer * rate for rate, layer in self.rates) / self.total_rate
+
+    def time(self, sums: LayerSums, a: int, b: int) -> float:
+        """The stage's time for layers a..b with balanced shares, ignoring
+        memory: the rate-weighted bound, or the slowest rank holding the
+        fewest grains it may (one; all of them alone), whichever is more."""
+        ns, s, n = sums.read_ns[b] - sums.read_ns[a], sums.read_s[b] - sums.read_s[a], b - a
+        g = len(self.rates)
+        least = sums.of if g == 1 else 1
+        slowest = max((ns + s * least / sums.of) / rate + n * layer for rate, layer in self.rates)
+        return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest)
+
+    def fits(self, sums: LayerSums, a: int, b: int) -> bool:
+        """Whether the ranks' memory holds layers a..b, every grain on some
+        rank and at least one on each (memory is affine in the grains)."""
+        base = sums.fixed_mem + sums.mem_ns[b] - sums.mem_ns[a]
+        per = (sums.mem_s[b] - sums.mem_s[a]) / sums.of + sums.per_grain_mem
+        if len(self.rooms) == 1:
+            return base + per * sums.of <= self.rooms[0]
+        held = 0
+        for room in self.rooms:
+            cap = sums.of if per <= 0 else math.floor((room - base) / per)
+            if cap < 1:
+                return False
+            held += min(cap, sums.of)
+        return held >= sums.of
+
+
+def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float]], layers: int) -> float:
+    """No layer split and no shares make the stages' layers take less: each
+    layer costs at least its cheapest stage's rate-weighted time.
+    stages: (total rate, ranks, lambda) per stage."""
+    ns = sums.read_ns[layers] - sums.outside_split_read
+    s = sums.read_s[layers]
+    return (ns * min(g / r for r, g, _ in stages) + s / max(r for r, _, _ in stages)
+            + layers * min(lam for _, _, lam in stages))
+
+
+def order_bound(sums: LayerSums, rates: list[tuple[float, float]], layers: int) -> float:
+    """layers_bound for any split of these ranks into 2+ stages: a stage is
+    no faster than every rank but the slowest together, and no rank reads
+    its uncut bytes faster than the fastest."""
+    total = sum(rate for rate, _ in rates)
+    top = max(rate for rate, _ in rates)
+    ns = sums.read_ns[layers] - sums.outside_split_read
+    return ns / top + sums.read_s[layers] / (total - min(rate for rate, _ in rates)) \
+        + layers * min(layer for _, layer in rates)
