@@ -20,30 +20,27 @@ the time the layer split balances both rest on it.
 import math
 from dataclasses import dataclass
 
-from exod.proto import exod_pb2 as pb
-
-from . import constants, cost
+from . import constants
 from .profile import CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL, READ_SPLIT, SPLIT, range_sums
 
 INNER = "moe_tensor"
 
 
-def stage_splits(order: list[pb.NodeProfile], links: dict, message_bytes: float, hops: dict) -> list[list[int]]:
-    """Ranks per stage for every number of stages 2..n-1: the order cut at
-    its k-1 slowest consecutive links (one send of a message: latency plus
-    message / bandwidth), so that the slow links carry one send per token
-    and the fast ones the all-sums. Every split of n >= 3 ranks into at most
-    n-1 stages has a stage of 2+ ranks."""
-    n = len(order)
+def stage_splits(edges: list[float]) -> list[list[int]]:
+    """Ranks per stage for every number of stages 2..n-1, from the seconds
+    one message takes on each link between neighbouring ranks (edges[i]:
+    rank i to i+1): the order is cut at its k-1 slowest links, so that the
+    slow links carry one send per token and the fast ones the all-sums.
+    Every split of n >= 3 ranks into at most n-1 stages has a stage of 2+
+    ranks."""
+    n = len(edges) + 1
     if n < 3:
         return []
-    ids = [node.node_id for node in order]
-    slowest = sorted(range(n - 1), key=lambda i: (-cost.send_s(cost.hop(links, ids[i], ids[i + 1], pb.RING, hops),
-                                                                message_bytes, 0.0), i))
+    slowest = sorted(range(n - 1), key=lambda i: (-edges[i], i))
     splits = []
     for k in range(2, n):
-        edges = [-1, *sorted(slowest[:k - 1]), n - 1]
-        splits.append([b - a for a, b in zip(edges, edges[1:])])
+        cuts = [-1, *sorted(slowest[:k - 1]), n - 1]
+        splits.append([b - a for a, b in zip(cuts, cuts[1:])])
     return splits
 
 
@@ -59,6 +56,7 @@ class LayerSums:
     mem_ns: list
     mem_s: list
     moe: list
+    groups: tuple  # (layers, ns read, s read, MoE layers) per kind of layer, for the bounds
     outside_read: float  # read by every rank each step (embedding row, lm_head)
     outside_split_read: float  # of which cut (0 unless moe_tensor cuts a non-layer tensor)
     fixed_mem: float  # outside tensors, process base, prefill activations outside the cut width, the canary
@@ -82,10 +80,19 @@ def layer_sums(model, settings, canary: int) -> LayerSums:
     moe = [0]
     for i in range(model.num_layers):
         moe.append(moe[-1] + (i in layer_ids))
+    read_ns = [r[READ_ALL] - r[READ_SPLIT] + (r[KV_FIXED] + r[KV_CUT]) / settings.concurrency for r in running]
+    read_s = [r[READ_SPLIT] for r in running]
+    kinds: dict = {}
+    for i in range(model.num_layers):
+        ns, s = read_ns[i + 1] - read_ns[i], read_s[i + 1] - read_s[i]
+        key = (int(ns), int(s), moe[i + 1] - moe[i])
+        count, low_ns, low_s = kinds.get(key, (0, ns, s))
+        kinds[key] = (count + 1, min(low_ns, ns), min(low_s, s))  # the least of a kind: a bound stays a bound
     return LayerSums(
         of=of,
-        read_ns=[r[READ_ALL] - r[READ_SPLIT] + (r[KV_FIXED] + r[KV_CUT]) / settings.concurrency for r in running],
-        read_s=[r[READ_SPLIT] for r in running],
+        groups=tuple((count, ns, s, key[2]) for key, (count, ns, s) in sorted(kinds.items())),
+        read_ns=read_ns,
+        read_s=read_s,
         mem_ns=[ns_mem(r) for r in running],
         mem_s=[sum(r[SPLIT + i] for i in range(n_classes)) for r in running],
         moe=moe,
@@ -139,22 +146,44 @@ class Stage:
         return held >= sums.of
 
 
-def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float]], layers: int) -> float:
+def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float, float]], slowest_rate: float) -> float:
     """No layer split and no shares make the stages' layers take less: each
-    layer costs at least its cheapest stage's rate-weighted time.
-    stages: (total rate, ranks, lambda) per stage."""
-    ns = sums.read_ns[layers] - sums.outside_split_read
-    s = sums.read_s[layers]
-    return (ns * min(g / r for r, g, _ in stages) + s / max(r for r, _, _ in stages)
-            + layers * min(lam for _, _, lam in stages))
+    layer costs at least its cheapest stage's rate-weighted time plus, if
+    it is an MoE layer, that stage's chain all-sum.
+    stages: (total rate, ranks, lambda, chain all-sum seconds) per stage."""
+    total = sum(count * min((ns * g + s) / r + lam + moe * chain for r, g, lam, chain in stages)
+                for count, ns, s, moe in sums.groups)
+    return total - sums.outside_split_read / slowest_rate
 
 
-def order_bound(sums: LayerSums, rates: list[tuple[float, float]], layers: int) -> float:
-    """layers_bound for any split of these ranks into 2+ stages: a stage is
-    no faster than every rank but the slowest together, and no rank reads
-    its uncut bytes faster than the fastest."""
+def order_bound(sums: LayerSums, rates: list[tuple[float, float]], chain_hop_s: float) -> float:
+    """layers_bound for any split of these ranks into 2+ stages: a layer
+    runs on one rank, no faster than the fastest, or on a stage of 2+, no
+    faster than every rank but the slowest together (the uncut bytes at the
+    fastest rank's rate) and paying at least two hops of the cheapest link
+    (chain_hop_s) per MoE layer."""
     total = sum(rate for rate, _ in rates)
-    top = max(rate for rate, _ in rates)
-    ns = sums.read_ns[layers] - sums.outside_split_read
-    return ns / top + sums.read_s[layers] / (total - min(rate for rate, _ in rates)) \
-        + layers * min(layer for _, layer in rates)
+    top, low = max(rate for rate, _ in rates), min(rate for rate, _ in rates)
+    least_layer = min(layer for _, layer in rates)
+    return sum(count * (least_layer + min((ns + s) / top, ns / top + s / (total - low) + moe * 2 * chain_hop_s))
+               for count, ns, s, moe in sums.groups) - sums.outside_split_read / low
+
+
+def split_bound(sums: LayerSums, rates: list[tuple[float, float]], edges: list[float], stage_ranks: list[int],
+                each: float) -> float:
+    """A lower bound on a split's decode time less its step and all-gather:
+    the layers (layers_bound, with each stage's chain all-sum), each
+    stage's input forwarded down its chain, and the sends between stages
+    with their collective cost `each`. rates: (bytes/s, seconds per layer)
+    per rank; edges: seconds of one message from rank i to i+1, without the
+    collective cost (a stage's own may be lower than `each`)."""
+    per_stage, comm, start = [], 0.0, 0
+    for size in stage_ranks:
+        end = start + size
+        part = rates[start:end]
+        total = sum(rate for rate, _ in part)
+        chain = sum(edges[start:end - 1])
+        per_stage.append((total, size, sum(layer * rate for rate, layer in part) / total, 2 * chain))
+        comm += chain + (edges[end - 1] + each if end < len(rates) else 0.0)
+        start = end
+    return layers_bound(sums, per_stage, min(rate for rate, _ in rates)) + comm

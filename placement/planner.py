@@ -405,27 +405,29 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
         if "hybrid layers" not in memo:
             memo["hybrid layers"] = hybrid.layer_sums(model, settings, canary_bytes(model))
         sums = memo["hybrid layers"]
-        rates = [cost.decode_rates(node) for node in order]
+        rates = [(rate, layer) for rate, _, layer in map(cost.decode_rates, order)]
         step = max(cost.rank_compute_s(model.outside.read_all, 0, node) for node in order)
-        layers_floor = hybrid.order_bound(sums, [(r, layer) for r, _, layer in rates], model.num_layers)
         ids = [node.node_id for node in order]
-        splits = hybrid.stage_splits(order, links, message, hops)
+        splits = None
         for backend in _backends(order, links, request.backend):
             each = cost.collective_s(order)
             ring = cost.ring_hops(ids, links, backend, hops)
-            floor = step + layers_floor + cost.all_gather_s(ring, message, each) + min(
-                cost.send_s(h, message, each) for h in ring[:n - 1])
-            if best and 1 / floor < best * reach:
-                left_out += len(splits)
+            edges = [cost.send_s(h, message, 0.0) for h in ring[:n - 1]]  # rank i to i+1
+            # Every split pays the step, the all-gather and at least one send.
+            fixed = step + cost.all_gather_s(ring, message, each)
+            if best and 1 / (fixed + min(edges) + each + hybrid.order_bound(sums, rates, min(edges))) < best * reach:
+                left_out += n - 2
                 continue
+            if splits is None:  # cut where the links are slow, whichever backend
+                splits = hybrid.stage_splits([cost.send_s(cost.hop(links, a, b, pb.RING, hops), message, 0.0)
+                                              for a, b in zip(ids, ids[1:])])
             for stage_ranks in splits:
                 why = strategy_objects.HYBRID.split_reasons(model, stage_ranks)
                 if why:
                     if forced:
                         listed.append(_refused_hybrid(model, order, stage_ranks, why, settings, backend))
                     continue
-                stages = _cut(order, stage_ranks)
-                bound = step + _split_bound(model, sums, stages, links, backend, message, hops)
+                bound = fixed + hybrid.split_bound(sums, rates, edges, stage_ranks, each)
                 index = len(listed)
                 listed.append(None)
                 found.append((bound, index, (model, backend, order, stage_ranks, links, settings, memo)))
@@ -454,25 +456,6 @@ def _cut(items: list, stage_ranks: list[int]) -> list[list]:
         out.append(items[start:start + size])
         start += size
     return out
-
-
-def _split_bound(model: ModelProfile, sums: hybrid.LayerSums, stages: list[list[pb.NodeProfile]], links: dict,
-                 backend: int, message: float, hops: dict) -> float:
-    """A lower bound on a split's decode time less the fixed step: the
-    layers at the rate-weighted bound, the sends between stages and the
-    all-gather exactly, the forward down each chain without its collective
-    cost, no all-sums."""
-    per_stage = []
-    forward = 0.0
-    for stage in stages:
-        rates = [cost.decode_rates(node) for node in stage]
-        total = sum(rate for rate, _, _ in rates)
-        per_stage.append((total, len(stage), sum(layer * rate for rate, _, layer in rates) / total))
-        forward += sum(cost.send_s(cost.hop(links, a.node_id, b.node_id, backend, hops), message, 0.0)
-                       for a, b in zip(stage, stage[1:]))
-    fixed = cost.hybrid_fixed_communication_s(stages, links, backend, message,
-                                              cost.collective_s([n for s in stages for n in s]), hops)
-    return hybrid.layers_bound(sums, per_stage, model.num_layers) + forward + fixed
 
 
 def _refused_hybrid(model: ModelProfile, order: list[pb.NodeProfile], stage_ranks: list[int], reasons: list[str],
@@ -570,7 +553,8 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
         return bounds[::-1]
 
     # The slowest stage takes at least the stages' bound shared out evenly.
-    floor = hybrid.layers_bound(sums, [(s.total_rate, len(s.rates), s.layer_s) for s in stages], layers) / k
+    floor = hybrid.layers_bound(sums, [(s.total_rate, len(s.rates), s.layer_s, 0.0) for s in stages],
+                                min(rate for s in stages for rate, _ in s.rates)) / k
     memo[key] = _bisect_split(assign, max(s.time(sums, 0, layers) for s in stages), floor * (1 - 1e-9))
     return memo[key]
 
