@@ -49,9 +49,10 @@ def hop(links: dict, a: str, b: str, backend: int, cache: dict | None = None) ->
     one plan's many candidates."""
     if cache is not None:
         key = (a, b, backend)
-        if key not in cache:
-            cache[key] = hop(links, a, b, backend)
-        return cache[key]
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = hop(links, a, b, backend)
+        return found
     link = links.get((a, b)) or links.get((b, a))
     if link is None:
         return Hop(constants.ASSUMED_LINK_RTT_S / 2, constants.ASSUMED_LINK_BANDWIDTH, False)

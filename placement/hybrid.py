@@ -110,15 +110,13 @@ class Stage:
 
     rates: tuple  # (bytes/s, seconds per layer) per rank
     rooms: tuple  # usable bytes per rank
+    total_rate: float = 0.0
+    layer_s: float = 0.0  # lambda: the ranks' per-layer costs weighted by rate
 
-    @property
-    def total_rate(self) -> float:
-        return sum(rate for rate, _ in self.rates)
-
-    @property
-    def layer_s(self) -> float:
-        """lambda: the ranks' per-layer costs weighted by rate."""
-        return sum(layer * rate for rate, layer in self.rates) / self.total_rate
+    @classmethod
+    def of(cls, rates: tuple, rooms: tuple) -> "Stage":
+        total = sum(rate for rate, _ in rates)
+        return cls(rates, rooms, total, sum(layer * rate for rate, layer in rates) / total)
 
     def time(self, sums: LayerSums, a: int, b: int) -> float:
         """The stage's time for layers a..b with balanced shares, ignoring
@@ -169,21 +167,61 @@ def order_bound(sums: LayerSums, rates: list[tuple[float, float]], chain_hop_s: 
                for count, ns, s, moe in sums.groups) - sums.outside_split_read / low
 
 
-def split_bound(sums: LayerSums, rates: list[tuple[float, float]], edges: list[float], stage_ranks: list[int],
-                each: float) -> float:
+class OrderFigures:
+    """Running sums over one order's ranks, so that a split's bound costs
+    O(stages): rates, rate-weighted per-layer costs, and the seconds of one
+    message from rank i to i+1 (without the collective cost)."""
+
+    def __init__(self, rates: list[tuple[float, float]], edges: list[float]):
+        self.n = len(rates)
+        self.rates, self.edges = rates, edges
+        self.rate, self.weighted, self.edge = [0.0], [0.0], [0.0]
+        for rate, layer in rates:
+            self.rate.append(self.rate[-1] + rate)
+            self.weighted.append(self.weighted[-1] + rate * layer)
+        for seconds in edges:
+            self.edge.append(self.edge[-1] + seconds)
+        self.slowest = min(rate for rate, _ in rates)
+
+
+def split_bound(sums: LayerSums, order: OrderFigures, stage_ranks: list[int], each: float,
+                per_stage: bool = False) -> float:
     """A lower bound on a split's decode time less its step and all-gather:
-    the layers (layers_bound, with each stage's chain all-sum), each
-    stage's input forwarded down its chain, and the sends between stages
-    with their collective cost `each`. rates: (bytes/s, seconds per layer)
-    per rank; edges: seconds of one message from rank i to i+1, without the
-    collective cost (a stage's own may be lower than `each`)."""
-    per_stage, comm, start = [], 0.0, 0
+    the layers, each stage's input forwarded down its chain, and the sends
+    between stages with their collective cost `each` (a stage's own
+    collective cost may be lower, so its chain is counted without).
+
+    The layers: each layer on a stage of one rank costs at least its bytes
+    at the fastest such rank's rate; on a stage of 2+, at least the
+    rate-weighted time of the best such stage's figures (each taken apart)
+    plus, if it is an MoE layer, the cheapest such stage's chain all-sum.
+    per_stage: tighter and slower, each layer at its cheapest stage's time
+    (layers_bound)."""
+    comm, start, stages = 0.0, 0, []
+    alone_rate, alone_layer = 0.0, math.inf
+    per_rank, inverse, lam, chain = math.inf, math.inf, math.inf, math.inf
     for size in stage_ranks:
         end = start + size
-        part = rates[start:end]
-        total = sum(rate for rate, _ in part)
-        chain = sum(edges[start:end - 1])
-        per_stage.append((total, size, sum(layer * rate for rate, layer in part) / total, 2 * chain))
-        comm += chain + (edges[end - 1] + each if end < len(rates) else 0.0)
+        total = order.rate[end] - order.rate[start]
+        forward = order.edge[end - 1] - order.edge[start]
+        if size == 1:
+            alone_rate = max(alone_rate, total)
+            alone_layer = min(alone_layer, order.rates[start][1])
+        else:
+            per_rank, inverse = min(per_rank, size / total), min(inverse, 1 / total)
+            lam = min(lam, (order.weighted[end] - order.weighted[start]) / total)
+            chain = min(chain, 2 * forward)
+        if per_stage:
+            stages.append((total, size, (order.weighted[end] - order.weighted[start]) / total,
+                           2 * forward if size > 1 else 0.0))
+        comm += forward + (order.edges[end - 1] + each if end < order.n else 0.0)
         start = end
-    return layers_bound(sums, per_stage, min(rate for rate, _ in rates)) + comm
+    if per_stage:
+        return layers_bound(sums, stages, order.slowest) + comm
+    layers = 0.0
+    for count, ns, s, moe in sums.groups:
+        cheapest = ns * per_rank + s * inverse + lam + moe * chain
+        if alone_rate:
+            cheapest = min(cheapest, (ns + s) / alone_rate + alone_layer)
+        layers += count * cheapest
+    return layers - sums.outside_split_read / order.slowest + comm

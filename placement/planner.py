@@ -418,6 +418,7 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
             if best and 1 / (fixed + min(edges) + each + hybrid.order_bound(sums, rates, min(edges))) < best * reach:
                 left_out += n - 2
                 continue
+            figures = hybrid.OrderFigures(rates, edges)
             if splits is None:  # cut where the links are slow, whichever backend
                 splits = hybrid.stage_splits([cost.send_s(cost.hop(links, a, b, pb.RING, hops), message, 0.0)
                                               for a, b in zip(ids, ids[1:])])
@@ -427,7 +428,9 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
                     if forced:
                         listed.append(_refused_hybrid(model, order, stage_ranks, why, settings, backend))
                     continue
-                bound = fixed + hybrid.split_bound(sums, rates, edges, stage_ranks, each)
+                bound = fixed + hybrid.split_bound(sums, figures, stage_ranks, each)
+                if best and 1 / bound >= best * reach:  # worth the tighter bound
+                    bound = fixed + hybrid.split_bound(sums, figures, stage_ranks, each, per_stage=True)
                 index = len(listed)
                 listed.append(None)
                 found.append((bound, index, (model, backend, order, stage_ranks, links, settings, memo)))
@@ -485,7 +488,7 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
                              concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens)
     sums = memo["hybrid layers"]
     stages, rooms = _cut(order, stage_ranks), _cut(usable, stage_ranks)
-    shapes = [hybrid.Stage(tuple((rate, layer) for rate, _, layer in map(cost.decode_rates, nodes)), tuple(room))
+    shapes = [hybrid.Stage.of(tuple((rate, layer) for rate, _, layer in map(cost.decode_rates, nodes)), tuple(room))
               for nodes, room in zip(stages, rooms)]
     bounds = hybrid_split(model, shapes, sums, memo)
     stage_times, fixed, moe, rank = [], [], [], 0
