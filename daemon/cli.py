@@ -163,9 +163,13 @@ def cmd_plan(args) -> int:
 
 def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
     from exod.placement import BACKEND_NAMES, STRATEGY_NAMES
+    from exod.placement.spec import stages_text
 
     def describe(c: pb.Placement) -> str:
         return f"{STRATEGY_NAMES[c.strategy]} over {len(c.ranks)} node(s), {BACKEND_NAMES[c.backend]}"
+
+    def stages(c: pb.Placement) -> str:
+        return f"  {stages_text(c)}" if c.strategy == pb.HYBRID and c.stage_ranks and not c.rejected else ""
 
     first = result.candidates[0] if result.candidates else None
     if first:
@@ -177,7 +181,7 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
         # A candidate refused for a reason other than memory has no estimates to show.
         numbers = f"{'-':>8} {'-':>10}" if c.rejected else f"{c.predicted_decode_tokens_per_s:8.1f} {peak / 1e9:8.1f}GB"
         print(f"{STRATEGY_NAMES[c.strategy]:11} {BACKEND_NAMES[c.backend]:7} {len(c.ranks):5} "
-              f"{numbers}  {'yes' if c.fits else 'no: ' + (c.reasons[0] if c.reasons else '')}")
+              f"{numbers}  {'yes' if c.fits else 'no: ' + (c.reasons[0] if c.reasons else '')}{stages(c)}")
     if not result.HasField("chosen"):
         print(f"\n{result.reasons[0] if result.reasons else 'nothing fits'}")
         return
@@ -185,6 +189,8 @@ def print_plan(spec: pb.ModelSpec, result: pb.Plan) -> None:
     print(f"\nchosen: {describe(chosen)}, {chosen.predicted_decode_tokens_per_s:.1f} tok/s predicted "
           f"(compute {chosen.predicted_compute_s * 1e3:.2f} ms + communication "
           f"{chosen.predicted_communication_s * 1e3:.2f} ms per token)")
+    if stages(chosen):
+        print(stages(chosen).strip())
     print(f"{'RANK':>4} {'NODE':16} {'LAYERS':>9} {'SHARE':>9} {'WEIGHTS':>9} {'EXPERTS':>9} {'ATTN':>8} {'KV':>8} "
           f"{'OVERHEAD':>9} {'TOTAL':>9} {'USABLE':>9}  TRANSFER")
     for r in chosen.ranks:
@@ -695,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", help="memory bandwidth per node with --nodes, bytes/s (default 400GB)")
     p.add_argument("--context", type=int)
     p.add_argument("--concurrency", type=int)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts", "hybrid"])
     p.add_argument("--backend", choices=["ring", "jaccl"])
     p.add_argument("--only", action="append", metavar="NODE", help="restrict to these nodes (repeatable)")
     p.add_argument("--headroom", type=float, help="fraction of usable memory to leave free")
@@ -722,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = api_parser("place", cmd_place, "place a model on the cluster through the local daemon")
     p.add_argument("model", help="catalog id, model directory (on every chosen node) or built-in model")
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"])
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts", "hybrid"])
     p.add_argument("--context-length", type=int)
     p.add_argument("--concurrency", type=int, help="sequences decoded at once (default 8): the KV of that many "
                                                     "contexts is reserved")

@@ -310,6 +310,13 @@ class Models:
         return max([MIN_RATE, *rates])
 
     def plan_rank(self, checkpoint: ckpt.Checkpoint, spec: pb.RunnerSpec) -> shards.RankPlan:
+        # TODO(hybrid): models/shards.plan_rank does not take the stages yet
+        # (the runner side adds them). Once it accepts them, pass
+        # stage_ranks=list(spec.stage_ranks), stage_strategy=spec.stage_strategy
+        # here: for strategy "hybrid", pipeline_layers has one entry per stage
+        # and shares one per rank (its grains within its stage). Until then a
+        # hybrid rank is planned as strategy "hybrid", which shards.py does not
+        # cut: it fetches the whole checkpoint.
         return shards.plan_rank(checkpoint, spec.strategy, spec.rank, spec.world_size, list(spec.pipeline_layers),
                                 rank_shares=list(spec.shares),
                                 expert_layout=spec.expert_layout if spec.HasField("expert_layout") else None)
@@ -566,7 +573,7 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
     measured links; then `rechoose`. Pure: the holdings and links are the
     cluster's (what the planner was given), so `exod plan --cluster` shows
     the same as the daemon's preview."""
-    from exod.placement import STRATEGY_NAMES
+    from exod.placement.spec import layout as spec_layout
 
     spec = checkpoint.spec(checkpoint.model_id)
     sizes = {n: s for n, (s, _) in checkpoint.files.items()}
@@ -581,8 +588,8 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
     for candidate in [*result.candidates, *([result.chosen] if result.HasField("chosen") else [])]:
         if not candidate.fits:
             continue  # a cut that does not divide has no bytes to name
-        strategy = STRATEGY_NAMES[candidate.strategy]
-        split = [r.layer_end - r.layer_start for r in candidate.ranks] if strategy == "pipeline" else []
+        fields = spec_layout(candidate)
+        strategy, split = fields.strategy, fields.pipeline_layers
         world = len(candidate.ranks)
         rank_shares = [r.share for r in candidate.ranks] if strategy != "pipeline" else []
         layout = candidate.expert_layout if candidate.HasField("expert_layout") else None
@@ -590,8 +597,12 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
         slowest, total = 0.0, 0
         candidate.revision = checkpoint.revision
         for r in candidate.ranks:
-            key = (strategy, r.rank, world, tuple(split), tuple(rank_shares), layout_key)
+            key = (strategy, r.rank, world, tuple(split), tuple(rank_shares), layout_key, tuple(fields.stage_ranks))
             if key not in cache:
+                # TODO(hybrid): pass stage_ranks=fields.stage_ranks,
+                # stage_strategy=fields.stage_strategy once models/shards.plan_rank
+                # accepts them (runner side); until then a hybrid rank is priced
+                # as fetching the whole checkpoint.
                 cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec,
                                               rank_shares=rank_shares, expert_layout=layout)
             plan = cache[key]

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from exod.placement.spec import layout as spec_layout
 from exod.proto import exod_pb2 as pb
 
 from . import expert_load, placement_api, reservations, signing, state, trust
@@ -412,17 +413,16 @@ class Work:
                                replaces=replaces.instance_id if replaces else "")
         self.owned[instance_id] = instance
         self.changed()
-        strategy = placement_api.STRATEGY_NAMES[chosen.strategy]
-        split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else []
-        # Grains of a cutting strategy; with an expert layout, each rank's experts per MoE layer.
-        shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and len(chosen.ranks) > 1 else []
+        fields = spec_layout(chosen)
+        strategy = fields.strategy
         # Travels only inside StartRunner, over the authenticated peer plane.
         rendezvous_secret = secrets.token_hex(32)
         starts = []
         for rank, (node_id, reservation_id) in zip(chosen.ranks, admitted):
             spec = pb.RunnerSpec(instance_id=instance_id, node_id=node_id, rank=rank.rank,
                                  world_size=len(chosen.ranks), backend=chosen.backend, hosts=hosts,
-                                 strategy=strategy, pipeline_layers=split, shares=shares,
+                                 strategy=strategy, pipeline_layers=fields.pipeline_layers, shares=fields.shares,
+                                 stage_ranks=fields.stage_ranks, stage_strategy=fields.stage_strategy,
                                  rendezvous_secret=rendezvous_secret,
                                  estimated_bytes=rank.memory.total_bytes, context_length=chosen.context_length,
                                  max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
