@@ -1,0 +1,213 @@
+"""Hybrid placements on the planner side: pipeline across stages cut at the
+slowest links, moe_tensor inside each stage of two or more ranks; per-rank
+memory exact over each stage's layers; refusals; the runner's layout
+fields; the chain all-sum cost."""
+
+import pytest
+
+from exod.models import catalog
+from exod.placement import PlanError, cost, hybrid, plan, planner, profile
+from exod.placement.planner import Settings
+from exod.placement.spec import layout, stages_text
+from exod.proto import exod_pb2 as pb
+
+GB = 10**9
+
+
+def node(name, memory_gb, bandwidth_gbs):
+    return pb.NodeProfile(node_id=name, name=name, memory_usable_bytes=int(memory_gb * GB),
+                          memory_total_bytes=int(memory_gb * GB),
+                          memory_bandwidth_bytes_per_s=bandwidth_gbs * 1e9, backends=["ring"])
+
+
+def studios_and_macbook(studio_gb, macbook_gb, macbook_first=False, thunderbolt_rtt=50e-6):
+    """Two Studios on Thunderbolt (~5 GB/s), a MacBook on Wi-Fi (50 MB/s,
+    5 ms one way) to both."""
+    nodes = [node("studio-a", studio_gb, 800), node("studio-b", studio_gb, 800), node("macbook", macbook_gb, 400)]
+    if macbook_first:  # the fastest node starts the ring: the MacBook, here
+        nodes[2] = node("macbook", macbook_gb, 900)
+    links = [pb.Link(from_node="studio-a", to_node="studio-b", rtt_s=thunderbolt_rtt, bandwidth_bytes_per_s=5e9),
+             pb.Link(from_node="studio-a", to_node="macbook", rtt_s=10e-3, bandwidth_bytes_per_s=50e6),
+             pb.Link(from_node="studio-b", to_node="macbook", rtt_s=10e-3, bandwidth_bytes_per_s=50e6)]
+    return pb.Cluster(nodes=nodes, links=links)
+
+
+@pytest.fixture(scope="module")
+def flash():
+    spec = catalog.resolve("deepseek-v4-flash")
+    return spec, profile(spec)
+
+
+def hybrids(result):
+    return [c for c in result.candidates if c.strategy == pb.HYBRID]
+
+
+def test_hybrid_is_proven_exactly_when_pipeline_and_moe_tensor_are(flash):
+    spec, model = flash
+    assert "hybrid" in model.proven and "pipeline" in model.proven and "moe_tensor" in model.proven
+    narrowed = pb.ModelSpec()
+    narrowed.CopyFrom(spec)
+    del narrowed.proven_strategies[:]
+    narrowed.proven_strategies.extend(["pipeline", "moe_experts"])
+    narrowed.refused_strategies["moe_tensor"] = "moe_tensor is not proven here"
+    refused = profile(narrowed)
+    assert "hybrid" not in refused.proven
+    assert "moe_tensor is not proven here" in refused.refused["hybrid"]
+
+
+def test_the_studios_and_the_macbook_choose_hybrid_when_neither_fits_two_nodes_and_it_is_fastest(flash):
+    spec, model = flash
+    result = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(), model=model)
+    chosen = result.chosen
+    assert chosen.strategy == pb.HYBRID and chosen.fits
+    assert list(chosen.stage_ranks) == [2, 1]  # the Wi-Fi link is the stage boundary
+    assert chosen.stage_strategy == pb.MOE_TENSOR
+    assert [r.node_name for r in chosen.ranks] == ["studio-a", "studio-b", "macbook"]
+    others = [c for c in result.candidates if c.fits and c.strategy != pb.HYBRID]
+    assert others and all(c.predicted_decode_tokens_per_s < chosen.predicted_decode_tokens_per_s for c in others)
+    assert stages_text(chosen).startswith("hybrid: [studio-a studio-b] moe_tensor layers ")
+
+
+def test_the_stages_follow_the_links_when_the_macbook_starts_the_ring(flash):
+    spec, model = flash
+    result = plan(spec, studios_and_macbook(72, 48, macbook_first=True),
+                  pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+    evaluated = [c for c in hybrids(result) if not c.rejected]
+    assert [list(c.stage_ranks) for c in evaluated] == [[1, 2]]
+    assert evaluated[0].ranks[0].node_name == "macbook"
+
+
+def test_a_slower_thunderbolt_hop_makes_pipeline_the_choice(flash):
+    """The chain all-sum pays 2 hops per MoE layer: at 200 µs RTT they cost
+    more than the cut experts save, and pipeline wins (the hybrid is not
+    even evaluated: its bound says it cannot be chosen)."""
+    spec, model = flash
+    cluster = studios_and_macbook(72, 48, thunderbolt_rtt=200e-6)
+    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
+    assert result.chosen.strategy == pb.PIPELINE and len(result.chosen.ranks) == 3
+    assert not hybrids(result) and any("1 hybrid split(s) not evaluated" in r for r in result.reasons)
+    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model).chosen
+    assert forced.fits and forced.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s * 0.95
+
+
+def test_big_studios_take_two_nodes_and_a_forced_hybrid_still_fits(flash):
+    spec, model = flash
+    cluster = studios_and_macbook(120, 64)
+    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
+    assert len(result.chosen.ranks) == 2
+    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+    assert forced.chosen.strategy == pb.HYBRID and forced.chosen.fits and list(forced.chosen.stage_ranks) == [2, 1]
+
+
+def test_each_ranks_memory_is_rank_memory_over_its_stage_and_share(flash):
+    spec, model = flash
+    request = pb.PlacementRequest(strategy=pb.HYBRID)
+    chosen = plan(spec, studios_and_macbook(72, 48), request, model=model).chosen
+    settings = Settings(chosen.context_length, chosen.concurrency, 0.05, chosen.prefix_cache_tokens)
+    of = model.grains["moe_tensor"]
+    index = 0
+    for size in chosen.stage_ranks:
+        stage = chosen.ranks[index:index + size]
+        assert sum(r.share for r in stage) == of and all(r.share_of == of for r in stage)
+        assert len({(r.layer_start, r.layer_end) for r in stage}) == 1
+        for r in stage:
+            memory, _ = planner.rank_memory(model, "moe_tensor", of, r.layer_start, r.layer_end, settings,
+                                            share=(r.share, of), ranks=len(chosen.ranks))
+            assert r.memory == memory
+            assert r.fits and r.memory.total_bytes <= r.usable_bytes
+        index += size
+    # The one-rank stage holds its layers whole, as a pipeline stage does.
+    macbook = chosen.ranks[2]
+    whole, _ = planner.rank_memory(model, "pipeline", 3, macbook.layer_start, macbook.layer_end, settings, ranks=3)
+    assert macbook.memory.weights_bytes == whole.weights_bytes
+
+
+def test_the_stages_tile_the_layers_and_stage_0_runs_the_last(flash):
+    spec, model = flash
+    chosen = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(), model=model).chosen
+    ranges, index = [], 0
+    for size in chosen.stage_ranks:
+        ranges.append((chosen.ranks[index].layer_start, chosen.ranks[index].layer_end))
+        index += size
+    assert ranges[0][1] == model.num_layers
+    assert ranges[-1][0] == 0
+    assert all(a[0] == b[1] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_hybrid_on_two_nodes_is_refused(flash):
+    spec, model = flash
+    cluster = pb.Cluster(nodes=[node("a", 120, 800), node("b", 120, 800)])
+    with pytest.raises(PlanError, match="hybrid needs at least 3 ranks: on 2 it is pipeline or moe_tensor"):
+        plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+
+
+def test_a_dense_model_refuses_hybrid():
+    spec = catalog.resolve("llama-3.3-70b-4bit")
+    cluster = pb.Cluster(nodes=[node(f"n{i}", 64, 400) for i in range(3)])
+    with pytest.raises(PlanError, match="hybrid needs a mixture-of-experts model"):
+        plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID))
+    unforced = plan(spec, cluster, pb.PlacementRequest())
+    assert not hybrids(unforced)
+
+
+def test_the_runner_layout_has_one_pipeline_entry_per_stage(flash):
+    spec, model = flash
+    chosen = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(), model=model).chosen
+    fields = layout(chosen)
+    assert fields.strategy == "hybrid" and fields.stage_strategy == "moe_tensor"
+    assert fields.stage_ranks == [2, 1]
+    assert len(fields.pipeline_layers) == 2 and sum(fields.pipeline_layers) == model.num_layers
+    assert fields.pipeline_layers == [chosen.ranks[0].layer_end - chosen.ranks[0].layer_start,
+                                      chosen.ranks[2].layer_end - chosen.ranks[2].layer_start]
+    assert fields.shares == [r.share for r in chosen.ranks] and fields.shares[2] == model.grains["moe_tensor"]
+
+
+def test_pipeline_and_cut_layouts_are_unchanged(flash):
+    spec, model = flash
+    cluster = studios_and_macbook(72, 48)
+    pipe = plan(spec, cluster, pb.PlacementRequest(strategy=pb.PIPELINE, ranks=3), model=model).chosen
+    assert layout(pipe).pipeline_layers == [r.layer_end - r.layer_start for r in pipe.ranks]
+    assert layout(pipe).shares == [] and layout(pipe).stage_ranks == []
+
+
+def test_the_order_is_cut_at_its_slowest_links():
+    assert hybrid.stage_splits([1.0, 5.0, 2.0, 0.5]) == [[2, 3], [2, 1, 2], [1, 1, 1, 2]]
+    assert hybrid.stage_splits([1.0]) == []
+
+
+def test_the_chain_all_sum_is_two_sequential_hops_per_link():
+    hops = [cost.Hop(1e-4, 1e9, True), cost.Hop(2e-4, 2e9, True)]
+    message = 8192
+    expected = 2 * ((1e-4 + message / 1e9 + 1e-5) + (2e-4 + message / 2e9 + 1e-5))
+    assert cost.chain_all_sum_s(hops, message, 1e-5) == pytest.approx(expected)
+
+
+def test_the_communication_adds_chain_all_sums_forwards_boundary_sends_and_the_gather(flash):
+    spec, model = flash
+    cluster = studios_and_macbook(72, 48)
+    chosen = plan(spec, cluster, pb.PlacementRequest(), model=model).chosen
+    links = {(link.from_node, link.to_node): link for link in cluster.links}
+    message = model.hidden_size * model.activation_bytes
+    fast = cost.send_s(cost.Hop(25e-6, 5e9, True), message, 0.0)
+    slow = cost.send_s(cost.Hop(5e-3, 50e6, True), message, 0.0)
+    studios = chosen.ranks[0]
+    moe = sum(1 for i in model.moe_layer_ids if studios.layer_start <= i < studios.layer_end)
+    gather = 2 * (5e-3 + message / 50e6)  # 3 ranks, the slowest ring hop
+    assert chosen.predicted_communication_s == pytest.approx(moe * 2 * fast + fast + slow + gather)
+    nodes = {n.node_id: n for n in cluster.nodes}
+    stages = [[nodes["studio-a"], nodes["studio-b"]], [nodes["macbook"]]]
+    assert cost.hybrid_communication_s(stages, links, pb.RING, model.hidden_size, model.activation_bytes,
+                                       [moe, 0]) == pytest.approx(chosen.predicted_communication_s)
+
+
+def test_splits_left_out_by_the_bound_are_never_faster(flash):
+    """Every split the bound leaves out, evaluated anyway, is slower than
+    the chosen placement by more than the fewer-nodes margin."""
+    spec, model = flash
+    cluster = studios_and_macbook(120, 64)
+    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
+    assert any("hybrid split(s) not evaluated" in r for r in result.reasons)
+    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+    for candidate in hybrids(forced):
+        if not candidate.rejected:
+            assert candidate.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s * 0.95
