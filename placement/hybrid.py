@@ -112,11 +112,17 @@ class Stage:
     rooms: tuple  # usable bytes per rank
     total_rate: float = 0.0
     layer_s: float = 0.0  # lambda: the ranks' per-layer costs weighted by rate
+    slowest_rate: float = 0.0
+    same_layer_s: float | None = None  # every rank's per-layer cost, when they are the same
+    least_room: float = 0.0
 
     @classmethod
     def of(cls, rates: tuple, rooms: tuple) -> "Stage":
         total = sum(rate for rate, _ in rates)
-        return cls(rates, rooms, total, sum(layer * rate for rate, layer in rates) / total)
+        layer_costs = {layer for _, layer in rates}
+        return cls(rates, rooms, total, sum(layer * rate for rate, layer in rates) / total,
+                   min(rate for rate, _ in rates), layer_costs.pop() if len(layer_costs) == 1 else None,
+                   min(rooms))
 
     def time(self, sums: LayerSums, a: int, b: int) -> float:
         """The stage's time for layers a..b with balanced shares, ignoring
@@ -124,8 +130,11 @@ class Stage:
         fewest grains it may (one; all of them alone), whichever is more."""
         ns, s, n = sums.read_ns[b] - sums.read_ns[a], sums.read_s[b] - sums.read_s[a], b - a
         g = len(self.rates)
-        least = sums.of if g == 1 else 1
-        slowest = max((ns + s * least / sums.of) / rate + n * layer for rate, layer in self.rates)
+        least = ns + s * (1 if g > 1 else sums.of) / sums.of
+        if self.same_layer_s is not None:  # uncalibrated nodes: the slowest rate is the slowest rank
+            slowest = least / self.slowest_rate + n * self.same_layer_s
+        else:
+            slowest = max(least / rate + n * layer for rate, layer in self.rates)
         return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest)
 
     def fits(self, sums: LayerSums, a: int, b: int) -> bool:
@@ -135,13 +144,16 @@ class Stage:
         per = (sums.mem_s[b] - sums.mem_s[a]) / sums.of + sums.per_grain_mem
         if len(self.rooms) == 1:
             return base + per * sums.of <= self.rooms[0]
+        if per <= 0:
+            return self.least_room >= base
+        if self.least_room - base < per:
+            return False  # a rank cannot hold its one grain
         held = 0
         for room in self.rooms:
-            cap = sums.of if per <= 0 else math.floor((room - base) / per)
-            if cap < 1:
-                return False
-            held += min(cap, sums.of)
-        return held >= sums.of
+            held += min(math.floor((room - base) / per), sums.of)
+            if held >= sums.of:
+                return True
+        return False
 
 
 def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float, float]], slowest_rate: float) -> float:

@@ -545,12 +545,23 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
         bounds, start = [], 0
         for i, stage in enumerate(ascending):
             last = layers - (k - i - 1)
+
+            def within(end):
+                return stage.time(sums, start, end) <= limit and (not respect_memory or stage.fits(sums, start, end))
+
+            # Each stage takes as many layers as stay within the limit and its
+            # memory, the last stage the rest; both grow with the layers, so
+            # the most is found by bisection (a stage costs O(ranks) to check).
             end = last if i == k - 1 else start + 1
-            while end < last and stage.time(sums, start, end + 1) <= limit \
-                    and (not respect_memory or stage.fits(sums, start, end + 1)):
-                end += 1
-            if stage.time(sums, start, end) > limit or (respect_memory and not stage.fits(sums, start, end)):
+            if not within(end):
                 return None
+            high = last if i < k - 1 else end
+            while end < high:
+                mid = (end + high + 1) // 2
+                if within(mid):
+                    end = mid
+                else:
+                    high = mid - 1
             bounds.append((start, end))
             start = end
         return bounds[::-1]
