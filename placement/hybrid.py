@@ -56,11 +56,14 @@ class LayerSums:
     mem_ns: list
     mem_s: list
     moe: list
-    groups: tuple  # (layers, ns read, s read, MoE layers) per kind of layer, for the bounds
+    # Per kind of layer, for the bounds: (layers, ns read, s read, MoE
+    # layers, ns held, s held), each the least of its kind.
+    groups: tuple
     outside_read: float  # read by every rank each step (embedding row, lm_head)
     outside_split_read: float  # of which cut (0 unless moe_tensor cuts a non-layer tensor)
     fixed_mem: float  # outside tensors, process base, prefill activations outside the cut width, the canary
     per_grain_mem: float  # prefill activations per grain of the cut width
+    least_fixed_mem: float = 0.0  # fixed_mem less what of the outside tensors is cut (a rank holds at least this)
 
 
 def layer_sums(model, settings, canary: int) -> LayerSums:
@@ -82,24 +85,28 @@ def layer_sums(model, settings, canary: int) -> LayerSums:
         moe.append(moe[-1] + (i in layer_ids))
     read_ns = [r[READ_ALL] - r[READ_SPLIT] + (r[KV_FIXED] + r[KV_CUT]) / settings.concurrency for r in running]
     read_s = [r[READ_SPLIT] for r in running]
+    mem_ns = [ns_mem(r) for r in running]
+    mem_s = [sum(r[SPLIT + i] for i in range(n_classes)) for r in running]
     kinds: dict = {}
     for i in range(model.num_layers):
-        ns, s = read_ns[i + 1] - read_ns[i], read_s[i + 1] - read_s[i]
-        key = (int(ns), int(s), moe[i + 1] - moe[i])
-        count, low_ns, low_s = kinds.get(key, (0, ns, s))
-        kinds[key] = (count + 1, min(low_ns, ns), min(low_s, s))  # the least of a kind: a bound stays a bound
+        figures = (read_ns[i + 1] - read_ns[i], read_s[i + 1] - read_s[i], moe[i + 1] - moe[i],
+                   mem_ns[i + 1] - mem_ns[i], mem_s[i + 1] - mem_s[i])
+        key = tuple(int(f) for f in figures)
+        count, *least = kinds.get(key, (0, *figures))
+        kinds[key] = (count + 1, *map(min, least, figures))  # the least of a kind: a bound stays a bound
     return LayerSums(
         of=of,
-        groups=tuple((count, ns, s, key[2]) for key, (count, ns, s) in sorted(kinds.items())),
+        groups=tuple(kinds[key] for key in sorted(kinds)),
         read_ns=read_ns,
         read_s=read_s,
-        mem_ns=[ns_mem(r) for r in running],
-        mem_s=[sum(r[SPLIT + i] for i in range(n_classes)) for r in running],
+        mem_ns=mem_ns,
+        mem_s=mem_s,
         moe=moe,
         outside_read=outside[READ_ALL],
         outside_split_read=outside[READ_SPLIT],
         fixed_mem=(ns_mem(outside) + sum(outside[SPLIT + i] for i in range(n_classes))
                    + constants.PROCESS_BASE_BYTES + activation * model.hidden_size + canary),
+        least_fixed_mem=ns_mem(outside) + constants.PROCESS_BASE_BYTES + activation * model.hidden_size + canary,
         per_grain_mem=activation * model.max_intermediate / of if of else 0.0,
     )
 
@@ -115,19 +122,21 @@ class Stage:
     slowest_rate: float = 0.0
     same_layer_s: float | None = None  # every rank's per-layer cost, when they are the same
     least_room: float = 0.0
+    all_sum_s: float = 0.0  # the stage's chain all-sum, paid once per MoE layer
 
     @classmethod
-    def of(cls, rates: tuple, rooms: tuple) -> "Stage":
+    def of(cls, rates: tuple, rooms: tuple, all_sum_s: float = 0.0) -> "Stage":
         total = sum(rate for rate, _ in rates)
         layer_costs = {layer for _, layer in rates}
         return cls(rates, rooms, total, sum(layer * rate for rate, layer in rates) / total,
                    min(rate for rate, _ in rates), layer_costs.pop() if len(layer_costs) == 1 else None,
-                   min(rooms))
+                   min(rooms), all_sum_s)
 
     def time(self, sums: LayerSums, a: int, b: int) -> float:
         """The stage's time for layers a..b with balanced shares, ignoring
         memory: the rate-weighted bound, or the slowest rank holding the
-        fewest grains it may (one; all of them alone), whichever is more."""
+        fewest grains it may (one; all of them alone), whichever is more;
+        plus its all-sums."""
         ns, s, n = sums.read_ns[b] - sums.read_ns[a], sums.read_s[b] - sums.read_s[a], b - a
         g = len(self.rates)
         least = ns + s * (1 if g > 1 else sums.of) / sums.of
@@ -135,7 +144,9 @@ class Stage:
             slowest = least / self.slowest_rate + n * self.same_layer_s
         else:
             slowest = max(least / rate + n * layer for rate, layer in self.rates)
-        return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest)
+        # A stage on slow links pays for its all-sums: the split gives it fewer MoE layers.
+        return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest) \
+            + (sums.moe[b] - sums.moe[a]) * self.all_sum_s
 
     def fits(self, sums: LayerSums, a: int, b: int) -> bool:
         """Whether the ranks' memory holds layers a..b, every grain on some
@@ -156,14 +167,53 @@ class Stage:
         return False
 
 
-def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float, float]], slowest_rate: float) -> float:
+def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float, float]], slowest_rate: float,
+                 capacity: list[float] | None = None) -> float:
     """No layer split and no shares make the stages' layers take less: each
-    layer costs at least its cheapest stage's rate-weighted time plus, if
-    it is an MoE layer, that stage's chain all-sum.
-    stages: (total rate, ranks, lambda, chain all-sum seconds) per stage."""
-    total = sum(count * min((ns * g + s) / r + lam + moe * chain for r, g, lam, chain in stages)
-                for count, ns, s, moe in sums.groups)
-    return total - sums.outside_split_read / slowest_rate
+    layer costs at least its stage's rate-weighted time plus, if it is an
+    MoE layer, the stage's chain all-sum; at best every layer is on its
+    cheapest stage. stages: (total rate, ranks, lambda, chain all-sum
+    seconds) per stage. capacity: per stage, the bytes its ranks can hold
+    for layers (None: no limit); a layer of a kind takes g * ns + s of it.
+    With capacities the layers are also priced (priced_bound), which only
+    raises the bound."""
+    costs = [[(ns * g + s) / r + lam + moe * chain for r, g, lam, chain in stages]
+             for _, ns, s, moe, _, _ in sums.groups]
+    counts = [group[0] for group in sums.groups]
+    bound = sum(count * min(row) for count, row in zip(counts, costs))
+    if capacity is not None:
+        held = [[g * ns_held + s_held for _, g, _, _ in stages] for _, _, _, _, ns_held, s_held in sums.groups]
+        bound = max(bound, priced_bound(counts, costs, held, capacity))
+    return bound - sums.outside_split_read / slowest_rate
+
+
+def priced_bound(counts: list[int], costs: list[list[float]], held: list[list[float]], capacity: list[float],
+                 rounds: int = 24) -> float:
+    """A lower bound on sum(cost) over every way to put counts[j] layers of
+    kind j on stages, no stage holding more than its capacity (held[j][s]:
+    bytes one layer of kind j takes on stage s). Weak duality: for any
+    prices mu >= 0 per byte of each stage,
+        sum_j counts[j] * min_s(costs[j][s] + mu[s] * held[j][s]) - sum_s mu[s] * capacity[s]
+    is no more than any such placement's cost. The prices are raised on the
+    stages that the cheapest placement overfills (subgradient steps); the
+    best value found is returned."""
+    k = len(capacity)
+    mu = [0.0] * k
+    scale = sum(min(row) for row in costs) / max(1.0, sum(min(row) for row in held))  # seconds per byte
+    best = -math.inf
+    for step in range(rounds):
+        used, total = [0.0] * k, 0.0
+        for count, cost_row, held_row in zip(counts, costs, held):
+            s = min(range(k), key=lambda i: cost_row[i] + mu[i] * held_row[i])
+            total += count * (cost_row[s] + mu[s] * held_row[s])
+            used[s] += count * held_row[s]
+        best = max(best, total - sum(m * c for m, c in zip(mu, capacity)))
+        over = [u - c for u, c in zip(used, capacity)]
+        if all(o <= 0 for o in over) and all(m == 0 or o == 0 for m, o in zip(mu, over)):
+            break  # complementary slackness: these prices are optimal
+        largest = max(abs(o) for o in over) or 1.0
+        mu = [max(0.0, m + scale / (step + 1) * o / largest * 4) for m, o in zip(mu, over)]
+    return best
 
 
 def order_bound(sums: LayerSums, rates: list[tuple[float, float]], chain_hop_s: float) -> float:
@@ -176,7 +226,7 @@ def order_bound(sums: LayerSums, rates: list[tuple[float, float]], chain_hop_s: 
     top, low = max(rate for rate, _ in rates), min(rate for rate, _ in rates)
     least_layer = min(layer for _, layer in rates)
     return sum(count * (least_layer + min((ns + s) / top, ns / top + s / (total - low) + moe * 2 * chain_hop_s))
-               for count, ns, s, moe in sums.groups) - sums.outside_split_read / low
+               for count, ns, s, moe, _, _ in sums.groups) - sums.outside_split_read / low
 
 
 class OrderFigures:
@@ -184,9 +234,12 @@ class OrderFigures:
     O(stages): rates, rate-weighted per-layer costs, and the seconds of one
     message from rank i to i+1 (without the collective cost)."""
 
-    def __init__(self, rates: list[tuple[float, float]], edges: list[float]):
+    def __init__(self, rates: list[tuple[float, float]], edges: list[float], rooms: list[float]):
         self.n = len(rates)
         self.rates, self.edges = rates, edges
+        self.room = [0.0]
+        for room in rooms:
+            self.room.append(self.room[-1] + room)
         self.rate, self.weighted, self.edge = [0.0], [0.0], [0.0]
         for rate, layer in rates:
             self.rate.append(self.rate[-1] + rate)
@@ -209,7 +262,7 @@ def split_bound(sums: LayerSums, order: OrderFigures, stage_ranks: list[int], ea
     plus, if it is an MoE layer, the cheapest such stage's chain all-sum.
     per_stage: tighter and slower, each layer at its cheapest stage's time
     (layers_bound)."""
-    comm, start, stages = 0.0, 0, []
+    comm, start, stages, capacity = 0.0, 0, [], []
     alone_rate, alone_layer = 0.0, math.inf
     per_rank, inverse, lam, chain = math.inf, math.inf, math.inf, math.inf
     for size in stage_ranks:
@@ -226,12 +279,15 @@ def split_bound(sums: LayerSums, order: OrderFigures, stage_ranks: list[int], ea
         if per_stage:
             stages.append((total, size, (order.weighted[end] - order.weighted[start]) / total,
                            2 * forward if size > 1 else 0.0))
+            # What the stage's ranks hold beyond what each holds whatever its
+            # layers, with a megabyte a rank for the rounding of its cut bytes.
+            capacity.append(order.room[end] - order.room[start] - size * (sums.least_fixed_mem - 1e6))
         comm += forward + (order.edges[end - 1] + each if end < order.n else 0.0)
         start = end
     if per_stage:
-        return layers_bound(sums, stages, order.slowest) + comm
+        return layers_bound(sums, stages, order.slowest, capacity) + comm
     layers = 0.0
-    for count, ns, s, moe in sums.groups:
+    for count, ns, s, moe, _, _ in sums.groups:
         cheapest = ns * per_rank + s * inverse + lam + moe * chain
         if alone_rate:
             cheapest = min(cheapest, (ns + s) / alone_rate + alone_layer)

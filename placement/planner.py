@@ -406,6 +406,7 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
             memo["hybrid layers"] = hybrid.layer_sums(model, settings, canary_bytes(model))
         sums = memo["hybrid layers"]
         rates = [(rate, layer) for rate, _, layer in map(cost.decode_rates, order)]
+        usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
         step = max(cost.rank_compute_s(model.outside.read_all, 0, node) for node in order)
         ids = [node.node_id for node in order]
         splits = None
@@ -418,7 +419,7 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
             if best and 1 / (fixed + min(edges) + each + hybrid.order_bound(sums, rates, min(edges))) < best * reach:
                 left_out += n - 2
                 continue
-            figures = hybrid.OrderFigures(rates, edges)
+            figures = hybrid.OrderFigures(rates, edges, usable)
             if splits is None:  # cut where the links are slow, whichever backend
                 splits = hybrid.stage_splits([cost.send_s(cost.hop(links, a, b, pb.RING, hops), message, 0.0)
                                               for a, b in zip(ids, ids[1:])])
@@ -488,7 +489,12 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
                              concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens)
     sums = memo["hybrid layers"]
     stages, rooms = _cut(order, stage_ranks), _cut(usable, stage_ranks)
-    shapes = [hybrid.Stage.of(tuple((rate, layer) for rate, _, layer in map(cost.decode_rates, nodes)), tuple(room))
+    hops = memo.setdefault("hops", {})
+    message = model.hidden_size * model.activation_bytes
+    shapes = [hybrid.Stage.of(tuple((rate, layer) for rate, _, layer in map(cost.decode_rates, nodes)), tuple(room),
+                              cost.chain_all_sum_s([cost.hop(links, a.node_id, b.node_id, backend, hops)
+                                                    for a, b in zip(nodes, nodes[1:])], message,
+                                                   cost.collective_s(nodes)) if len(nodes) > 1 else 0.0)
               for nodes, room in zip(stages, rooms)]
     bounds = hybrid_split(model, shapes, sums, memo)
     stage_times, fixed, moe, rank = [], [], [], 0
@@ -511,7 +517,6 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
             rank += 1
         stage_times.append(slowest)
         moe.append(sums.moe[end] - sums.moe[start])
-    hops = memo.setdefault("hops", {})
     # The stages run one after another; the step and the logits on every rank at once.
     placement.predicted_compute_s = sum(stage_times) + max(fixed)
     placement.predicted_communication_s = cost.hybrid_communication_s(
@@ -566,9 +571,13 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
             start = end
         return bounds[::-1]
 
-    # The slowest stage takes at least the stages' bound shared out evenly.
-    floor = hybrid.layers_bound(sums, [(s.total_rate, len(s.rates), s.layer_s, 0.0) for s in stages],
-                                min(rate for s in stages for rate, _ in s.rates)) / k
+    # No stage does a layer faster than its cheapest kind of layer at its
+    # rate-weighted time, so within T the stages together do at most
+    # T * sum(1 / that): the slowest stage takes at least layers / sum.
+    cheapest = [min((len(s.rates) * ns + cut) / s.total_rate + s.layer_s + moe * s.all_sum_s
+                    for _, ns, cut, moe, _, _ in sums.groups)
+                for s in stages]
+    floor = layers / sum(1 / t for t in cheapest)
     memo[key] = _bisect_split(assign, max(s.time(sums, 0, layers) for s in stages), floor * (1 - 1e-9))
     return memo[key]
 
