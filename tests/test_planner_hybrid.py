@@ -6,7 +6,7 @@ fields; the chain all-sum cost."""
 import pytest
 
 from exod.models import catalog
-from exod.placement import PlanError, cost, hybrid, plan, planner, profile
+from exod.placement import PlanError, constants, cost, hybrid, plan, planner, profile
 from exod.placement.planner import Settings
 from exod.placement.spec import layout, stages_text
 from exod.proto import exod_pb2 as pb
@@ -211,3 +211,27 @@ def test_splits_left_out_by_the_bound_are_never_faster(flash):
     for candidate in hybrids(forced):
         if not candidate.rejected:
             assert candidate.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s * 0.95
+
+
+def test_the_bound_never_leaves_out_a_split_that_could_be_chosen(monkeypatch):
+    """On the planning bench's 16 Macs (Thunderbolt pairs, Ethernet and
+    Wi-Fi), every hybrid split evaluated anyway (no margin: nothing is left
+    out) that the plan left out is slower than the chosen placement by more
+    than the fewer-nodes margin."""
+    from bench.planning import cluster
+
+    spec = catalog.resolve("deepseek-v3.1-4bit")
+    model = profile(spec)
+    macs = cluster(16)
+    request = pb.PlacementRequest(context_length=32768)
+    result = plan(spec, macs, request, model=model)
+    kept = {(tuple(r.node_id for r in c.ranks), tuple(c.stage_ranks), c.backend) for c in hybrids(result)}
+    forced = pb.PlacementRequest()
+    forced.CopyFrom(request)
+    forced.strategy = pb.HYBRID
+    monkeypatch.setattr(constants, "FEWER_NODES_MARGIN", 1.0)  # every split within reach: none left out
+    every = [c for c in hybrids(plan(spec, macs, forced, model=model)) if not c.rejected]
+    left_out = [c for c in every if (tuple(r.node_id for r in c.ranks), tuple(c.stage_ranks), c.backend) not in kept]
+    assert len(left_out) >= 50
+    best = result.chosen.predicted_decode_tokens_per_s
+    assert all(c.predicted_decode_tokens_per_s < best * 0.95 for c in left_out if c.fits)
