@@ -392,7 +392,7 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
     message = model.hidden_size * model.activation_bytes
     reach = (1 - constants.FEWER_NODES_MARGIN) * (1 - 1e-9)
     best = max((c.predicted_decode_tokens_per_s for c in candidates if c.fits), default=0.0)
-    found, left_out, listed = [], 0, []
+    found, left_out, listed, per_node = [], 0, [], {}
     for order in orders:
         n = len(order)
         if (request.ranks and n != request.ranks) or (n == 1 and not forced):
@@ -405,9 +405,13 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
         if "hybrid layers" not in memo:
             memo["hybrid layers"] = hybrid.layer_sums(model, settings, canary_bytes(model))
         sums = memo["hybrid layers"]
-        rates = [(rate, layer) for rate, _, layer in map(cost.decode_rates, order)]
-        usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
-        step = max(cost.rank_compute_s(model.outside.read_all, 0, node) for node in order)
+        # Orders share their nodes: each node's figures once per plan.
+        figures_of = [per_node[node.node_id] if node.node_id in per_node
+                      else per_node.setdefault(node.node_id, _hybrid_node_figures(model, node, settings))
+                      for node in order]
+        rates = [f[0] for f in figures_of]
+        usable = [f[1] for f in figures_of]
+        step = max(f[2] for f in figures_of)
         ids = [node.node_id for node in order]
         splits = None
         for backend in _backends(order, links, request.backend):
@@ -452,6 +456,13 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
             candidates.append(candidate)
             impossible.append(candidate.rejected)
     return left_out
+
+
+def _hybrid_node_figures(model: ModelProfile, node: pb.NodeProfile, settings: Settings) -> tuple:
+    """((bytes/s, seconds per layer), usable bytes, the fixed per-step time) of one node."""
+    rate, _, layer = cost.decode_rates(node)
+    return ((rate, layer), int(node.memory_usable_bytes * (1 - settings.headroom)),
+            cost.rank_compute_s(model.outside.read_all, 0, node))
 
 
 def _cut(items: list, stage_ranks: list[int]) -> list[list]:
