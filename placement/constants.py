@@ -42,6 +42,12 @@ ASSUMED_RDMA_RTT_S = 10e-6
 # Within this fraction of the fastest prediction, fewer nodes win.
 FEWER_NODES_MARGIN = 0.05
 
+# On this many eligible nodes or fewer, every hybrid split is evaluated and
+# listed (a few, and cheap), so that the plan shows the hybrid's figures
+# even where it cannot be chosen; on more, splits that a lower bound proves
+# cannot be chosen are left out (placement/hybrid.py).
+HYBRID_EVERY_SPLIT_UP_TO = 4
+
 # Even shares win over balanced uneven ones predicted at most this much
 # faster (when they fit): nodes of one kind, whose measured bandwidths
 # differ by noise, keep the same shares placement after placement, so that

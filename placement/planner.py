@@ -84,7 +84,8 @@ def plan(spec: pb.ModelSpec, cluster: pb.Cluster, request: pb.PlacementRequest,
         alone = one_at_a_time(model, "hybrid", 3) and settings.concurrency > 1
         left_out = _add_hybrids(candidates, impossible, model, orders, links, request,
                                 single if alone else settings, single_memo if alone else memo,
-                                forced=bool(request.strategy), alone=alone, asked=settings.concurrency)
+                                forced=bool(request.strategy), alone=alone, asked=settings.concurrency,
+                                bounded=len(nodes) > constants.HYBRID_EVERY_SPLIT_UP_TO)
     if request.ranks and not candidates:
         raise PlanError(f"no candidate has exactly {request.ranks} ranks on {len(nodes)} eligible node(s)")
     if request.backend and not candidates:
@@ -378,7 +379,7 @@ def rank_shares(model: ModelProfile, strategy: str, order: list[pb.NodeProfile],
 
 def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: ModelProfile,
                  orders: list[list[pb.NodeProfile]], links: dict, request: pb.PlacementRequest,
-                 settings: Settings, memo: dict, forced: bool, alone: bool, asked: int) -> int:
+                 settings: Settings, memo: dict, forced: bool, alone: bool, asked: int, bounded: bool = True) -> int:
     """Hybrid candidates, appended in enumeration order: every order of 3+
     nodes cut into 2..n-1 stages at its slowest links (hybrid.stage_splits).
     A split is evaluated unless a lower bound on its decode time (exact
@@ -386,12 +387,13 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
     bound) proves that it cannot come within FEWER_NODES_MARGIN of the
     fastest fitting candidate, the only ones choose() may take; splits are
     evaluated from the best bound down so that the fastest is known early.
-    forced: hybrid was asked for, so refusals are listed. Returns how many
-    splits were left out."""
+    forced: hybrid was asked for, so refusals are listed. bounded: False
+    evaluates every split (a small cluster). Returns how many splits were
+    left out."""
     hops = memo.setdefault("hops", {})
     message = model.hidden_size * model.activation_bytes
     reach = (1 - constants.FEWER_NODES_MARGIN) * (1 - 1e-9)
-    best = max((c.predicted_decode_tokens_per_s for c in candidates if c.fits), default=0.0)
+    best = max((c.predicted_decode_tokens_per_s for c in candidates if c.fits), default=0.0) if bounded else 0.0
     found, left_out, listed, per_node = [], 0, [], {}
     for order in orders:
         n = len(order)
@@ -449,7 +451,7 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
                                      f"{model.model_id}'s caches cannot be batched"
                                      + (" across pipeline stages" if not model.unbatched else ""))
         listed[index] = candidate
-        if candidate.fits:
+        if candidate.fits and bounded:
             best = max(best, candidate.predicted_decode_tokens_per_s)
     for candidate in listed:
         if candidate is not None:

@@ -79,24 +79,23 @@ def test_the_stages_follow_the_links_when_the_macbook_starts_the_ring(flash):
 
 def test_a_slower_thunderbolt_hop_makes_pipeline_the_choice(flash):
     """The chain all-sum pays 2 hops per MoE layer: at 200 µs RTT they cost
-    more than the cut experts save, and pipeline wins (the hybrid is not
-    even evaluated: its bound says it cannot be chosen)."""
+    more than the cut experts save, and pipeline wins."""
     spec, model = flash
-    cluster = studios_and_macbook(72, 48, thunderbolt_rtt=200e-6)
-    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
+    result = plan(spec, studios_and_macbook(72, 48, thunderbolt_rtt=200e-6), pb.PlacementRequest(), model=model)
     assert result.chosen.strategy == pb.PIPELINE and len(result.chosen.ranks) == 3
-    assert not hybrids(result) and any("1 hybrid split(s) not evaluated" in r for r in result.reasons)
-    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model).chosen
-    assert forced.fits and forced.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s * 0.95
+    [listed] = hybrids(result)  # a small cluster lists every split
+    assert listed.fits and listed.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s
 
 
-def test_big_studios_take_two_nodes_and_a_forced_hybrid_still_fits(flash):
+def test_big_studios_take_two_nodes_and_the_hybrid_is_listed_and_fits(flash):
+    """The issue's figures: 120 GB Studios hold the model on two nodes,
+    which are faster; the hybrid over three is listed, fits, and is slower."""
     spec, model = flash
-    cluster = studios_and_macbook(120, 64)
-    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
+    result = plan(spec, studios_and_macbook(120, 64), pb.PlacementRequest(), model=model)
     assert len(result.chosen.ranks) == 2
-    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
-    assert forced.chosen.strategy == pb.HYBRID and forced.chosen.fits and list(forced.chosen.stage_ranks) == [2, 1]
+    [listed] = hybrids(result)
+    assert listed.fits and list(listed.stage_ranks) == [2, 1]
+    assert listed.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s
 
 
 def test_each_ranks_memory_is_rank_memory_over_its_stage_and_share(flash):
@@ -198,19 +197,6 @@ def test_the_communication_adds_chain_all_sums_forwards_boundary_sends_and_the_g
     stages = [[nodes["studio-a"], nodes["studio-b"]], [nodes["macbook"]]]
     assert cost.hybrid_communication_s(stages, links, pb.RING, model.hidden_size, model.activation_bytes,
                                        [moe, 0]) == pytest.approx(chosen.predicted_communication_s)
-
-
-def test_splits_left_out_by_the_bound_are_never_faster(flash):
-    """Every split the bound leaves out, evaluated anyway, is slower than
-    the chosen placement by more than the fewer-nodes margin."""
-    spec, model = flash
-    cluster = studios_and_macbook(120, 64)
-    result = plan(spec, cluster, pb.PlacementRequest(), model=model)
-    assert any("hybrid split(s) not evaluated" in r for r in result.reasons)
-    forced = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
-    for candidate in hybrids(forced):
-        if not candidate.rejected:
-            assert candidate.predicted_decode_tokens_per_s < result.chosen.predicted_decode_tokens_per_s * 0.95
 
 
 def test_the_bound_never_leaves_out_a_split_that_could_be_chosen(monkeypatch):
