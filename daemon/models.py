@@ -310,16 +310,10 @@ class Models:
         return max([MIN_RATE, *rates])
 
     def plan_rank(self, checkpoint: ckpt.Checkpoint, spec: pb.RunnerSpec) -> shards.RankPlan:
-        # TODO(hybrid): models/shards.plan_rank does not take the stages yet
-        # (the runner side adds them). Once it accepts them, pass
-        # stage_ranks=list(spec.stage_ranks), stage_strategy=spec.stage_strategy
-        # here: for strategy "hybrid", pipeline_layers has one entry per stage
-        # and shares one per rank (its grains within its stage). Until then a
-        # hybrid rank is planned as strategy "hybrid", which shards.py does not
-        # cut: it fetches the whole checkpoint.
         return shards.plan_rank(checkpoint, spec.strategy, spec.rank, spec.world_size, list(spec.pipeline_layers),
                                 rank_shares=list(spec.shares),
-                                expert_layout=spec.expert_layout if spec.HasField("expert_layout") else None)
+                                expert_layout=spec.expert_layout if spec.HasField("expert_layout") else None,
+                                stage_ranks=list(spec.stage_ranks), stage_strategy=spec.stage_strategy)
 
     def deadline_s(self, nbytes: int, sources: list, hub_bytes: int = 0) -> float:
         rate = max([MIN_RATE, *(self.link_rate(s.node_id) for s in sources if s.node_id)])
@@ -599,12 +593,9 @@ def annotate(result: pb.Plan, checkpoint: ckpt.Checkpoint, cluster: pb.Cluster) 
         for r in candidate.ranks:
             key = (strategy, r.rank, world, tuple(split), tuple(rank_shares), layout_key, tuple(fields.stage_ranks))
             if key not in cache:
-                # TODO(hybrid): pass stage_ranks=fields.stage_ranks,
-                # stage_strategy=fields.stage_strategy once models/shards.plan_rank
-                # accepts them (runner side); until then a hybrid rank is priced
-                # as fetching the whole checkpoint.
                 cache[key] = shards.plan_rank(checkpoint, strategy, r.rank, world, split, spec=spec,
-                                              rank_shares=rank_shares, expert_layout=layout)
+                                              rank_shares=rank_shares, expert_layout=layout,
+                                              stage_ranks=fields.stage_ranks, stage_strategy=fields.stage_strategy)
             plan = cache[key]
             needed = plan.needs.tensor_bytes + sum(sizes[n] for n in plan.side_files)
             held = list(nodes[r.node_id].models) if r.node_id in nodes else []
@@ -638,7 +629,7 @@ def _local_bytes(checkpoint, plan, held: list, sizes: dict, strategy: str, rank:
         if h.store == "shard":
             s = h.shard
             if (s.strategy, s.rank, s.world_size) == (strategy, rank, world) and \
-                    (strategy != "pipeline" or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)) and \
+                    (strategy not in ("pipeline", "hybrid") or (s.layer_start, s.layer_end) == tuple(plan.needs.layer_range)) and \
                     tuple(s.grains) == tuple(plan.needs.grains):
                 return whole
             continue

@@ -1,6 +1,7 @@
 """End to end on real hosts: three network namespaces each running `exod
 start` (mDNS, no static peers). The demo MoE model is placed with
-moe_tensor over two nodes and with pipeline over three; both reach Ready;
+moe_tensor over two nodes, hybrid over three (a stage of two cutting the
+experts, a stage of one) and pipeline over three; all reach Ready;
 the official openai client gets exactly the single-process greedy answer;
 kill -9 of a runner fails the instance on every node within 5 s and leaves
 nothing running; DELETE frees the memory; 20 concurrent placements never
@@ -106,6 +107,19 @@ def test_place_chat_fail_and_delete_on_three_hosts(tmp_path):
                                  for p in pids), 15)
             wait(lambda: not any(reserved(net, 0).values()), 15)
             assert http(net, 0, "DELETE", f"/v1/instances/{iid}")[0] == 200
+
+            # hybrid over three nodes: a stage of two ranks cutting the experts, a stage of one; the
+            # same greedy answer, every rank's shard fetched for its stage.
+            code, placed = http(net, 2, "POST", "/v1/instances",
+                                {"model": "demo", "strategy": "hybrid", "ranks": 3, "context_length": 512})
+            assert code == 201, placed
+            stages = placed["placement"]["stage_ranks"]
+            assert sorted(stages) == [1, 2] and placed["placement"]["stage_strategy"] == "MOE_TENSOR", placed
+            iid = placed["instance_id"]
+            wait(lambda: all((i := instance_states(net, n, iid)) and i["state"] == "INSTANCE_READY" for n in range(3)), 180)
+            assert json.loads(in_ns(net, 0, [sys.executable, "-c", CLIENT]).stdout)["text"] == answer
+            assert http(net, 2, "DELETE", f"/v1/instances/{iid}")[0] == 200
+            wait(lambda: all(not any(reserved(net, n).values()) for n in range(3)), 15)
 
             # pipeline over three nodes, then DELETE frees the memory everywhere.
             code, placed = http(net, 1, "POST", "/v1/instances",
