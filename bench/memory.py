@@ -11,6 +11,7 @@ import platform
 
 from exod.models import inventory, synthetic
 from exod.placement import cluster, planner
+from exod.placement.spec import layout
 from exod.proto import exod_pb2 as pb
 from exod.runner.launch import LocalInstance
 
@@ -25,9 +26,10 @@ def measure(model_dir, spec: pb.ModelSpec, strategy: str, world: int, context: i
                                             context_length=context))
     placement = plan.chosen
     estimates = [r.memory.total_bytes for r in placement.ranks]
-    split = [r.layer_end - r.layer_start for r in placement.ranks] if strategy == "pipeline" else None
-    with LocalInstance(model_dir, strategy, world, pipeline_layers=split, estimated_bytes=estimates,
-                       context_length=context) as instance:
+    fields = layout(placement)  # as the daemon writes each rank's spec
+    with LocalInstance(model_dir, strategy, world, pipeline_layers=fields.pipeline_layers, shares=fields.shares,
+                       stage_ranks=fields.stage_ranks, stage_strategy=fields.stage_strategy,
+                       estimated_bytes=estimates, context_length=context) as instance:
         instance.wait_ready(300)
         request = pb.GenerateRequest(request_id="fill", prompt_tokens=[5] * prompt,
                                      sampling=pb.SamplingParams(max_tokens=context - prompt, ignore_eos=True))
@@ -42,6 +44,7 @@ def measure(model_dir, spec: pb.ModelSpec, strategy: str, world: int, context: i
                       "ratio": peak / estimate, "weights_bytes": m.weights_bytes,
                       "kv_cache_bytes": m.kv_cache_bytes, "overhead_bytes": m.overhead_bytes})
     return {"strategy": strategy, "ranks": world, "context": context, "per_rank": ranks,
+            **({"stage_ranks": fields.stage_ranks} if fields.stage_ranks else {}),
             "worst_ratio_error": max(abs(r["ratio"] - 1) for r in ranks)}
 
 
@@ -50,7 +53,7 @@ def run(quick: bool = False) -> dict:
     model_dir = synthetic.ensure_named(model, models_dir())
     spec = inventory.from_directory(model_dir)
     context = 128 if quick else 256
-    cases = [("moe_tensor", 2), ("pipeline", 2), ("tensor", 2)] + ([] if quick else [("pipeline", 3)])
+    cases = [("moe_tensor", 2), ("pipeline", 2), ("tensor", 2)] + ([] if quick else [("pipeline", 3), ("hybrid", 3)])
     results = [measure(model_dir, spec, s, w, context, context // 2) for s, w in cases]
     worst = max(r["worst_ratio_error"] for r in results)
     return {

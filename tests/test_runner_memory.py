@@ -1,12 +1,14 @@
 """The planner's per-rank estimate tracks what a rank really uses: on the
 mid-size synthetic MoE (about 1.4 GB), each strategy's measured peak resident
 memory per rank, after Ready and after a request that fills the context, is
-within 10% of the estimate the planner made for that rank."""
+within 10% of the estimate the planner made for that rank (hybrid: a stage
+of two ranks cutting the experts of its layers, a stage of one)."""
 
 import pytest
 
 from exod.models import inventory, synthetic
 from exod.placement import cluster, planner
+from exod.placement.spec import layout
 from exod.proto import exod_pb2 as pb
 from exod.runner.launch import LocalInstance
 
@@ -26,13 +28,15 @@ def placement_for(spec, strategy, world):
     return next(c for c in plan.candidates if len(c.ranks) == world and c.fits)
 
 
-@pytest.mark.parametrize("strategy,world", [("moe_tensor", 2), ("pipeline", 2), ("pipeline", 3), ("tensor", 2)])
+@pytest.mark.parametrize("strategy,world", [("moe_tensor", 2), ("pipeline", 2), ("pipeline", 3), ("tensor", 2),
+                                            ("hybrid", 3)])
 def test_measured_peak_per_rank_is_within_10_percent_of_the_estimate(midsize, strategy, world):
     placement = placement_for(inventory.from_directory(midsize), strategy, world)
     estimates = [r.memory.total_bytes for r in placement.ranks]
-    split = [r.layer_end - r.layer_start for r in placement.ranks] if strategy == "pipeline" else None
-    with LocalInstance(midsize, strategy, world, pipeline_layers=split, estimated_bytes=estimates,
-                       context_length=CONTEXT) as instance:
+    fields = layout(placement)  # as the daemon writes each rank's spec
+    with LocalInstance(midsize, strategy, world, pipeline_layers=fields.pipeline_layers, shares=fields.shares,
+                       stage_ranks=fields.stage_ranks, stage_strategy=fields.stage_strategy,
+                       estimated_bytes=estimates, context_length=CONTEXT) as instance:
         instance.wait_ready(300)
         request = pb.GenerateRequest(request_id="fill", prompt_tokens=[5] * 96,
                                      sampling=pb.SamplingParams(max_tokens=CONTEXT - 96, ignore_eos=True))
