@@ -591,7 +591,9 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
                     for _, ns, cut, moe, _, _ in sums.groups)
                 for s in stages]
     floor = layers / sum(1 / t for t in cheapest)
-    memo[key] = _bisect_split(assign, max(s.time(sums, 0, layers) for s in stages), floor * (1 - 1e-9))
+    # A stage's time is itself a heuristic (rate-weighted, before shares):
+    # a tenth of a percent is as close as it is worth bisecting.
+    memo[key] = _bisect_split(assign, max(s.time(sums, 0, layers) for s in stages), floor * (1 - 1e-9), 1e-3)
     return memo[key]
 
 
@@ -838,7 +840,7 @@ def pipeline_split(model: ModelProfile, order: list[pb.NodeProfile], usable: lis
     return memo[key]
 
 
-def _bisect_split(assign, high: float, low_bound: float = 0.0):
+def _bisect_split(assign, high: float, low_bound: float = 0.0, tolerance: float = 1e-4):
     """The split of the smallest slowest-stage time found by bisection,
     from below a bound no split can beat."""
     for respect_memory in (True, False):
@@ -860,7 +862,7 @@ def _bisect_split(assign, high: float, low_bound: float = 0.0):
                 low = mid
             else:
                 high = mid
-            if high - low <= high * 1e-4:
+            if high - low <= high * tolerance:
                 break
         return assign(high, respect_memory)
     return None
