@@ -148,6 +148,21 @@ class Stage:
         return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest) \
             + (sums.moe[b] - sums.moe[a]) * self.all_sum_s
 
+    def curves(self, sums: LayerSums) -> list[list[float]]:
+        """Running times over the layers such that time(a, b) is
+        max(c[b] - c[a] for c in curves): the rate-weighted one and one per
+        rank that may be the slowest (one, when the per-layer costs are
+        the same), each with the all-sums. Increasing, so that the most
+        layers within a time is a bisection."""
+        g = len(self.rates)
+        least = (1 if g > 1 else sums.of) / sums.of
+        rows = list(zip(sums.read_ns, sums.read_s, sums.moe))
+        weighted = [(g * ns + cut) / self.total_rate + layer * self.layer_s + moe * self.all_sum_s
+                    for layer, (ns, cut, moe) in enumerate(rows)]
+        ranks = [(self.slowest_rate, self.same_layer_s)] if self.same_layer_s is not None else self.rates
+        return [weighted, *([(ns + cut * least) / rate + layer * per_layer + moe * self.all_sum_s
+                             for layer, (ns, cut, moe) in enumerate(rows)] for rate, per_layer in ranks)]
+
     def fits(self, sums: LayerSums, a: int, b: int) -> bool:
         """Whether the ranks' memory holds layers a..b, every grain on some
         rank and at least one on each (memory is affine in the grains)."""

@@ -7,6 +7,7 @@ are uneven, chosen so that every rank's step takes the same time within
 what its memory holds."""
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, replace
 
 from exod.models.shares import even as shares_even
@@ -557,29 +558,41 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
     if key in memo:
         return memo[key]
     k, layers = len(stages), model.num_layers
-    ascending = stages[::-1]  # the last stage runs the first layers
+    # The last stage runs the first layers. Per stage: its running times
+    # (hybrid.Stage.curves) and, per first layer, the most layers its
+    # memory holds (memory does not depend on the limit).
+    ascending = [(stage, stage.curves(sums), {}) for stage in stages[::-1]]
 
-    def assign(limit, respect_memory):
-        bounds, start = [], 0
-        for i, stage in enumerate(ascending):
-            last = layers - (k - i - 1)
-
-            def within(end):
-                return stage.time(sums, start, end) <= limit and (not respect_memory or stage.fits(sums, start, end))
-
-            # Each stage takes as many layers as stay within the limit and its
-            # memory, the last stage the rest; both grow with the layers, so
-            # the most is found by bisection (a stage costs O(ranks) to check).
-            end = last if i == k - 1 else start + 1
-            if not within(end):
-                return None
-            high = last if i < k - 1 else end
-            while end < high:
+    def most_held(stage, start, last, known):
+        if start not in known:
+            end, high = start, last
+            while end < high:  # memory grows with the layers
                 mid = (end + high + 1) // 2
-                if within(mid):
+                if stage.fits(sums, start, mid):
                     end = mid
                 else:
                     high = mid - 1
+            known[start] = end
+        return known[start]
+
+    def assign(limit, respect_memory):
+        bounds, start = [], 0
+        for i, (stage, curves, known) in enumerate(ascending):
+            last = layers - (k - i - 1)
+            # Each stage takes as many layers as stay within the limit and its
+            # memory, the last stage the rest.
+            if i == k - 1:
+                end = last
+                if max(c[end] - c[start] for c in curves) > limit:
+                    return None
+            else:
+                end = min(last, *(bisect_right(c, c[start] + limit) - 1 for c in curves))
+            if respect_memory:
+                end = min(end, most_held(stage, start, last, known)) if i < k - 1 else end
+                if i == k - 1 and not stage.fits(sums, start, end):
+                    return None
+            if end <= start:
+                return None
             bounds.append((start, end))
             start = end
         return bounds[::-1]
