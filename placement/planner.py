@@ -4,7 +4,12 @@ speed, and the choice. Pure: no I/O, no clocks.
 A strategy that cuts tensors gives each rank its own share, in whole grains
 (placement/strategies.py): on nodes of unequal speed or memory the shares
 are uneven, chosen so that every rank's step takes the same time within
-what its memory holds."""
+what its memory holds.
+
+Hybrid candidates (pipeline across stages cut at an order's slowest links,
+moe_tensor inside each stage of 2+ ranks; placement/hybrid.py) are planned
+after the others, whose fastest fitting speed bounds which of the many
+splits are worth evaluating."""
 
 import math
 from bisect import bisect_right
