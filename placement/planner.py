@@ -518,8 +518,7 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
     bounds = hybrid_split(model, shapes, sums, memo)
     stage_times, fixed, moe, rank = [], [], [], 0
     for nodes, room, (start, end) in zip(stages, rooms, bounds):
-        shares = [of] if len(nodes) == 1 else rank_shares(model, "moe_tensor", nodes, room, settings, memo,
-                                                          start, end, world=n)
+        shares = [of] if len(nodes) == 1 else _stage_shares(model, nodes, room, start, end, n, settings, memo)
         slowest = 0.0
         for node, u, share in zip(nodes, room, shares):
             memory, read = _rank_memory(model, "moe_tensor", share, of, start, end, settings, memo, n)
@@ -549,6 +548,17 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
     if unmeasured:
         placement.reasons.append(f"note: assumed 10 GbE for unmeasured links {', '.join(unmeasured)}")
     return placement
+
+
+def _stage_shares(model: ModelProfile, nodes: list[pb.NodeProfile], room: list[int], start: int, end: int,
+                  world: int, settings: Settings, memo: dict) -> list[int]:
+    """A stage's moe_tensor shares over its layers, once per plan for the
+    same ranks and layers (splits of one order, and its backends, share
+    stages)."""
+    key = ("hybrid shares", tuple(node.node_id for node in nodes), tuple(room), start, end, world)
+    if key not in memo:
+        memo[key] = rank_shares(model, "moe_tensor", nodes, room, settings, memo, start, end, world=world)
+    return memo[key]
 
 
 def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.LayerSums,
