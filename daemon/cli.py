@@ -244,6 +244,8 @@ def cmd_run(args) -> int:
     answer one prompt, shut down."""
     from exod.models import inventory
     from exod.placement import STRATEGY_BY_NAME, plan, synthetic
+    from exod.placement.spec import layout as spec_layout
+    from exod.placement.spec import stages_text as spec_stages
     from exod.runner.launch import LaunchError, LocalInstance
 
     if args.ranks < 1:
@@ -257,23 +259,23 @@ def cmd_run(args) -> int:
     request = pb.PlacementRequest(context_length=args.context,
                                   strategy=STRATEGY_BY_NAME[args.strategy] if args.strategy else 0)
     result = plan(spec, synthetic(args.ranks, 10**15), request)
-    # TODO(hybrid): LocalInstance does not pass stage_ranks to the runner
-    # yet (runner side), so `exod run` leaves hybrid candidates out.
-    fitting = [c for c in result.candidates if len(c.ranks) == args.ranks and c.fits and c.strategy != pb.HYBRID]
+    fitting = [c for c in result.candidates if len(c.ranks) == args.ranks and c.fits]
     if not fitting:
         why = next((r for c in result.candidates if len(c.ranks) == args.ranks for r in c.reasons), "no candidate")
         raise UsageError(f"cannot run {args.model} on {args.ranks} ranks: {why}")
     chosen = max(fitting, key=lambda c: c.predicted_decode_tokens_per_s)
-    strategy = {v: k for k, v in STRATEGY_BY_NAME.items()}[chosen.strategy]
-    split = [r.layer_end - r.layer_start for r in chosen.ranks] if strategy == "pipeline" else None
-    shares = [r.share for r in chosen.ranks] if strategy != "pipeline" and args.ranks > 1 else None
+    fields = spec_layout(chosen)  # as the daemon writes each rank's spec
+    strategy = fields.strategy
     log = sys.stderr
-    print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks", file=log)
+    stages = f" ({spec_stages(chosen)})" if fields.stage_ranks else ""
+    print(f"exod: {args.model} as {strategy} over {args.ranks} local ranks{stages}", file=log)
     deadlines = pb.RunnerDeadlines(load_s=args.load_timeout)
-    with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=split, context_length=args.context,
-                       deadlines=deadlines, estimated_bytes=[r.memory.total_bytes for r in chosen.ranks],
+    with LocalInstance(model_dir, strategy, args.ranks, pipeline_layers=fields.pipeline_layers,
+                       context_length=args.context, deadlines=deadlines,
+                       estimated_bytes=[r.memory.total_bytes for r in chosen.ranks],
                        max_batch=chosen.concurrency, prefix_cache_tokens=chosen.prefix_cache_tokens,
-                       shares=shares) as instance:
+                       shares=fields.shares, stage_ranks=fields.stage_ranks,
+                       stage_strategy=fields.stage_strategy) as instance:
         try:
             instance.wait_ready(args.load_timeout + 120)
         except LaunchError as e:
@@ -807,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the exod store's data dir (default: the XDG data dir)")
     p.add_argument("--models-dir", action="append", help="another folder of org/name checkpoints (repeatable)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts"], help="default: the planner's choice")
+    p.add_argument("--strategy", choices=["pipeline", "moe_tensor", "tensor", "moe_experts", "hybrid"],
+                   help="default: the planner's choice")
     p.add_argument("--prompt", default="Hello! What is a cluster?")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -44,6 +44,16 @@ def test_run_v4_mini_with_moe_tensor_on_two_ranks(data_dir):
     assert "8 tokens" in proc.stderr
 
 
+def test_run_demo_as_a_hybrid_on_three_ranks(data_dir):
+    """Pipeline across two stages, moe_tensor inside the stage of two."""
+    proc = exod("run", "demo", "--ranks", "3", "--strategy", "hybrid", "--max-tokens", "8", "--prompt", "hello",
+                env={"EXOD_DATA_DIR": str(data_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert "demo as hybrid over 3 local ranks (hybrid: [" in proc.stderr, proc.stderr
+    assert "moe_tensor layers" in proc.stderr and "rank 2 ready: canary " in proc.stderr
+    assert "8 tokens" in proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["run", "no-such-model"], "no complete checkpoint of no-such-model is on this machine"),
     (["run", "demo", "--ranks", "0"], "--ranks must be at least 1"),
