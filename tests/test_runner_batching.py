@@ -1,5 +1,5 @@
 """Continuous batching across real ranks (the fp32 demo model over MLX's
-ring on loopback, one instance per strategy): requests that join a running
+ring on loopback, one instance per strategy, a hybrid of two stages too): requests that join a running
 batch at different steps, with different prompt lengths and budgets, get
 exactly the tokens they get alone (greedy and seeded), which are the
 single-process model's; the prefix cache serves a repeated prefix on every
@@ -24,12 +24,17 @@ def demo_dir(tmp_path_factory):
     return synthetic.ensure_named("demo", tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module", params=[("moe_tensor", 2), ("pipeline", 2), ("tensor", 2)],
+# hybrid: stages {0, 1} (moe_tensor, the last 3 layers) and {2}.
+HYBRID = {"stage_ranks": [2, 1], "stage_strategy": "moe_tensor", "pipeline_layers": [3, 3]}
+
+
+@pytest.fixture(scope="module", params=[("moe_tensor", 2, {}), ("pipeline", 2, {}), ("tensor", 2, {}),
+                                        ("hybrid", 3, HYBRID)],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def instance(request, demo_dir):
-    strategy, world = request.param
+    strategy, world, extra = request.param
     with LocalInstance(demo_dir, strategy, world, context_length=512, max_batch=4,
-                       prefix_cache_tokens=600) as running:
+                       prefix_cache_tokens=600, **extra) as running:
         running.wait_ready(180)
         yield running
 
