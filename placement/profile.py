@@ -173,7 +173,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         model_id=spec.model_id,
         num_layers=spec.num_layers,
         is_moe=spec.num_experts > 0,
-        proven=_with_hybrid(frozenset(spec.proven_strategies)),
+        proven=_with_hybrid(frozenset(spec.proven_strategies), dict(spec.refused_strategies)),
         refused=_refused_with_hybrid(spec),
         max_context=spec.max_context,
         hidden_size=spec.hidden_size,
@@ -198,13 +198,20 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
 HYBRID_PARTS = ("pipeline", "moe_tensor")
 
 
-def _with_hybrid(proven: frozenset) -> frozenset:
+def _with_hybrid(proven: frozenset, refused: dict = None) -> frozenset:
+    """The inventory's own verdict on hybrid where the spec has one (an
+    architecture can refuse stages, models/architectures/base.py
+    own_pipeline); derived from its parts for a spec made before."""
+    if "hybrid" in proven or "hybrid" in (refused or {}):
+        return proven
     both = all(s in proven for s in HYBRID_PARTS)
-    return (proven - {"hybrid"}) | ({"hybrid"} if both else frozenset())
+    return proven | ({"hybrid"} if both else frozenset())
 
 
 def _refused_with_hybrid(spec: pb.ModelSpec) -> dict:
-    refused = {k: v for k, v in spec.refused_strategies.items() if k != "hybrid"}
+    if "hybrid" in spec.refused_strategies or "hybrid" in spec.proven_strategies:
+        return dict(spec.refused_strategies)
+    refused = dict(spec.refused_strategies)
     proven = set(spec.proven_strategies)
     missing = [s for s in HYBRID_PARTS if s not in proven]
     if missing:

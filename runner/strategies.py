@@ -296,7 +296,10 @@ def hybrid(model, group, spec, arch, config) -> None:
     if len(split) != len(stages.sizes) or sum(split) != layers or min(split, default=0) < 1:
         raise StrategyError(f"hybrid: pipeline split {split} does not cover {layers} layers "
                             f"on {len(stages.sizes)} stages")
-    stage.apply(model, group, split, stages)
+    if arch.pipeline is not None:
+        arch.pipeline(model, group, split, stages)
+    else:
+        stage.apply(model, group, split, stages)
 
 
 def hybrid_refusals(model, arch, config: dict, sizes, inner: str = "moe_tensor") -> list[str]:

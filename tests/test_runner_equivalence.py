@@ -23,7 +23,7 @@ from exod.models import architectures, synthetic
 from exod.runner.launch import LocalInstance
 
 from .runner_helpers import reference, sharded
-from .strategy_matrix import accepted
+from .strategy_matrix import accepted, stage_kwargs
 
 LOGIT_BOUND = {"fp32": 1e-4, "q4": 1e-4}
 # One rank runs any model whole; these show it through the runner (the
@@ -81,7 +81,7 @@ def test_every_strategy_each_architecture_claims_is_in_the_matrix():
 def test_sharded_runner_matches_single_process(name, strategy, world, variant, runner_models, references):
     model_dir = runner_models(name, variant)
     expected = references(model_dir)
-    got = sharded(model_dir, strategy, world)
+    got = sharded(model_dir, strategy, world, **stage_kwargs(name, strategy, world))
     delta = np.abs(got["logits"] - expected["logits"]).max()
     record(name, strategy, world, variant, delta)
     assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"

@@ -17,7 +17,7 @@ from mlx_lm.utils import load_model
 from exod.models import architectures, inventory, synthetic
 from exod.models.architectures import generic
 from exod.runner.launch import LaunchError, LocalInstance
-from exod.runner.strategies import refusals
+from exod.runner.strategies import hybrid_refusals, refusals
 
 from .strategy_matrix import STRATEGIES, WORLDS, accepted, planner_accepts
 from .test_runner_equivalence import matrix
@@ -48,7 +48,10 @@ def test_planner_accepts_exactly_what_the_runner_runs(name, variant, runner_mode
             if world == 1 and strategy != "pipeline":
                 continue  # one rank is offered once, as the whole model ("pipeline" of one stage)
             planner = planner_accepts(spec, strategy, world)
-            runner = refusals(strategy, model, arch, config, world)
+            if strategy == "hybrid":  # on 3 ranks the planner's stages are 2 + 1; on 2 they could only be 1 + 1
+                runner = hybrid_refusals(model, arch, config, (2, 1) if world == 3 else (1,) * world)
+            else:
+                runner = refusals(strategy, model, arch, config, world)
             if planner != (not runner):
                 disagreements.append(f"{strategy} on {world}: planner {'accepts' if planner else 'refuses'}, "
                                      f"runner {runner or 'runs it'}")

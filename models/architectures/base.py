@@ -60,8 +60,12 @@ class Architecture:
     step: Optional[Callable[[object, object, dict, object], object]] = field(default=lambda layer, x, cfg, cache: _step(layer, x, cache))
     # Only for a model that keeps state outside its layers, which exod's
     # generic stage (runner/pipeline.py) cannot carry between ranks:
-    # (model, group, split) -> None makes the model one pipeline stage.
+    # (model, group, split, stages=None) -> None makes the model one pipeline
+    # stage (stages: a hybrid's ranks per stage, runner/stages.py).
     pipeline: Optional[Callable[[object, object, list], None]] = None
+    # Model types whose class carries that state itself (its own
+    # pipeline()): one rank per stage only, so no hybrid stages.
+    own_pipeline: frozenset = frozenset()
 
 
 def _step(layer, x, cache):
@@ -81,7 +85,7 @@ def _step(layer, x, cache):
 # What a strategy needs from mlx-lm's class beyond the architecture's proof:
 # tensor is the class's own shard(), so a class without one cannot.
 CLASS_NEEDS = {"tensor": "shard"}
-STRATEGIES = ("pipeline", "moe_tensor", "tensor", "moe_experts")
+STRATEGIES = ("pipeline", "moe_tensor", "tensor", "moe_experts", "hybrid")
 # Cutting strategies: each rank holds a share of what they cut, in grains (models/shares.py).
 CUTTING = ("tensor", "moe_tensor", "moe_experts")
 ROUTED = re.compile(r"(^|\.)(switch_mlp|experts)\.")
@@ -125,6 +129,9 @@ def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_pa
         # hybrid_tensor; plain "hybrid" is moe_tensor's): proven wherever
         # both are, with nothing of its own to prove.
         inner = strategy.partition("_")[2] or "moe_tensor"
+        if cfg.get("model_type") in arch.own_pipeline:
+            return (f"hybrid needs exod's pipeline stage; mlx-lm's {cfg['model_type']} class runs its own "
+                    f"pipeline(), one rank per stage")
         return (strategy_refusal("pipeline", arch, model_class, module_paths, cfg)
                 or strategy_refusal(inner, arch, model_class, module_paths, cfg))
     if strategy not in arch.proven_strategies:

@@ -118,17 +118,20 @@ def _probe(layer, x, cfg: dict):
     return streams
 
 
-def _pipeline(model, group, split: list) -> None:
+def _pipeline(model, group, split: list, stages=None) -> None:
     """deepseek_v41: layers read compressed history from other layers'
     caches, state outside the layers that exod's generic stage cannot carry:
     the class's own pipeline() sends it between stages (rank 0 runs the last
-    layers, as in the generic stage). deepseek_v4: exod's generic stage."""
+    layers, as in the generic stage), one rank per stage. deepseek_v4:
+    exod's generic stage, hybrid stages included."""
     if hasattr(model.model, "pipeline"):
+        if stages is not None:
+            raise ValueError("mlx-lm's deepseek_v41 pipelines one rank per stage")
         model.model.pipeline(group, split)
         return
     from exod.runner import pipeline as stage
 
-    stage.apply(model, group, split)
+    stage.apply(model, group, split, stages)
 
 
 ARCHITECTURE = Architecture(
@@ -146,4 +149,5 @@ ARCHITECTURE = Architecture(
     probe=_probe,
     step=None,  # a layer reads compressed history the model keeps outside it
     pipeline=_pipeline,
+    own_pipeline=frozenset({"deepseek_v41"}),
 )
