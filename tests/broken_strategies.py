@@ -192,7 +192,7 @@ def _compute_all_held(model, rank: int) -> None:
 
 
 def _shared_grains(model, group, arch, config, spec) -> tuple:
-    return strategies.rank_grains("moe_experts", model, arch, config, spec, group)
+    return strategies.rank_grains("moe_experts", model, arch, config, spec.shares, group)
 
 
 def experts_on_two_ranks(model, group, spec, arch, config):
