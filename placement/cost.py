@@ -13,7 +13,8 @@ communication, from the links actually used:
   pipeline    one send of hidden_size activations per stage boundary, then
               an all-gather of the last hidden state so that every rank
               computes the logits (mlx-lm's pipeline)
-  hybrid      per stage of g >= 2 ranks: its MoE layers x an all-sum along
+  hybrid      per stage of g >= 2 ranks: its chain all-sums (moe_tensor
+              inside: 1 per MoE layer; tensor inside: 2 per layer) x an all-sum along
               the stage's chain (the runner reduces up the chain and sends
               the total back down: 2(g-1) sequential neighbour hops of the
               whole message), plus the stage's input forwarded down the
@@ -132,18 +133,19 @@ def chain_all_sum_s(hops: list[Hop], message_bytes: float, per_collective_s: flo
 
 
 def hybrid_communication_s(stages: list[list[pb.NodeProfile]], links: dict, backend: int, hidden: int,
-                           activation_bytes: int, stage_moe_layers: list[int], cache: dict | None = None) -> float:
-    """stages in rank order (stage 0 runs the last layers); stage_moe_layers:
-    the MoE layers each stage runs."""
+                           activation_bytes: int, stage_all_sums: list[int], cache: dict | None = None) -> float:
+    """stages in rank order (stage 0 runs the last layers); stage_all_sums:
+    the chain all-sums each stage runs (moe_tensor inside: its MoE layers;
+    tensor inside: two per layer, hybrid.LayerSums.all_sums)."""
     message = hidden * activation_bytes
     nodes = [node for stage in stages for node in stage]
     total = 0.0
-    for stage, moe in zip(stages, stage_moe_layers):
+    for stage, count in zip(stages, stage_all_sums):
         if len(stage) < 2:
             continue
         chain = [hop(links, a.node_id, b.node_id, backend, cache) for a, b in zip(stage, stage[1:])]
         each = collective_s(stage)
-        total += moe * chain_all_sum_s(chain, message, each) + sum(send_s(h, message, each) for h in chain)
+        total += count * chain_all_sum_s(chain, message, each) + sum(send_s(h, message, each) for h in chain)
     return total + hybrid_fixed_communication_s(stages, links, backend, message, collective_s(nodes), cache)
 
 

@@ -1,8 +1,9 @@
-"""Hybrid placements: pipeline across stages of neighbouring ranks, moe_tensor
-inside each stage of two or more ranks (placement/strategies.py HYBRID).
+"""Hybrid placements: pipeline across stages of neighbouring ranks, a cut
+inside each stage of two or more ranks (placement/strategies.py HYBRID):
+moe_tensor for an MoE model, tensor for a dense one (profile.hybrid_inner).
 
 The pieces that do not build a Placement: which stages an order of nodes is
-cut into, per-layer sums of what a moe_tensor rank holds and reads, a
+cut into, per-layer sums of what a rank of the cut holds and reads, a
 stage's time and memory for a layer range (what the layer split balances),
 and lower bounds on a split's decode time, which let the planner leave out
 splits that cannot be chosen. Pure: no I/O, no clocks.
@@ -22,9 +23,6 @@ from dataclasses import dataclass
 
 from . import constants
 from .profile import CLASSES, FULL, KV1_CUT, KV1_FIXED, KV_CUT, KV_FIXED, READ_ALL, READ_SPLIT, SPLIT, range_sums
-
-INNER = "moe_tensor"
-
 
 def stage_splits(edges: list[float]) -> list[list[int]]:
     """Ranks per stage for every number of stages 2..n-1, from the seconds
@@ -46,65 +44,78 @@ def stage_splits(edges: list[float]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class LayerSums:
-    """Running sums over the layers of a moe_tensor rank's bytes: read and
-    held, each split into what is not cut (ns) and what is (s, all grains),
-    and the MoE layers; plus what every rank holds whatever its layers."""
+    """Running sums over the layers of a rank's bytes under the stage's cut
+    (`inner`): read and held, each split into what is not cut (ns) and what
+    is (s, all grains; under tensor the KV cache too, by KV-head groups),
+    and the chain all-sums a stage of 2+ ranks pays (moe_tensor: one per
+    MoE layer; tensor: two per layer, after attention and after the MLP);
+    plus what every rank holds whatever its layers."""
 
+    inner: str
     of: int
     read_ns: list
     read_s: list
     mem_ns: list
     mem_s: list
-    moe: list
-    # Per kind of layer, for the bounds: (layers, ns read, s read, MoE
-    # layers, ns held, s held), each the least of its kind.
+    all_sums: list
+    # Per kind of layer, for the bounds: (layers, ns read, s read, all-sums,
+    # ns held, s held), each the least of its kind.
     groups: tuple
     outside_read: float  # read by every rank each step (embedding row, lm_head)
-    outside_split_read: float  # of which cut (0 unless moe_tensor cuts a non-layer tensor)
+    outside_split_read: float  # of which cut (0 unless the cut takes a non-layer tensor)
     fixed_mem: float  # outside tensors, process base, prefill activations outside the cut width, the canary
     per_grain_mem: float  # prefill activations per grain of the cut width
     least_fixed_mem: float = 0.0  # fixed_mem less what of the outside tensors is cut (a rank holds at least this)
 
 
-def layer_sums(model, settings, canary: int) -> LayerSums:
-    """model: a ModelProfile; settings: the plan's Settings; canary: the
-    canary's bytes (every hybrid rank is one of 3+, so it pays them)."""
-    of = model.grains[INNER]
-    running, outside = range_sums(model, INNER, of, settings.context, settings.concurrency)
+def layer_sums(model, inner: str, settings, canary: int) -> LayerSums:
+    """model: a ModelProfile; inner: the cut inside the stages; settings:
+    the plan's Settings; canary: the canary's bytes (every hybrid rank is
+    one of 3+, so it pays them)."""
+    of = model.grains[inner]
+    running, outside = range_sums(model, inner, of, settings.context, settings.concurrency)
     n_classes = len(CLASSES)
 
+    # KV_CUT is what a rank holds a share of (tensor's KV-head groups; none
+    # under moe_tensor), as rank_memory reads it.
     def ns_mem(row):
-        return (sum(row[FULL + i] - row[SPLIT + i] for i in range(n_classes)) + row[KV_FIXED] + row[KV_CUT]
-                + (row[KV1_FIXED] + row[KV1_CUT]) * settings.prefix_tokens)
+        return (sum(row[FULL + i] - row[SPLIT + i] for i in range(n_classes)) + row[KV_FIXED]
+                + row[KV1_FIXED] * settings.prefix_tokens)
+
+    def s_mem(row):
+        return (sum(row[SPLIT + i] for i in range(n_classes)) + row[KV_CUT]
+                + row[KV1_CUT] * settings.prefix_tokens)
 
     tokens = min(settings.context, constants.PREFILL_CHUNK_TOKENS)
     activation = tokens * constants.ACTIVATION_BYTES_PER_TOKEN_ELEMENT
     layer_ids = set(model.moe_layer_ids)
-    moe = [0]
+    all_sums = [0]
     for i in range(model.num_layers):
-        moe.append(moe[-1] + (i in layer_ids))
-    read_ns = [r[READ_ALL] - r[READ_SPLIT] + (r[KV_FIXED] + r[KV_CUT]) / settings.concurrency for r in running]
-    read_s = [r[READ_SPLIT] for r in running]
+        all_sums.append(all_sums[-1] + (2 if inner == "tensor" else int(i in layer_ids)))
+    # A decode step reads one sequence's KV cache: cut as it is held.
+    read_ns = [r[READ_ALL] - r[READ_SPLIT] + r[KV_FIXED] / settings.concurrency for r in running]
+    read_s = [r[READ_SPLIT] + r[KV_CUT] / settings.concurrency for r in running]
     mem_ns = [ns_mem(r) for r in running]
-    mem_s = [sum(r[SPLIT + i] for i in range(n_classes)) for r in running]
+    mem_s = [s_mem(r) for r in running]
     kinds: dict = {}
     for i in range(model.num_layers):
-        figures = (read_ns[i + 1] - read_ns[i], read_s[i + 1] - read_s[i], moe[i + 1] - moe[i],
+        figures = (read_ns[i + 1] - read_ns[i], read_s[i + 1] - read_s[i], all_sums[i + 1] - all_sums[i],
                    mem_ns[i + 1] - mem_ns[i], mem_s[i + 1] - mem_s[i])
         key = tuple(int(f) for f in figures)
         count, *least = kinds.get(key, (0, *figures))
         kinds[key] = (count + 1, *map(min, least, figures))  # the least of a kind: a bound stays a bound
     return LayerSums(
+        inner=inner,
         of=of,
         groups=tuple(kinds[key] for key in sorted(kinds)),
         read_ns=read_ns,
         read_s=read_s,
         mem_ns=mem_ns,
         mem_s=mem_s,
-        moe=moe,
+        all_sums=all_sums,
         outside_read=outside[READ_ALL],
         outside_split_read=outside[READ_SPLIT],
-        fixed_mem=(ns_mem(outside) + sum(outside[SPLIT + i] for i in range(n_classes))
+        fixed_mem=(ns_mem(outside) + s_mem(outside)
                    + constants.PROCESS_BASE_BYTES + activation * model.hidden_size + canary),
         least_fixed_mem=ns_mem(outside) + constants.PROCESS_BASE_BYTES + activation * model.hidden_size + canary,
         per_grain_mem=activation * model.max_intermediate / of if of else 0.0,
@@ -122,7 +133,7 @@ class Stage:
     slowest_rate: float = 0.0
     same_layer_s: float | None = None  # every rank's per-layer cost, when they are the same
     least_room: float = 0.0
-    all_sum_s: float = 0.0  # the stage's chain all-sum, paid once per MoE layer
+    all_sum_s: float = 0.0  # the stage's chain all-sum, paid LayerSums.all_sums times
 
     @classmethod
     def of(cls, rates: tuple, rooms: tuple, all_sum_s: float = 0.0) -> "Stage":
@@ -146,7 +157,7 @@ class Stage:
             slowest = max(least / rate + n * layer for rate, layer in self.rates)
         # A stage on slow links pays for its all-sums: the split gives it fewer MoE layers.
         return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest) \
-            + (sums.moe[b] - sums.moe[a]) * self.all_sum_s
+            + (sums.all_sums[b] - sums.all_sums[a]) * self.all_sum_s
 
     def curves(self, sums: LayerSums) -> list[list[float]]:
         """Running times over the layers such that time(a, b) is
@@ -156,7 +167,7 @@ class Stage:
         layers within a time is a bisection."""
         g = len(self.rates)
         least = (1 if g > 1 else sums.of) / sums.of
-        rows = list(zip(sums.read_ns, sums.read_s, sums.moe))
+        rows = list(zip(sums.read_ns, sums.read_s, sums.all_sums))
         weighted = [(g * ns + cut) / self.total_rate + layer * self.layer_s + moe * self.all_sum_s
                     for layer, (ns, cut, moe) in enumerate(rows)]
         ranks = [(self.slowest_rate, self.same_layer_s)] if self.same_layer_s is not None else self.rates

@@ -7,7 +7,7 @@ are uneven, chosen so that every rank's step takes the same time within
 what its memory holds.
 
 Hybrid candidates (pipeline across stages cut at an order's slowest links,
-moe_tensor inside each stage of 2+ ranks; placement/hybrid.py) are planned
+a cut inside each stage of 2+ ranks; placement/hybrid.py) are planned
 after the others, whose fastest fitting speed bounds which of the many
 splits are worth evaluating."""
 
@@ -411,7 +411,8 @@ def _add_hybrids(candidates: list[pb.Placement], impossible: list[bool], model: 
                 listed.append(_refused_hybrid(model, order, [], refusal, settings))
             continue
         if "hybrid layers" not in memo:
-            memo["hybrid layers"] = hybrid.layer_sums(model, settings, canary_bytes(model))
+            memo["hybrid layers"] = hybrid.layer_sums(model, strategy_objects.inner_of(model).name, settings,
+                                                      canary_bytes(model))
         sums = memo["hybrid layers"]
         # Orders share their nodes: each node's figures once per plan.
         figures_of = [per_node[node.node_id] if node.node_id in per_node
@@ -483,7 +484,9 @@ def _cut(items: list, stage_ranks: list[int]) -> list[list]:
 
 def _refused_hybrid(model: ModelProfile, order: list[pb.NodeProfile], stage_ranks: list[int], reasons: list[str],
                     settings: Settings, backend: int = pb.RING) -> pb.Placement:
-    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID, stage_strategy=pb.MOE_TENSOR,
+    inner = strategy_objects.inner_of(model)
+    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID,
+                             stage_strategy=STRATEGY_BY_NAME[inner.name] if inner else pb.STRATEGY_UNSPECIFIED,
                              stage_ranks=stage_ranks, backend=backend, context_length=settings.context,
                              concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens,
                              reasons=reasons, rejected=True)
@@ -498,15 +501,15 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
     """One hybrid candidate: stages of `stage_ranks` ranks in rank order
     (stage 0 runs the last layers), each stage's layers balanced by its
     speed within its ranks' memory (hybrid_split), then each stage's
-    moe_tensor shares over its layers (rank_shares), each rank's memory
-    exact (rank_memory over the stage's layers, its share, the instance's
-    ranks for the canary)."""
-    n, of = len(order), model.grains["moe_tensor"]
+    shares of its cut (sums.inner: moe_tensor or tensor) over its layers
+    (rank_shares), each rank's memory exact (rank_memory over the stage's
+    layers, its share, the instance's ranks for the canary)."""
+    sums = memo["hybrid layers"]
+    n, inner, of = len(order), sums.inner, sums.of
     usable = [int(node.memory_usable_bytes * (1 - settings.headroom)) for node in order]
-    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID, stage_strategy=pb.MOE_TENSOR,
+    placement = pb.Placement(model_id=model.model_id, strategy=pb.HYBRID, stage_strategy=STRATEGY_BY_NAME[inner],
                              stage_ranks=stage_ranks, backend=backend, context_length=settings.context,
                              concurrency=settings.concurrency, prefix_cache_tokens=settings.prefix_tokens)
-    sums = memo["hybrid layers"]
     stages, rooms = _cut(order, stage_ranks), _cut(usable, stage_ranks)
     hops = memo.setdefault("hops", {})
     message = model.hidden_size * model.activation_bytes
@@ -516,12 +519,13 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
                                                    cost.collective_s(nodes)) if len(nodes) > 1 else 0.0)
               for nodes, room in zip(stages, rooms)]
     bounds = hybrid_split(model, shapes, sums, memo)
-    stage_times, fixed, moe, rank = [], [], [], 0
+    stage_times, fixed, all_sums, rank = [], [], [], 0
     for nodes, room, (start, end) in zip(stages, rooms, bounds):
-        shares = [of] if len(nodes) == 1 else _stage_shares(model, nodes, room, start, end, n, settings, memo)
+        shares = [of] if len(nodes) == 1 else _stage_shares(model, inner, nodes, room, start, end, n, settings,
+                                                             memo)
         slowest = 0.0
         for node, u, share in zip(nodes, room, shares):
-            memory, read = _rank_memory(model, "moe_tensor", share, of, start, end, settings, memo, n)
+            memory, read = _rank_memory(model, inner, share, of, start, end, settings, memo, n)
             seconds = cost.rank_compute_s(read, end - start, node)
             fixed.append(cost.rank_compute_s(model.outside.read_all, 0, node))
             slowest = max(slowest, seconds - fixed[-1])
@@ -534,11 +538,11 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
                                          + working_set_advice(node, memory.total_bytes, settings.headroom))
             rank += 1
         stage_times.append(slowest)
-        moe.append(sums.moe[end] - sums.moe[start])
+        all_sums.append(sums.all_sums[end] - sums.all_sums[start])
     # The stages run one after another; the step and the logits on every rank at once.
     placement.predicted_compute_s = sum(stage_times) + max(fixed)
     placement.predicted_communication_s = cost.hybrid_communication_s(
-        stages, links, backend, model.hidden_size, model.activation_bytes, moe, hops)
+        stages, links, backend, model.hidden_size, model.activation_bytes, all_sums, hops)
     placement.predicted_decode_tokens_per_s = 1.0 / (placement.predicted_compute_s
                                                      + placement.predicted_communication_s)
     placement.fits = not placement.reasons
@@ -550,14 +554,14 @@ def evaluate_hybrid(model: ModelProfile, backend: int, order: list[pb.NodeProfil
     return placement
 
 
-def _stage_shares(model: ModelProfile, nodes: list[pb.NodeProfile], room: list[int], start: int, end: int,
-                  world: int, settings: Settings, memo: dict) -> list[int]:
-    """A stage's moe_tensor shares over its layers, once per plan for the
+def _stage_shares(model: ModelProfile, inner: str, nodes: list[pb.NodeProfile], room: list[int], start: int,
+                  end: int, world: int, settings: Settings, memo: dict) -> list[int]:
+    """A stage's shares of its cut over its layers, once per plan for the
     same ranks and layers (splits of one order, and its backends, share
     stages)."""
     key = ("hybrid shares", tuple(node.node_id for node in nodes), tuple(room), start, end, world)
     if key not in memo:
-        memo[key] = rank_shares(model, "moe_tensor", nodes, room, settings, memo, start, end, world=world)
+        memo[key] = rank_shares(model, inner, nodes, room, settings, memo, start, end, world=world)
     return memo[key]
 
 
@@ -615,8 +619,8 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
     # No stage does a layer faster than its cheapest kind of layer at its
     # rate-weighted time, so within T the stages together do at most
     # T * sum(1 / that): the slowest stage takes at least layers / sum.
-    cheapest = [min((len(s.rates) * ns + cut) / s.total_rate + s.layer_s + moe * s.all_sum_s
-                    for _, ns, cut, moe, _, _ in sums.groups)
+    cheapest = [min((len(s.rates) * ns + cut) / s.total_rate + s.layer_s + chain * s.all_sum_s
+                    for _, ns, cut, chain, _, _ in sums.groups)
                 for s in stages]
     floor = layers / sum(1 / t for t in cheapest)
     # A stage's time is itself a heuristic (rate-weighted, before shares):

@@ -173,7 +173,7 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
         model_id=spec.model_id,
         num_layers=spec.num_layers,
         is_moe=spec.num_experts > 0,
-        proven=_with_hybrid(frozenset(spec.proven_strategies), dict(spec.refused_strategies)),
+        proven=_with_hybrid(frozenset(spec.proven_strategies), dict(spec.refused_strategies), spec.num_experts > 0),
         refused=_refused_with_hybrid(spec),
         max_context=spec.max_context,
         hidden_size=spec.hidden_size,
@@ -193,18 +193,29 @@ def profile(spec: pb.ModelSpec) -> ModelProfile:
     )
 
 
-# Hybrid runs pipeline across stages and moe_tensor inside each: it is proven
-# exactly when both are, and refused for the reason either is.
-HYBRID_PARTS = ("pipeline", "moe_tensor")
+# Hybrid runs pipeline across stages and a cut inside each stage of 2+ ranks:
+# moe_tensor for an MoE model whose moe_tensor is proven, else tensor where
+# tensor is proven (a dense model, or an MoE whose moe_tensor is refused).
+# One cut per model, so that the search is not doubled; the inventory's
+# verdict (models/architectures/base.py strategy_refusal) tries them in the
+# same order.
+HYBRID_INNER = ("moe_tensor", "tensor")
 
 
-def _with_hybrid(proven: frozenset, refused: dict = None) -> frozenset:
+def hybrid_inner(is_moe: bool, proven) -> str | None:
+    """The cut inside a hybrid's stages, or None: no hybrid."""
+    if is_moe and "moe_tensor" in proven:
+        return "moe_tensor"
+    return "tensor" if "tensor" in proven else None
+
+
+def _with_hybrid(proven: frozenset, refused: dict = None, is_moe: bool = True) -> frozenset:
     """The inventory's own verdict on hybrid where the spec has one (an
     architecture can refuse stages, models/architectures/base.py
     own_pipeline); derived from its parts for a spec made before."""
     if "hybrid" in proven or "hybrid" in (refused or {}):
         return proven
-    both = all(s in proven for s in HYBRID_PARTS)
+    both = "pipeline" in proven and hybrid_inner(is_moe, proven) is not None
     return proven | ({"hybrid"} if both else frozenset())
 
 
@@ -213,8 +224,13 @@ def _refused_with_hybrid(spec: pb.ModelSpec) -> dict:
         return dict(spec.refused_strategies)
     refused = dict(spec.refused_strategies)
     proven = set(spec.proven_strategies)
-    missing = [s for s in HYBRID_PARTS if s not in proven]
-    if missing:
-        why = refused.get(missing[0]) or f"{missing[0]} is not proven for this architecture"
-        refused["hybrid"] = f"hybrid runs {' and '.join(HYBRID_PARTS)}: {why}"
+    inner = hybrid_inner(spec.num_experts > 0, proven)
+    if "pipeline" not in proven:
+        missing = "pipeline"
+    elif inner is None:
+        missing = "tensor"  # the last cut tried
+    else:
+        return refused
+    why = refused.get(missing) or f"{missing} is not proven for this architecture"
+    refused["hybrid"] = f"hybrid runs pipeline and {inner or 'moe_tensor or tensor'}: {why}"
     return refused

@@ -16,7 +16,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from .profile import ModelProfile
+from .profile import ModelProfile, hybrid_inner
 
 
 @dataclass(frozen=True)
@@ -63,30 +63,37 @@ MOE_EXPERTS = Strategy("moe_experts", whole_layers=False, cuts=True)
 @dataclass(frozen=True)
 class Hybrid(Strategy):
     """Pipeline across stages of neighbouring ranks, a cutting strategy
-    (`inner`) inside each stage of two or more ranks. Its refusals are its
-    parts' refusals: pipeline's over the stages, inner's over the biggest
-    stage, so that the runner's rules for each part stand."""
-
-    inner: Strategy = MOE_TENSOR
+    inside each stage of two or more ranks: the model's one inner cut
+    (inner_of). Its refusals are its parts' refusals: pipeline's over the
+    stages, the inner cut's over the biggest stage, so that the runner's
+    rules for each part stand."""
 
     def reasons(self, model: ModelProfile, n: int) -> list[str]:
-        if not model.is_moe:
-            return [f"{self.name} needs a mixture-of-experts model; {model.model_id} is dense"]
         if self.name not in model.proven:
             return [model.refused.get(self.name) or f"{self.name} is not proven for this architecture"]
+        inner = inner_of(model)
+        if inner is None:
+            return [f"{self.name} needs a cut inside its stages: neither moe_tensor nor tensor is proven for "
+                    f"{model.model_id}"]
         if n < 3:
             # Two stages of one rank are a pipeline; one stage of two, a cut.
-            return [f"{self.name} needs at least 3 ranks: on {n} it is pipeline or {self.inner.name}"]
+            return [f"{self.name} needs at least 3 ranks: on {n} it is pipeline or {inner.name}"]
         return []
 
     def split_reasons(self, model: ModelProfile, stage_ranks: list[int]) -> list[str]:
         """Why these stages (ranks per stage) cannot run, whatever the memory."""
         if len(stage_ranks) < 2 or max(stage_ranks) < 2:
             return [f"{self.name} needs 2+ stages, one of 2+ ranks: got stages of {stage_ranks} rank(s)"]
-        return PIPELINE.reasons(model, len(stage_ranks)) + self.inner.reasons(model, max(stage_ranks))
+        return PIPELINE.reasons(model, len(stage_ranks)) + inner_of(model).reasons(model, max(stage_ranks))
 
 
-HYBRID = Hybrid("hybrid", whole_layers=False, cuts=True, inner=MOE_TENSOR)
+def inner_of(model: ModelProfile) -> "Strategy | None":
+    """The cut inside a hybrid's stages for this model (profile.hybrid_inner)."""
+    name = hybrid_inner(model.is_moe, model.proven)
+    return {"moe_tensor": MOE_TENSOR, "tensor": TENSOR}.get(name)
+
+
+HYBRID = Hybrid("hybrid", whole_layers=False, cuts=True)
 BY_NAME = {s.name: s for s in (PIPELINE, MOE_TENSOR, TENSOR, MOE_EXPERTS, HYBRID)}
 
 

@@ -16,6 +16,7 @@ from mlx_lm.utils import load_model
 
 from exod.models import architectures, inventory, synthetic
 from exod.models.architectures import generic
+from exod.placement.profile import hybrid_inner
 from exod.runner.launch import LaunchError, LocalInstance
 from exod.runner.strategies import hybrid_refusals, refusals
 
@@ -49,7 +50,9 @@ def test_planner_accepts_exactly_what_the_runner_runs(name, variant, runner_mode
                 continue  # one rank is offered once, as the whole model ("pipeline" of one stage)
             planner = planner_accepts(spec, strategy, world)
             if strategy == "hybrid":  # on 3 ranks the planner's stages are 2 + 1; on 2 they could only be 1 + 1
-                runner = hybrid_refusals(model, arch, config, (2, 1) if world == 3 else (1,) * world)
+                # The cut the planner puts inside the stages (none: the last it tries, which refuses too).
+                inner = hybrid_inner(spec.num_experts > 0, set(spec.proven_strategies)) or "tensor"
+                runner = hybrid_refusals(model, arch, config, (2, 1) if world == 3 else (1,) * world, inner)
             else:
                 runner = refusals(strategy, model, arch, config, world)
             if planner != (not runner):

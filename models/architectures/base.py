@@ -126,14 +126,22 @@ def strategy_refusal(strategy: str, arch: "Architecture", model_class, module_pa
     for a model type the installed mlx-lm lacks) skips the class's part."""
     if strategy.startswith("hybrid"):
         # Pipeline across stages, a cut inside them (hybrid_moe_tensor,
-        # hybrid_tensor; plain "hybrid" is moe_tensor's): proven wherever
-        # both are, with nothing of its own to prove.
-        inner = strategy.partition("_")[2] or "moe_tensor"
+        # hybrid_tensor): proven wherever both are, with nothing of its own
+        # to prove. Plain "hybrid" is the model's own cut, as the planner
+        # picks it (placement/profile.py hybrid_inner): moe_tensor, else
+        # tensor (a dense model, or an MoE whose moe_tensor is refused).
+        inner = strategy.partition("_")[2]
         if cfg.get("model_type") in arch.own_pipeline:
             return (f"hybrid needs exod's pipeline stage; mlx-lm's {cfg['model_type']} class runs its own "
                     f"pipeline(), one rank per stage")
-        return (strategy_refusal("pipeline", arch, model_class, module_paths, cfg)
-                or strategy_refusal(inner, arch, model_class, module_paths, cfg))
+        pipeline = strategy_refusal("pipeline", arch, model_class, module_paths, cfg)
+        if pipeline or inner:
+            return pipeline or strategy_refusal(inner, arch, model_class, module_paths, cfg)
+        moe_tensor = strategy_refusal("moe_tensor", arch, model_class, module_paths, cfg)
+        tensor = moe_tensor and strategy_refusal("tensor", arch, model_class, module_paths, cfg)
+        if tensor:
+            return f"hybrid needs moe_tensor or tensor inside its stages: {moe_tensor}; {tensor}"
+        return None
     if strategy not in arch.proven_strategies:
         return f"{strategy} is not proven for this architecture (proven: {', '.join(sorted(arch.proven_strategies))})"
     need = CLASS_NEEDS.get(strategy)
