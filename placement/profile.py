@@ -224,13 +224,14 @@ def _refused_with_hybrid(spec: pb.ModelSpec) -> dict:
         return dict(spec.refused_strategies)
     refused = dict(spec.refused_strategies)
     proven = set(spec.proven_strategies)
-    inner = hybrid_inner(spec.num_experts > 0, proven)
+
+    def why(strategy):
+        return refused.get(strategy) or f"{strategy} is not proven for this architecture"
+
     if "pipeline" not in proven:
-        missing = "pipeline"
-    elif inner is None:
-        missing = "tensor"  # the last cut tried
-    else:
-        return refused
-    why = refused.get(missing) or f"{missing} is not proven for this architecture"
-    refused["hybrid"] = f"hybrid runs pipeline and {inner or 'moe_tensor or tensor'}: {why}"
+        refused["hybrid"] = f"hybrid runs pipeline across its stages: {why('pipeline')}"
+    elif hybrid_inner(spec.num_experts > 0, proven) is None:
+        # As models/architectures/base.py words it: both cuts, each refused.
+        moe_tensor = why("moe_tensor") if spec.num_experts else "moe_tensor needs a mixture-of-experts model"
+        refused["hybrid"] = f"hybrid needs moe_tensor or tensor inside its stages: {moe_tensor}; {why('tensor')}"
     return refused

@@ -1,12 +1,14 @@
 """Hybrid placements on the planner side: pipeline across stages cut at the
-slowest links, moe_tensor inside each stage of two or more ranks; per-rank
+slowest links, moe_tensor (an MoE model) or tensor (a dense one) inside
+each stage of two or more ranks; per-rank
 memory exact over each stage's layers; refusals; the runner's layout
 fields; the chain all-sum cost."""
 
 import pytest
 
-from exod.models import catalog
+from exod.models import catalog, inventory, synthetic
 from exod.placement import PlanError, constants, cost, hybrid, plan, planner, profile
+from exod.placement.profile import hybrid_inner
 from exod.placement.planner import Settings
 from exod.placement.spec import layout, stages_text
 from exod.proto import exod_pb2 as pb
@@ -140,13 +142,94 @@ def test_hybrid_on_two_nodes_is_refused(flash):
         plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
 
 
-def test_a_dense_model_refuses_hybrid():
+@pytest.fixture(scope="module")
+def llama():
     spec = catalog.resolve("llama-3.3-70b-4bit")
+    return spec, profile(spec)
+
+
+def test_a_dense_model_gets_tensor_inside_its_stages(llama):
+    """Two Studios on Thunderbolt, a MacBook on Wi-Fi: the dense model's
+    hybrid cuts the Studios' stage with tensor (its one inner cut), the
+    Wi-Fi link between the stages."""
+    spec, model = llama
+    assert "hybrid" in model.proven and "moe_tensor" not in model.proven
+    result = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+    evaluated = [c for c in hybrids(result) if not c.rejected]
+    assert [list(c.stage_ranks) for c in evaluated] == [[2, 1]]
+    chosen = result.chosen
+    assert chosen.stage_strategy == pb.TENSOR and chosen.fits
+    assert [r.node_name for r in chosen.ranks] == ["studio-a", "studio-b", "macbook"]
+    assert stages_text(chosen).startswith("hybrid: [studio-a studio-b] tensor layers ")
+
+
+def test_a_dense_hybrids_memory_is_tensors_over_its_stage_and_share(llama):
+    spec, model = llama
+    chosen = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(strategy=pb.HYBRID), model=model).chosen
+    settings = Settings(chosen.context_length, chosen.concurrency, 0.05, chosen.prefix_cache_tokens)
+    of = model.grains["tensor"]
+    ranges, index = [], 0
+    for size in chosen.stage_ranks:
+        stage = chosen.ranks[index:index + size]
+        assert sum(r.share for r in stage) == of and all(r.share_of == of for r in stage)
+        assert len({(r.layer_start, r.layer_end) for r in stage}) == 1
+        for r in stage:
+            memory, _ = planner.rank_memory(model, "tensor", of, r.layer_start, r.layer_end, settings,
+                                            share=(r.share, of), ranks=len(chosen.ranks))
+            assert r.memory == memory and r.memory.total_bytes <= r.usable_bytes
+        ranges.append((stage[0].layer_start, stage[0].layer_end))
+        index += size
+    # Tensor cuts the KV cache by KV-head groups: the Studios each hold their share of it.
+    studio, macbook = chosen.ranks[0], chosen.ranks[2]
+    whole, _ = planner.rank_memory(model, "pipeline", 3, studio.layer_start, studio.layer_end, settings, ranks=3)
+    assert studio.memory.kv_cache_bytes < whole.kv_cache_bytes
+    alone, _ = planner.rank_memory(model, "pipeline", 3, macbook.layer_start, macbook.layer_end, settings, ranks=3)
+    assert macbook.memory.weights_bytes == alone.weights_bytes
+    assert macbook.memory.kv_cache_bytes == alone.kv_cache_bytes
+    # The stages tile the layers, stage 0 the last ones.
+    assert ranges[0][1] == model.num_layers and ranges[-1][0] == 0
+    assert all(a[0] == b[1] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_a_dense_hybrid_pays_two_chain_all_sums_per_layer(llama):
+    spec, model = llama
+    cluster = studios_and_macbook(72, 48)
+    chosen = plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model).chosen
+    message = model.hidden_size * model.activation_bytes
+    fast = cost.send_s(cost.Hop(25e-6, 5e9, True), message, 0.0)
+    slow = cost.send_s(cost.Hop(5e-3, 50e6, True), message, 0.0)
+    studios = chosen.ranks[0]
+    layers = studios.layer_end - studios.layer_start
+    gather = 2 * (5e-3 + message / 50e6)
+    # Two all-sums per layer, each up and down the two-rank chain; the forward; the boundary; the gather.
+    assert chosen.predicted_communication_s == pytest.approx(2 * layers * 2 * fast + fast + slow + gather)
+
+
+def test_the_dense_runner_layout_cuts_its_stages_with_tensor(llama):
+    spec, model = llama
+    chosen = plan(spec, studios_and_macbook(72, 48), pb.PlacementRequest(strategy=pb.HYBRID), model=model).chosen
+    fields = layout(chosen)
+    assert fields.strategy == "hybrid" and fields.stage_strategy == "tensor"
+    assert fields.stage_ranks == [2, 1] and sum(fields.pipeline_layers) == model.num_layers
+    assert fields.shares[2] == model.grains["tensor"] and sum(fields.shares[:2]) == model.grains["tensor"]
+
+
+def test_a_dense_model_without_tensor_refuses_hybrid():
+    """phi3: tensor is not proven, and a dense model has no moe_tensor: no cut for the stages."""
+    spec = inventory.from_config(dict(synthetic.TINY_CONFIGS["phi3"]), "phi3")
+    model = profile(spec)
+    assert "tensor" not in model.proven and "hybrid" not in model.proven
     cluster = pb.Cluster(nodes=[node(f"n{i}", 64, 400) for i in range(3)])
-    with pytest.raises(PlanError, match="hybrid needs a mixture-of-experts model"):
-        plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID))
-    unforced = plan(spec, cluster, pb.PlacementRequest())
-    assert not hybrids(unforced)
+    with pytest.raises(PlanError, match="hybrid needs moe_tensor or tensor inside its stages: .*tensor is not proven"):
+        plan(spec, cluster, pb.PlacementRequest(strategy=pb.HYBRID), model=model)
+    assert not hybrids(plan(spec, cluster, pb.PlacementRequest(), model=model))
+
+
+def test_the_inner_cut_is_the_models_one():
+    assert hybrid_inner(True, {"pipeline", "moe_tensor", "tensor"}) == "moe_tensor"
+    assert hybrid_inner(True, {"pipeline", "tensor"}) == "tensor"  # moe_tensor refused
+    assert hybrid_inner(False, {"pipeline", "moe_tensor", "tensor"}) == "tensor"
+    assert hybrid_inner(False, {"pipeline"}) is None
 
 
 def test_the_runner_layout_has_one_pipeline_entry_per_stage(flash):
