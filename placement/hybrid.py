@@ -155,7 +155,7 @@ class Stage:
             slowest = least / self.slowest_rate + n * self.same_layer_s
         else:
             slowest = max(least / rate + n * layer for rate, layer in self.rates)
-        # A stage on slow links pays for its all-sums: the split gives it fewer MoE layers.
+        # A stage on slow links pays for its all-sums: the split gives it fewer of the layers that sum.
         return max((g * ns + s) / self.total_rate + n * self.layer_s, slowest) \
             + (sums.all_sums[b] - sums.all_sums[a]) * self.all_sum_s
 
@@ -196,8 +196,8 @@ class Stage:
 def layers_bound(sums: LayerSums, stages: list[tuple[float, int, float, float]], slowest_rate: float,
                  capacity: list[float] | None = None) -> float:
     """No layer split and no shares make the stages' layers take less: each
-    layer costs at least its stage's rate-weighted time plus, if it is an
-    MoE layer, the stage's chain all-sum; at best every layer is on its
+    layer costs at least its stage's rate-weighted time plus its chain
+    all-sums (LayerSums.all_sums); at best every layer is on its
     cheapest stage. stages: (total rate, ranks, lambda, chain all-sum
     seconds) per stage. capacity: per stage, the bytes its ranks can hold
     for layers (None: no limit); a layer of a kind takes g * ns + s of it.
@@ -247,7 +247,7 @@ def order_bound(sums: LayerSums, rates: list[tuple[float, float]], chain_hop_s: 
     runs on one rank, no faster than the fastest, or on a stage of 2+, no
     faster than every rank but the slowest together (the uncut bytes at the
     fastest rank's rate) and paying at least two hops of the cheapest link
-    (chain_hop_s) per MoE layer."""
+    (chain_hop_s) per chain all-sum."""
     total = sum(rate for rate, _ in rates)
     top, low = max(rate for rate, _ in rates), min(rate for rate, _ in rates)
     least_layer = min(layer for _, layer in rates)
@@ -285,7 +285,7 @@ def split_bound(sums: LayerSums, order: OrderFigures, stage_ranks: list[int], ea
     The layers: each layer on a stage of one rank costs at least its bytes
     at the fastest such rank's rate; on a stage of 2+, at least the
     rate-weighted time of the best such stage's figures (each taken apart)
-    plus, if it is an MoE layer, the cheapest such stage's chain all-sum.
+    plus its chain all-sums at the cheapest such stage's.
     per_stage: tighter and slower, each layer at its cheapest stage's time
     (layers_bound)."""
     comm, start, stages, capacity = 0.0, 0, [], []
