@@ -565,6 +565,13 @@ def _stage_shares(model: ModelProfile, inner: str, nodes: list[pb.NodeProfile], 
     return memo[key]
 
 
+def _stage_curves(stage: hybrid.Stage, sums: hybrid.LayerSums, memo: dict) -> list[list[float]]:
+    key = ("hybrid curves", stage)
+    if key not in memo:
+        memo[key] = stage.curves(sums)
+    return memo[key]
+
+
 def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.LayerSums,
                  memo: dict) -> list[tuple[int, int]]:
     """Contiguous layer ranges per stage, in rank order (stage 0 the last
@@ -578,12 +585,14 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
         return memo[key]
     k, layers = len(stages), model.num_layers
     # The last stage runs the first layers. Per stage: its running times
-    # (hybrid.Stage.curves) and, per first layer, the most layers its
-    # memory holds (memory does not depend on the limit).
-    ascending = [(stage, stage.curves(sums), {}) for stage in stages[::-1]]
+    # (hybrid.Stage.curves) and, per first and last layer it may take, the
+    # most layers its memory holds (memory does not depend on the limit).
+    # Both once per plan: the splits of many orders share their stages.
+    ascending = [(stage, _stage_curves(stage, sums, memo), memo.setdefault(("hybrid held", stage), {}))
+                 for stage in stages[::-1]]
 
     def most_held(stage, start, last, known):
-        if start not in known:
+        if (start, last) not in known:
             end, high = start, last
             while end < high:  # memory grows with the layers
                 mid = (end + high + 1) // 2
@@ -591,8 +600,8 @@ def hybrid_split(model: ModelProfile, stages: list[hybrid.Stage], sums: hybrid.L
                     end = mid
                 else:
                     high = mid - 1
-            known[start] = end
-        return known[start]
+            known[start, last] = end
+        return known[start, last]
 
     def assign(limit, respect_memory):
         bounds, start = [], 0
