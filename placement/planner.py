@@ -179,8 +179,7 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict, hops: dict | None
     fastest nodes and the roomiest nodes, ordered as a ring of nearest links."""
     by_speed = sorted(nodes, key=lambda n: (-n.memory_bandwidth_bytes_per_s, -n.memory_usable_bytes, n.name))
     by_room = sorted(nodes, key=lambda n: (-n.memory_usable_bytes, -n.memory_bandwidth_bytes_per_s, n.name))
-    latency = {a.node_id: {b.node_id: cost.hop(links, a.node_id, b.node_id, pb.RING, hops).latency_s for b in nodes}
-               for a in nodes}
+    latency = _ring_latencies(nodes, links)
     orders, seen = [], set()
     for k in range(1, len(nodes) + 1):
         for ranking in (by_speed, by_room):
@@ -195,6 +194,21 @@ def candidate_orders(nodes: list[pb.NodeProfile], links: dict, hops: dict | None
             orders.append(_ring_order(sorted(subset, key=lambda n: (-n.memory_bandwidth_bytes_per_s, n.name)),
                                       latency))
     return orders
+
+
+def _ring_latencies(nodes: list[pb.NodeProfile], links: dict) -> dict:
+    """Each pair's one-way ring latency, as cost.hop gives it (a link in
+    either direction, the assumed one where none was measured), read off
+    the links once: n² calls of hop were a fifth of a 64-node plan."""
+    ids = {n.node_id for n in nodes}
+    assumed = cost.hop({}, "", "", pb.RING).latency_s
+    latency: dict = {a: {} for a in ids}
+    for (a, b), link in links.items():
+        if a in ids and b in ids:
+            latency[a][b] = link.rtt_s / 2
+            if (b, a) not in links:
+                latency[b][a] = link.rtt_s / 2
+    return {a: {b: row.get(b, assumed) for b in ids} for a, row in latency.items()}
 
 
 def _ring_order(subset: list[pb.NodeProfile], latency: dict) -> list[pb.NodeProfile]:
