@@ -113,6 +113,12 @@ def whole(entry: Entry, file: str) -> Part:
                 entry.start, entry.nbytes, entry.nbytes, 1)
 
 
+def cut_part(name: str, file: str, entry: Entry, axis: int, lo: int, hi: int, of: int) -> Part:
+    """Grains [lo, hi) of `of` of a tensor along `axis`, as stored."""
+    offset, length, stride, count, stored = slice_of(entry, axis, lo, hi, of)
+    return Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, of), offset, length, stride, count)
+
+
 def canary_layer(spec, config: dict, arch, within: tuple = ()) -> int:
     """The layer the runner's canary computes uncut from the checkpoint
     where every layer is held (runner/canary.py choose_layer): the first
@@ -191,10 +197,7 @@ def rank_needs(tensors: dict, spec, config: dict, arch, strategy: str, rank: int
         if t is None or not rule.units or t.layer == keep or not entry.shape:
             parts.append(whole(entry, file))
             continue
-        axis = rule.axis % len(entry.shape)
-        offset, length, stride, count, stored = slice_of(entry, axis, lo, hi, grains)
-        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, grains),
-                          offset, length, stride, count))
+        parts.append(cut_part(name, file, entry, rule.axis % len(entry.shape), lo, hi, grains))
     return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (lo, hi, grains))
 
 
@@ -231,10 +234,7 @@ def _stage_needs(tensors: dict, spec, config: dict, arch, info: dict, side: list
         if count == 1 or t is None or not rule.units or layer == keep or not entry.shape:
             parts.append(whole(entry, file))
             continue
-        axis = rule.axis % len(entry.shape)
-        offset, length, stride, blocks, stored = slice_of(entry, axis, lo, hi, grains)
-        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, grains),
-                          offset, length, stride, blocks))
+        parts.append(cut_part(name, file, entry, rule.axis % len(entry.shape), lo, hi, grains))
     return RankNeeds(parts, absent, side, (start, end), keep, (lo, hi, grains) if count > 1 else ())
 
 
@@ -273,9 +273,7 @@ def _layout_needs(tensors: dict, spec, info: dict, side: list, keep: int, rank: 
             experts[name] = held
         else:
             lo, hi, of = shared_lo, shared_hi, shared
-        offset, length, stride, blocks, stored = slice_of(entry, axis, lo, hi, of)
-        parts.append(Part(name, file, entry.code, tuple(entry.shape), stored, axis, (lo, hi, of),
-                          offset, length, stride, blocks))
+        parts.append(cut_part(name, file, entry, axis, lo, hi, of))
     return RankNeeds(parts, {}, side, (0, spec.num_layers), keep, (shared_lo, shared_hi, shared),
                      expert_layout={str(k): v for k, v in sorted(sets.items())}, experts=experts)
 

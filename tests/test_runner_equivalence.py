@@ -82,11 +82,17 @@ def test_sharded_runner_matches_single_process(name, strategy, world, variant, r
     model_dir = runner_models(name, variant)
     expected = references(model_dir)
     got = sharded(model_dir, strategy, world, **stage_kwargs(name, strategy, world))
+    assert_matches(got, expected, variant, (name, strategy, world, variant))
+
+
+def assert_matches(got: dict, expected: dict, variant: str, figure: tuple) -> None:
+    """The single process's logits, greedy tokens and each step's
+    log-probability (not only the argmax: the same tokens, so the same
+    positions) within the bound, and every rank's canary within 1e-4."""
     delta = np.abs(got["logits"] - expected["logits"]).max()
-    record(name, strategy, world, variant, delta)
+    record(*figure, delta)
     assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
     assert got["tokens"] == expected["tokens"]
-    # Every step's log-probability, not only the argmax (the same tokens, so the same positions).
     steps = np.abs(got["logprobs"] - expected["logprobs"]).max()
     assert steps <= LOGIT_BOUND[variant], f"logprobs max |d| = {steps}"
     for status in got["ready"]:
@@ -157,14 +163,7 @@ def test_hybrid_stages_match_single_process(name, cut, stages, split, shares, va
     expected = references(model_dir)
     got = sharded(model_dir, "hybrid", sum(stages), stage_ranks=stages, stage_strategy=cut,
                   pipeline_layers=split, shares=shares)
-    delta = np.abs(got["logits"] - expected["logits"]).max()
-    record(name, f"hybrid {cut} {'+'.join(map(str, stages))}", sum(stages), variant, delta)
-    assert delta <= LOGIT_BOUND[variant], f"max |d| = {delta}"
-    assert got["tokens"] == expected["tokens"]
-    steps = np.abs(got["logprobs"] - expected["logprobs"]).max()
-    assert steps <= LOGIT_BOUND[variant], f"logprobs max |d| = {steps}"
-    for status in got["ready"]:
-        assert status.canary_max_delta <= 1e-4
+    assert_matches(got, expected, variant, (name, f"hybrid {cut} {'+'.join(map(str, stages))}", sum(stages), variant))
 
 
 def test_hybrid_stages_that_do_not_cover_the_ranks_fail_in_loading(runner_models):
