@@ -31,6 +31,22 @@ def models_dir() -> Path:
     return Path(os.environ.get("EXOD_BENCH_MODELS") or Path(tempfile.gettempdir()) / "exod-bench-models")
 
 
+# Decode speed as the median over windows of this many consecutive tokens:
+# a window spans several of exod's controls (one every 4 steps), so every
+# periodic cost is in it, while a window that the scheduler stalled (this
+# box's two cores also run the parent and the OS) is outvoted. Whole-run
+# means moved by up to 20% between interleaved runs of the same thing.
+WINDOW_TOKENS = 16
+
+
+def window_rate(times: list[float], window: int = WINDOW_TOKENS) -> float:
+    """Median tokens/s over non-overlapping windows of `window` token
+    intervals; 0 with too few tokens for one window."""
+    rates = [window / (times[i + window] - times[i]) for i in range(0, len(times) - window, window)
+             if times[i + window] > times[i]]
+    return statistics.median(rates) if rates else 0.0
+
+
 def even_split(layers: int, world: int) -> list[int]:
     base, extra = divmod(layers, world)
     return [base + (1 if r < extra else 0) for r in range(world)]
@@ -44,7 +60,7 @@ def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinn
     args = [sys.executable, str(WORKER), str(model_dir), strategy, str(max_tokens), str(PROMPT_TOKENS), engine]
     if strategy == "single":
         out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return _with_window_rate(json.loads(out.stdout.strip().splitlines()[-1]))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as hostfile:
         json.dump([[f"127.0.0.1:{p}"] for p in free_ports(world)], hostfile)
     try:
@@ -58,7 +74,12 @@ def mlx_lm_run(model_dir: Path, strategy: str, world: int, max_tokens: int, pinn
             p.kill()
     if any(p.returncode for p in procs):
         raise RuntimeError("mlx-lm baseline failed: " + " | ".join(o[1][-400:] for o in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])
+    return _with_window_rate(json.loads(outs[0][0].strip().splitlines()[-1]))
+
+
+def _with_window_rate(result: dict) -> dict:
+    result["decode_window_tokens_per_s"] = window_rate(result.pop("token_times", []))
+    return result
 
 
 def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers: int, pinned: bool = False,
@@ -72,9 +93,13 @@ def exod_run(model_dir: Path, strategy: str, world: int, max_tokens: int, layers
         ready_s = max(s.changed_at_unix_ms for s in (r.status for r in instance.ranks)) / 1000 - spawned
         request = pb.GenerateRequest(request_id="bench", prompt_tokens=[5 + (i % 50) for i in range(PROMPT_TOKENS)],
                                      sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        final = instance.generate(request, timeout=600)[-1]
+        times = []
+        for final in instance.stream(request, timeout=600):
+            if final.tokens and not final.finish_reason:
+                times.append(time.perf_counter())
         instance.shutdown()
     return {"ready_s": ready_s, "decode_tokens_per_s": final.generation_tokens_per_s,
+            "decode_window_tokens_per_s": window_rate(times),
             "prompt_tokens_per_s": final.prompt_tokens_per_s, "tokens": final.generation_tokens}
 
 

@@ -8,8 +8,12 @@ a rank whose batch differed would deadlock or mix up its peers' data. Rank
 0 alone takes requests (scheduler.Inbox), so rank 0 decides the batch and
 tells the others, in a control message that every rank all-sums:
 
-  idle:     a control every HEARTBEAT_S, or as soon as rank 0 has a request
-            (a dead peer shows up here as a failed collective)
+  idle:     a control every IDLE_TICK_S, sooner on rank 0 when a request
+            arrives (a dead peer shows up here as a failed collective).
+            Every rank waits out the tick in Python before its all-sum: a
+            rank waiting inside MLX's ring all-sum spins a thread on its
+            socket, so an idle instance would burn a core on every rank
+            but rank 0
   running:  per iteration one BatchGenerator step (a decode step for the
             batch, a prefill chunk for sequences that joined); every
             CONTROL_EVERY iterations a control, which every rank applies one
@@ -50,7 +54,11 @@ from .scheduler import Admission, Inbox, RequestError  # noqa: F401  (Inbox, Req
 from .sequences import LogitsCapture, SeededSampler, Sequence
 from .strategies import expert_counts
 
-HEARTBEAT_S = 0.5
+# How long an idle instance may take to start a request: rank 0 takes it at
+# once but waits in the all-sum until the other ranks' ticks end. 20 ms
+# costs a request at most that much of its first token's time, and an idle
+# rank about 1% of a core (50 controls a second) instead of 100%.
+IDLE_TICK_S = 0.02
 CONTROL_EVERY = 4
 MAX_STOP_TOKENS = 4
 MAX_JOIN = 8      # requests that may join at one control
@@ -183,7 +191,11 @@ class Server:
         return mx.distributed.all_sum(array, group=self.group, stream=self.stream) if self.group else array
 
     def _issue_control(self, wait_s: float) -> mx.array:
+        """wait_s: how long to wait first, on rank 0 for a request (it stops
+        waiting when one arrives), elsewhere for a shutdown."""
         removals, joins = [], []
+        if self.rank != 0 and wait_s > 0:
+            self.inbox.shutdown.wait(wait_s)
         if self.rank == 0:
             self._cancel_in_batch()
             removals = sorted(self.dropping)[:MAX_REMOVE]
@@ -223,7 +235,7 @@ class Server:
                 if not self.active and self.pending is None:
                     self.progress("Ready", peer_timeout_s)
                     self._set_state(pb.READY)
-                    values = self._issue_control(HEARTBEAT_S if self.rank == 0 else 0.0).tolist()
+                    values = self._issue_control(IDLE_TICK_S).tolist()
                     if self._apply(values):
                         return
                     continue

@@ -169,6 +169,26 @@ def test_only_rank_0_takes_requests(demo):
     assert chunk.finish_reason == pb.FINISH_ERROR and "send them to rank 0" in chunk.error
 
 
+def test_an_idle_instance_does_not_spin(demo):
+    """Waiting for requests, no rank burns a core: MLX's ring spins a
+    thread while a rank waits inside an all-sum, so the ranks wait out their
+    idle tick before the control's all-sum (rank 1 used a whole core)."""
+    import time
+
+    import psutil
+
+    assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 10)
+    processes = [psutil.Process(r.pid) for r in demo.ranks]
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    started = time.monotonic()
+    time.sleep(2.0)
+    elapsed = time.monotonic() - started
+    shares = [(sum(p.cpu_times()[:2]) - b) / elapsed for p, b in zip(processes, before)]
+    assert max(shares) < 0.3, f"idle ranks used {shares} of a core"
+    # ...and it still answers at once.
+    assert tokens_of(token_chunks(demo.generate(request("after-idle", max_tokens=3, ignore_eos=True))))
+
+
 def test_shutdown_is_clean_and_in_lockstep(tmp_path):
     model_dir = synthetic.ensure_named("demo", tmp_path / "models")
     instance = LocalInstance(model_dir, "pipeline", 2)
