@@ -5,7 +5,8 @@
                   same client) against mlx_lm.server on one node, exod on
                   one node (one rank), and exod with moe_tensor and pipeline
                   over two network-namespace hosts; each exod figure over
-                  mlx_lm.server's at the same concurrency (goal: one node
+                  mlx_lm.server's at the same concurrency, the median of
+                  the ratios of samples taken back to back (goal: one node
                   >= 0.9x), and for 8 concurrent requests the share of the
                   wall time after which the first of them finished (requests
                   progress together when it is >= 0.5, one after another
@@ -17,8 +18,9 @@
                   with the cache)
   decode_step     greedy decode tokens/s of one request, exod tensor x 2
                   against mlx-lm's own sharded generate loop on the same
-                  ranks (bench/runner.py's worker), interleaved; the ratio is
-                  the lockstep's cost per decode step (goal >= 0.9x)
+                  ranks (bench/runner.py's worker), interleaved; the ratio
+                  (the median over rounds of exod's sample over mlx-lm's)
+                  is the lockstep's cost per decode step (goal >= 0.9x)
   batch_invariance
                   the largest difference of any logprob between a sequence
                   decoded alone and in a batch of four (mlx-lm's
@@ -57,6 +59,8 @@ CONTEXT = 4096
 TTFT_PROMPT_TOKENS = 1500
 API = 52415
 TARGET_RATIO = 0.9
+# One request's decode in decode_step: eight windows of 16 tokens.
+DECODE_TOKENS = 128
 TARGET_TTFT = 0.2
 
 
@@ -210,30 +214,47 @@ def decode_step(model_dir: Path, repeats: int, max_tokens: int) -> dict:
     BatchGenerator with one request (the batched engine exod's runner
     builds on), interleaved. Each rank on a core of its own, as on two
     machines: two ranks left to the scheduler on two cores moved single
-    samples by 2x (65 to 178 tok/s for the same run)."""
-    samples = {"exod": [], "exod_concurrency_1": [], "mlx_lm": [], "mlx_lm_batch_generator": []}
+    samples by 2x (65 to 178 tok/s for the same run).
+
+    A sample's rate is the median over windows of 16 tokens
+    (runner.window_rate), which holds every periodic cost of the lockstep
+    but not a stall of the shared machine; whole-run means are kept too."""
+    kinds = ("exod", "exod_concurrency_1", "mlx_lm", "mlx_lm_batch_generator")
+    samples = {k: [] for k in kinds}
+    means = {k: [] for k in kinds}
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     pinned = (os.cpu_count() or 1) >= 2
-    # The first run of each is slower (page cache, MLX's first compiles): not counted.
-    runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned)
-    runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned)
-    for _ in range(repeats):  # interleaved
-        samples["mlx_lm"].append(runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned)["decode_tokens_per_s"])
-        samples["mlx_lm_batch_generator"].append(
-            runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned, engine="batch")["decode_tokens_per_s"])
-        samples["exod"].append(runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned)
-                               ["decode_tokens_per_s"])
+    runs = {
+        "mlx_lm": lambda: runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned),
+        "mlx_lm_batch_generator": lambda: runner.mlx_lm_run(model_dir, "tensor", 2, max_tokens, pinned,
+                                                            engine="batch"),
+        "exod": lambda: runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned),
         # A placement of concurrency 1 decodes with generate_step (runner/engine.py).
-        samples["exod_concurrency_1"].append(runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned,
-                                                             max_batch=1)["decode_tokens_per_s"])
-    exod, mlx, batch, alone = (statistics.median(samples[k]) for k in
-                               ("exod", "mlx_lm", "mlx_lm_batch_generator", "exod_concurrency_1"))
-    return {"strategy": "tensor", "ranks": 2, "pinned": pinned, "tokens": max_tokens, "exod_decode_tokens_per_s": exod,
-            "mlx_lm_decode_tokens_per_s": mlx, "mlx_lm_batch_generator_decode_tokens_per_s": batch,
-            "exod_concurrency_1_decode_tokens_per_s": alone, "concurrency_1_ratio": alone / mlx,
-            "ratio": exod / mlx, "over_mlx_lm_batch_generator": exod / batch,
-            "mlx_lm_batch_generator_over_mlx_lm": batch / mlx, "target": TARGET_RATIO,
-            "meets_target": exod / mlx >= TARGET_RATIO,
+        "exod_concurrency_1": lambda: runner.exod_run(model_dir, "tensor", 2, max_tokens, layers, pinned,
+                                                      max_batch=1),
+    }
+    # The first run of each is slower (page cache, MLX's first compiles): not counted.
+    runs["mlx_lm"]()
+    runs["exod"]()
+    for _ in range(repeats):  # interleaved
+        for kind in kinds:
+            result = runs[kind]()
+            samples[kind].append(result["decode_window_tokens_per_s"])
+            means[kind].append(result["decode_tokens_per_s"])
+    exod, alone, mlx, batch = (statistics.median(samples[k]) for k in kinds)
+    paired, paired_alone = (paired_ratio(samples[k], samples["mlx_lm"]) for k in ("exod", "exod_concurrency_1"))
+    return {"strategy": "tensor", "ranks": 2, "pinned": pinned, "tokens": max_tokens,
+            "rate": f"median over windows of {runner.WINDOW_TOKENS} tokens, then over samples",
+            "exod_decode_tokens_per_s": exod, "mlx_lm_decode_tokens_per_s": mlx,
+            "mlx_lm_batch_generator_decode_tokens_per_s": batch,
+            "exod_concurrency_1_decode_tokens_per_s": alone,
+            # Each sample of exod over the mlx-lm sample of the same round, the median kept.
+            "ratio": paired, "concurrency_1_ratio": paired_alone,
+            "ratio_of_medians": exod / mlx, "concurrency_1_ratio_of_medians": alone / mlx,
+            "over_mlx_lm_batch_generator": paired_ratio(samples["exod"], samples["mlx_lm_batch_generator"]),
+            "mlx_lm_batch_generator_over_mlx_lm": paired_ratio(samples["mlx_lm_batch_generator"], samples["mlx_lm"]),
+            "target": TARGET_RATIO, "meets_target": paired >= TARGET_RATIO,
+            "whole_run_means": {k: statistics.median(v) for k, v in means.items()},
             "samples": {k: [round(v, 2) for v in vs] for k, vs in samples.items()}}
 
 
@@ -273,6 +294,12 @@ def batch_invariance(work: Path) -> list[dict]:
 # ------------------------------------------------------------------ the run
 
 
+def paired_ratio(ours: list[float], base: list[float]) -> float:
+    """The median over repeats of ours / base, each pair measured back to
+    back: a slow spell of the shared machine that spans a pair cancels."""
+    return statistics.median(o / b for o, b in zip(ours, base))
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median aggregate rate, and every run's rate."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
@@ -283,7 +310,7 @@ def run(quick: bool = False) -> dict:
     max_tokens = 32 if quick else 64
     # A 64-token chat alone takes under a second here, so one scheduler
     # hiccup moves a sample by a third: five samples, the median kept.
-    repeats = 1 if quick else 5
+    repeats = 1 if quick else 7
     model_dir = synthetic.ensure_named("demo", models_dir())
     env = {**os.environ, "EXOD_CLUSTER_KEY": keys.new_cluster_key()}
     report = {"bench": "serving", "model": "demo", "max_tokens": max_tokens, "context": CONTEXT,
@@ -356,9 +383,14 @@ def run(quick: bool = False) -> dict:
             _place(local, solo_api, {**body, "prefix_cache_bytes": 0})
             report["ttft"]["exod_one_node_no_cache"] = ttft(local, solo_api, long)
             for row in rows:
-                base = row["mlx_lm_server"]["tokens_per_s"]
+                base = row["mlx_lm_server"]
                 for key in ("exod_one_node", "exod_moe_tensor_2_hosts", "exod_pipeline_2_hosts"):
-                    row[key]["over_mlx_lm_server"] = row[key]["tokens_per_s"] / base
+                    row[key]["over_mlx_lm_server_of_medians"] = row[key]["tokens_per_s"] / base["tokens_per_s"]
+                    # Pipeline's samples come after the others (its placement
+                    # replaces moe_tensor's): no pairs, the medians' ratio.
+                    row[key]["over_mlx_lm_server"] = (
+                        row[key]["over_mlx_lm_server_of_medians"] if key == "exod_pipeline_2_hosts" else
+                        paired_ratio(row[key]["samples_tokens_per_s"], base["samples_tokens_per_s"]))
             report["throughput"] = rows
         finally:
             for p in procs:
@@ -382,7 +414,7 @@ def run(quick: bool = False) -> dict:
             "ttft_meets_0_2x": cache <= TARGET_TTFT,
         }
     # Each sample is one short request on fresh ranks: seven, the median kept.
-    report["decode_step"] = decode_step(model_dir, 1 if quick else 7, max_tokens)
+    report["decode_step"] = decode_step(model_dir, 1 if quick else 7, 48 if quick else DECODE_TOKENS)
     report["summary"]["decode_step_ratio"] = report["decode_step"]["ratio"]
     with tempfile.TemporaryDirectory() as tmp:
         report["batch_invariance"] = batch_invariance(Path(tmp))

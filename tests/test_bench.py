@@ -72,3 +72,22 @@ def test_hetero_bench_places_what_no_even_plan_fits_and_it_runs_within_the_memor
     assert shares[0] != shares[1], "an uneven plan"
     assert memory["peak_rss_bytes"][1] <= memory["slow_host_usable_bytes"]
     assert memory["meets_goal"]
+
+
+def test_decode_rates_outvote_a_stall_but_keep_periodic_costs():
+    from bench.runner import window_rate
+    from bench.serving import paired_ratio
+
+    # 100 tokens/s with a 0.5 s stall once: the whole-run mean drops to 76,
+    # the windowed median does not.
+    times = [i * 0.01 + (0.5 if i >= 50 else 0.0) for i in range(161)]
+    assert abs(window_rate(times) - 100) < 1e-6
+    assert (len(times) - 1) / (times[-1] - times[0]) < 80
+    # A cost every 4th step (a control) stays in every window: 3 steps of
+    # 10 ms and one of 14 ms are 16 tokens in 0.176 s.
+    steps = [0.014 if i % 4 == 3 else 0.01 for i in range(160)]
+    times = [sum(steps[:i]) for i in range(161)]
+    assert abs(window_rate(times) - 16 / 0.176) < 1e-6
+    assert window_rate(times[:10]) == 0.0
+    # Pairs measured back to back: a slow spell that spans a pair cancels.
+    assert paired_ratio([90, 45, 95], [100, 50, 100]) == 0.9
