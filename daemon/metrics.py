@@ -14,7 +14,7 @@ Each daemon has its own registry (tests run several daemons in one
 process), never prometheus_client's global one."""
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from exod.proto import exod_pb2 as pb
 
@@ -75,14 +75,18 @@ class _ViewCollector:
              ["instance", "model", "rank"]),
             ("exod_prefix_cache_tokens", "Tokens the prefix cache holds (the same on every rank)",
              ["instance", "model", "rank"]),
-            ("exod_prefix_cache_lookups", "Requests that looked for a cached prefix", ["instance", "model"]),
-            ("exod_prefix_cache_hits", "Requests that reused a cached prefix", ["instance", "model"]),
-            ("exod_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", ["instance", "model"]),
             ("exod_node_memory_usable_bytes", "Memory exod may plan onto", ["node"]),
             ("exod_node_memory_reserved_bytes", "Memory held by placements", ["node"]),
             ("exod_node_memory_used_bytes", "Memory in use on the machine (total less available)", ["node"]),
             ("exod_runner_state", "1 for the state each rank is in", ["instance", "model", "rank", "node", "state"]),
         )}
+        # Rank 0's running totals since the instance started: counters (a
+        # rate() over them is the hit rate), exposed as `…_total`.
+        g.update({name: CounterMetricFamily(name, text, labels=["instance", "model"]) for name, text in (
+            ("exod_prefix_cache_lookups", "Requests that looked for a cached prefix"),
+            ("exod_prefix_cache_hits", "Requests that reused a cached prefix"),
+            ("exod_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+        )})
         for member in view.members.values():
             profile = member.record.profile
             name = profile.name or profile.node_id[:12]

@@ -16,10 +16,15 @@ error with its kind. So an over-long prompt is a 400, and a full queue a
 429, before any byte of a stream is sent. An instance whose queue is full
 is passed over for the next one; when every one is full, 429.
 
-A client that goes away (a closed connection, noticed on the next write or
-within CLIENT_POLL_S of silence) ends its generation: the chunk stream is
-closed, which cancels the request at rank 0, which drops it from the batch
-on every rank at its next control."""
+A client that goes away (a closed connection, noticed as each chunk
+arrives, or within CLIENT_POLL_S of silence) ends its generation: the chunk
+stream is closed, which cancels the request at rank 0, which drops it from
+the batch on every rank at its next control. A non-streamed answer writes
+nothing until the end, so the connection's state is all there is to watch.
+
+A request the instance ends itself (it was removed or shut down while the
+answer ran) is an error to its client, not a finished answer: the client
+did not cancel it, and its text is cut short."""
 
 import asyncio
 import time
@@ -126,6 +131,18 @@ class Serving:
             del self.sent[instance_id]
 
 
+def _ended_by_instance(chunk: pb.GenerationChunk) -> pb.GenerationChunk:
+    """A cancel this node's client did not ask for (a cancelled client's
+    generation is closed before any later chunk is read): the instance was
+    removed or shut down mid-answer, which cuts the answer short."""
+    ended = pb.GenerationChunk()
+    ended.CopyFrom(chunk)
+    ended.finish_reason = pb.FINISH_ERROR
+    ended.error_kind = pb.ERROR_INTERNAL
+    ended.error = f"the instance stopped before the answer was finished ({chunk.error or 'cancelled'})"
+    return ended
+
+
 class Generation:
     """An admitted request's chunks, with its metrics and its cancellation."""
 
@@ -144,6 +161,9 @@ class Generation:
         self._closed = False
         self.final: pb.GenerationChunk | None = None
         self.outcome = "cancelled"
+        self._counted_tokens = 0
+        self._counted_cached = False
+        serving.metrics.prompt_tokens.labels(model).inc(admitted.prompt_tokens)
 
     async def __aiter__(self):
         """Chunks until the final one (which is yielded too). Raises
@@ -153,9 +173,9 @@ class Generation:
         try:
             while True:
                 done, _ = await asyncio.wait({pending}, timeout=CLIENT_POLL_S)
+                if self._http is not None and client_gone(self._http):
+                    raise ClientGone()
                 if not done:
-                    if self._http is not None and client_gone(self._http):
-                        raise ClientGone()
                     continue
                 try:
                     chunk = pending.result()
@@ -168,12 +188,14 @@ class Generation:
                     else:
                         metrics.itl.labels(self.model).observe(now - self._last_token_at)
                     self._last_token_at = now
+                    # Counted as they come, so that an answer cut short counts too.
+                    self._count(len(chunk.tokens), chunk)
                 if chunk.finish_reason:
+                    if chunk.finish_reason == pb.FINISH_CANCELLED:
+                        chunk = _ended_by_instance(chunk)
                     self.final = chunk
                     self.outcome = OUTCOME.get(chunk.finish_reason, "error")
-                    metrics.tokens.labels(self.model).inc(chunk.generation_tokens)
-                    metrics.prompt_tokens.labels(self.model).inc(chunk.prompt_tokens)
-                    metrics.cached_tokens.labels(self.model).inc(chunk.cached_tokens)
+                    self._count(chunk.generation_tokens - self._counted_tokens, chunk)
                     yield chunk
                     return
                 yield chunk
@@ -183,6 +205,17 @@ class Generation:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
             await self.close()
+
+    def _count(self, tokens: int, chunk: pb.GenerationChunk) -> None:
+        metrics = self.serving.metrics
+        if tokens > 0:
+            metrics.tokens.labels(self.model).inc(tokens)
+            self._counted_tokens += tokens
+        # The chunk of the first token says how much of the prompt was cached
+        # (and so does the final one, for an answer without tokens).
+        if not self._counted_cached and (chunk.prompt_tokens or chunk.finish_reason):
+            metrics.cached_tokens.labels(self.model).inc(chunk.cached_tokens)
+            self._counted_cached = True
 
     async def close(self) -> None:
         """Idempotent: cancels the request if it is still running (closing the

@@ -41,8 +41,14 @@ class Admission:
         self.vocab = vocab
         self.context_length = context_length
 
-    def max_tokens(self, request: pb.GenerateRequest) -> int:
-        return request.sampling.max_tokens or min(DEFAULT_MAX_TOKENS, self.context_length // 2)
+    def max_tokens(self, request: pb.GenerateRequest, prompt_tokens: int) -> int:
+        """The request's own limit, or the default: up to DEFAULT_MAX_TOKENS,
+        and never more than the context leaves after the prompt (OpenAI's and
+        Ollama's default likewise fills what is left, so a prompt that fits
+        is never refused for a limit its client did not set)."""
+        if request.sampling.max_tokens:
+            return request.sampling.max_tokens
+        return min(DEFAULT_MAX_TOKENS, self.context_length // 2, self.context_length - prompt_tokens)
 
     def prompt_tokens(self, request: pb.GenerateRequest) -> list[int]:
         if request.messages:
@@ -63,14 +69,19 @@ class Admission:
             raise RequestError("empty prompt")
         if self.vocab and max(tokens) >= self.vocab:
             raise RequestError(f"token id {max(tokens)} is outside the vocabulary of {self.vocab}")
-        budget = self.max_tokens(request)
+        if len(tokens) >= self.context_length:
+            verb = "exceeds" if len(tokens) > self.context_length else "fills, leaving nothing to generate in,"
+            raise RequestError(f"prompt of {len(tokens)} tokens {verb} the instance's context of "
+                               f"{self.context_length}", pb.ERROR_CONTEXT_LENGTH)
+        budget = self.max_tokens(request, len(tokens))
         if len(tokens) + budget > self.context_length:
             raise RequestError(f"prompt of {len(tokens)} tokens plus max_tokens {budget} exceeds "
                                f"the instance's context of {self.context_length}", pb.ERROR_CONTEXT_LENGTH)
         return tokens
 
     def admit(self, request: pb.GenerateRequest) -> Admitted:
-        return Admitted(request, self.prompt_tokens(request), self.max_tokens(request))
+        tokens = self.prompt_tokens(request)
+        return Admitted(request, tokens, self.max_tokens(request, len(tokens)))
 
 
 class Inbox:

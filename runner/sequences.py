@@ -122,7 +122,12 @@ class Sequence:
             self.emitted = safe
             if self.generated >= self.max_tokens:
                 self.finish_reason = pb.FINISH_LENGTH
-        self.server.emit(pb.GenerationChunk(request_id=self.request_id, tokens=[out]))
+        chunk = pb.GenerationChunk(request_id=self.request_id, tokens=[out])
+        if self.generated == 1:
+            # The prompt's split into computed and cached tokens is known from
+            # here on (Anthropic's message_start reports it before any text).
+            chunk.prompt_tokens, chunk.cached_tokens = self.prompt_tokens, self.cached_tokens
+        self.server.emit(chunk)
 
     def _piece(self, token: int) -> str:
         if self.detokenizer is None:

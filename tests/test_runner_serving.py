@@ -150,7 +150,11 @@ def test_cancel_ends_a_request_and_leaves_the_runner_ready(demo):
      pb.ERROR_INVALID_REQUEST),
     (pb.GenerateRequest(request_id="empty"), "empty prompt", pb.ERROR_INVALID_REQUEST),
     (pb.GenerateRequest(request_id="long", prompt_tokens=[5] * 2000, sampling=pb.SamplingParams(max_tokens=100)),
-     "exceeds the instance's context of 2048", pb.ERROR_CONTEXT_LENGTH),
+     "prompt of 2000 tokens plus max_tokens 100 exceeds the instance's context of 2048", pb.ERROR_CONTEXT_LENGTH),
+    (pb.GenerateRequest(request_id="longer", prompt_tokens=[5] * 2049),
+     "prompt of 2049 tokens exceeds the instance's context of 2048", pb.ERROR_CONTEXT_LENGTH),
+    (pb.GenerateRequest(request_id="full", prompt_tokens=[5] * 2048),
+     "leaving nothing to generate", pb.ERROR_CONTEXT_LENGTH),
 ])
 def test_bad_requests_get_an_error_and_the_runner_stays_ready(demo, bad, error, kind):
     chunks = demo.generate(bad)
@@ -160,6 +164,14 @@ def test_bad_requests_get_an_error_and_the_runner_stays_ready(demo, bad, error, 
     # Rank 0 answers at once; the other ranks may still be finishing the
     # steps of the request before (they learn it ended at the next control).
     assert demo.wait_for(lambda i: i.states() == [pb.READY, pb.READY], 5)
+
+
+def test_a_prompt_that_fits_is_never_refused_for_the_default_limit(demo):
+    """Without max_tokens, the default (256) shrinks to what the context
+    leaves: 2040 prompt tokens in a context of 2048 generate 8."""
+    chunks = demo.generate(pb.GenerateRequest(request_id="near-full", prompt_tokens=[5] * 2040,
+                                              sampling=pb.SamplingParams(ignore_eos=True)), timeout=300)
+    assert chunks[-1].finish_reason == pb.FINISH_LENGTH and chunks[-1].generation_tokens == 8
 
 
 def test_only_rank_0_takes_requests(demo):

@@ -314,7 +314,9 @@ def test_metrics_parse_with_prometheus_clients_own_parser(cluster):
         for rank in ("0", "1"):
             assert sample(families, "exod_runner_state", "", instance=iid, rank=rank) == 1
             assert sample(families, "exod_prefix_cache_capacity_bytes", "", instance=iid, rank=rank) > 0
-    assert sample(families, "exod_prefix_cache_hits", "") >= 1  # the repeated chats hit
+    assert families["exod_prefix_cache_hits"].type == "counter"
+    assert sample(families, "exod_prefix_cache_hits") >= 1  # the repeated chats hit
+    assert sample(families, "exod_prefix_cache_lookups") >= sample(families, "exod_prefix_cache_hits")
     assert sample(families, "exod_prefix_cache_bytes", "") > 0
     for node in ("a", "b"):
         assert sample(families, "exod_node_memory_usable_bytes", "", node=node) == 4 * GB
