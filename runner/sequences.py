@@ -31,6 +31,36 @@ class SeededSampler:
         return self.sample(logprobs)
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each byte is one printable
+    character, the printable Latin-1 bytes as themselves and every other
+    byte as chr(256 + n), n counting those bytes in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    decoder = {chr(b): b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in printable):
+        decoder[chr(256 + n)] = b
+    return decoder
+
+
+BYTE_LEVEL = _byte_level_decoder()
+SPM_SPACE = "\u2581".encode()
+
+
+def token_bytes(tokenizer, detokenizer, token: int) -> bytes:
+    """A token's own bytes, which its text alone may not hold (a token can
+    be part of a character). mlx-lm's detokenizers keep the vocabulary's
+    pieces: bytes for SentencePiece (byte tokens decoded, U+2581 for a
+    space), byte-level characters for BPE. Other tokenizers: the decoded
+    text."""
+    pieces = getattr(detokenizer, "tokenmap", None)
+    piece = pieces[token] if pieces is not None and 0 <= token < len(pieces) else None
+    if isinstance(piece, bytes):
+        return piece.replace(SPM_SPACE, b" ")
+    if isinstance(piece, str) and all(c in BYTE_LEVEL for c in piece):
+        return bytes(BYTE_LEVEL[c] for c in piece)
+    return tokenizer.decode([token]).encode() if tokenizer is not None else b""
+
+
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
@@ -103,12 +133,14 @@ class Sequence:
         sampling = self.request.sampling
         if sampling.logprobs:
             out.logprob = float(logprobs[token].item())
+            out.raw = self._bytes_of(token)
         if sampling.top_logprobs:
             k = min(sampling.top_logprobs, 20)
             top = mx.argpartition(-logprobs, k - 1)[:k]
             ids, values = top.tolist(), logprobs[top].tolist()
             for tid, value in sorted(zip(ids, values), key=lambda p: -p[1]):
-                out.top_logprobs.append(pb.TokenLogprob(token=tid, text=self._text_of(tid), logprob=value))
+                out.top_logprobs.append(pb.TokenLogprob(token=tid, text=self._text_of(tid), logprob=value,
+                                                        raw=self._bytes_of(tid)))
         self.text += self._piece(token)
         cut = self._stop_at()
         if cut is not None:
@@ -134,6 +166,9 @@ class Sequence:
             return ""
         self.detokenizer.add_token(token)
         return self.detokenizer.last_segment
+
+    def _bytes_of(self, token: int) -> bytes:
+        return token_bytes(self.server.tokenizer, self.detokenizer, token)
 
     def _text_of(self, token: int) -> str:
         return self.server.tokenizer.decode([token]) if self.server.tokenizer is not None else ""
