@@ -568,12 +568,19 @@ def cmd_nodes(args) -> int:
         p = n["record"]["profile"]
         me = " (this node)" if p["node_id"] == state.get("self_id") else ""
         print(f"{p.get('name', '')[:16]:16} {n.get('status', '?'):8} {_gb(p.get('memory_usable_bytes')):>7}G "
-              f"{_gb(n.get('memory_reserved_bytes')):>8}G {_gb(n.get('memory_available_bytes')):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
+              f"{_gb(n.get('memory_reserved_bytes')):>8}G {_gb(_plannable(p, n)):>7}G {p.get('cores', 0):>5}  {p.get('chip', '')[:28]:28} "
               f"{p['node_id'][:12]}{me}")
     for s in strangers:  # seen on the network, never sent anything beyond a TLS handshake
         print(f"{'?':16} {'STRANGER':8} {s.get('address', '')}  seen, not a member: {s.get('reason', '')}"
               f"{' (says it is ' + s['node_id'][:12] + ')' if s.get('node_id') else ''}")
     return 0
+
+
+def _plannable(profile: dict, node: dict) -> int:
+    """What placements may still take on a node: its usable memory less what
+    is reserved (the planner's own figure, daemon/state.cluster_for_planner),
+    not the machine's free memory, which may exceed what exod may use."""
+    return max(0, int(profile.get("memory_usable_bytes", 0)) - int(node.get("memory_reserved_bytes", 0)))
 
 
 def cmd_status(args) -> int:
@@ -586,6 +593,18 @@ def cmd_status(args) -> int:
     up = [n for n in nodes if n.get("status") == "UP"]
     print(f"cluster {state.get('cluster_id')}: {len(up)} of {len(nodes)} nodes up, "
           f"{_gb(sum(int(n['record']['profile'].get('memory_usable_bytes', 0)) for n in up))} GB usable")
+    for n in nodes:
+        p = n["record"]["profile"]
+        me = " (this node)" if p["node_id"] == state.get("self_id") else ""
+        print(f"  {p.get('name', '') or p['node_id'][:12]}{me}: {n.get('status', '?').lower()}, "
+              f"{_gb(p.get('memory_usable_bytes'))} GB usable, {_gb(n.get('memory_reserved_bytes'))} GB reserved")
+    for i in state.get("instances", []):
+        rank0 = next((r for r in i.get("runners", []) if not r.get("rank")), {})
+        serving = (f", batch {rank0.get('batch_size', 0)} of {rank0.get('max_batch', 0)}, "
+                   f"queue {rank0.get('queue_depth', 0)}" if i.get("state") == "INSTANCE_READY" else "")
+        print(f"  instance {i['instance_id']}: {i['placement'].get('model_id', '')} "
+              f"{i['placement'].get('strategy', '').lower()} over {len(i['placement'].get('ranks', []))} ranks, "
+              f"{i.get('state', '').removeprefix('INSTANCE_').lower()}{serving}")
     for link in state.get("links", []):
         rtt = link.get("rtt_s", 0) * 1000
         bandwidth = link.get("bandwidth_bytes_per_s", 0) / 1e6
@@ -714,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
-    for name, func, text in (("status", cmd_status, "the cluster as the local daemon sees it: nodes and links"),
+    for name, func, text in (("status", cmd_status, "the cluster as the local daemon sees it: nodes, instances and links"),
                              ("nodes", cmd_nodes, "the nodes the local daemon knows, with status and memory")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--api", help="the daemon's HTTP API (default $EXOD_API or http://127.0.0.1:52415)")

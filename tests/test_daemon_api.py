@@ -100,7 +100,7 @@ def test_start_prints_its_ports_serves_json_and_stops_cleanly(daemon):
                               (f"{api}/v1/state", "POST", 405)):
         status, body = get(url, method)
         assert status == code and body["error"]["code"] == code and body["error"]["message"]
-    for command, words in ((["nodes"], "solo"), (["status"], "1 of 1 nodes up")):
+    for command, words in ((["nodes"], "solo"), (["status"], "1 of 1 nodes up"), (["status"], "solo (this node): up")):
         out = subprocess.run([sys.executable, "-m", "exod.daemon.cli", *command, "--api", api], cwd=REPO,
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and words in out.stdout, out.stderr

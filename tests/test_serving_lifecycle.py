@@ -95,6 +95,19 @@ def test_a_client_that_drops_a_non_streamed_request_stops_it_and_its_tokens_coun
     assert sample(families, "exod_inter_token_latency_seconds", "_count", model="demo") - gaps_before == counted - 1
 
 
+def test_exod_status_shows_the_node_and_the_instance_with_its_batch(solo):
+    import subprocess
+    import sys
+
+    d, iid = solo
+    until(lambda: rank0(d).batch_size == 0, 30)
+    out = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "status", "--api", f"http://127.0.0.1:{d.port}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "solo (this node): up" in out.stdout
+    assert f"instance {iid}: demo" in out.stdout and "ready, batch 0 of 2, queue 0" in out.stdout
+
+
 def test_an_instance_removed_mid_answer_is_an_error_not_a_finished_answer(solo):
     """Last in this file: it removes the instance."""
     d, iid = solo
