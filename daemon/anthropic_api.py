@@ -26,15 +26,30 @@ class InvalidRequest(Exception):
 
 
 def is_anthropic_path(path: str) -> bool:
-    return path == PATH
+    return path == PATH or path.startswith(PATH + "/")  # /v1/messages/count_tokens too: not served, but Anthropic's
 
 
 def anthropic_error(status: int, message: str) -> web.Response:
-    return web.json_response(_error_body(status, message), status=status)
+    response = web.json_response(_error_body(status, message), status=status)
+    if status == 429:
+        response.headers["Retry-After"] = "1"  # the queue drains as generations finish
+    return response
 
 
 def _error_body(status: int, message: str) -> dict:
-    return {"type": "error", "error": {"type": ERROR_TYPE.get(status, "api_error"), "message": message}}
+    # Anthropic calls every other client error (a 405 too) invalid_request_error.
+    kind = ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _unsupported(body: dict) -> None:
+    """Refuse what would change the answer's meaning if silently ignored."""
+    for name in ("tools", "tool_choice"):
+        if body.get(name) is not None:
+            raise InvalidRequest(f"{name}: not supported (no tool use)")
+    thinking = body.get("thinking")
+    if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
+        raise InvalidRequest("thinking: not supported (only {\"type\": \"disabled\"})")
 
 
 def _text(content, where: str) -> str:
@@ -63,6 +78,7 @@ def parse(body) -> tuple[str, pb.GenerateRequest, bool]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model: Field required")
+    _unsupported(body)
     max_tokens = _number(body, "max_tokens", 1, 1 << 20, int)
     if max_tokens is None:
         raise InvalidRequest("max_tokens: Field required")
@@ -90,7 +106,10 @@ def parse(body) -> tuple[str, pb.GenerateRequest, bool]:
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
             raise InvalidRequest("stop_sequences: a list of up to 4 non-empty strings")
         s.stop.extend(stops)
-    return model, request, bool(body.get("stream"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream: must be a boolean")  # "yes" is a mistake, not a yes
+    return model, request, stream is True
 
 
 def _usage(final: pb.GenerationChunk | None, prompt_tokens: int) -> dict:
@@ -149,15 +168,28 @@ async def _stream(request, generation):
     async def event(name: str, data: dict):
         await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
 
-    try:
+    started = False
+
+    async def start(chunk: pb.GenerationChunk):
+        # Sent with the first chunk that carries tokens (or the final one), not
+        # at admission: that chunk says how much of the prompt the prefix
+        # cache held, so the usage here agrees with message_delta's.
+        prompt = chunk.prompt_tokens or generation.prompt_tokens
+        cached = chunk.cached_tokens if chunk.prompt_tokens else 0
         await event("message_start", {"type": "message_start", "message": {
             "id": generation.request.request_id, "type": "message", "role": "assistant", "model": generation.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": _usage(None, generation.prompt_tokens)}})
+            "usage": {"input_tokens": prompt - cached, "cache_read_input_tokens": cached,
+                      "cache_creation_input_tokens": 0, "output_tokens": 0}}})
         await event("content_block_start", {"type": "content_block_start", "index": 0,
                                             "content_block": {"type": "text", "text": ""}})
         await event("ping", {"type": "ping"})
+
+    try:
         async for chunk in generation:
+            if not started and (chunk.tokens or chunk.finish_reason):
+                started = True
+                await start(chunk)
             text = "".join(t.text for t in chunk.tokens)
             if text:
                 await event("content_block_delta", {"type": "content_block_delta", "index": 0,

@@ -30,7 +30,10 @@ def is_ollama_path(path: str) -> bool:
 
 
 def ollama_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    response = web.json_response({"error": message}, status=status)
+    if status == 429:
+        response.headers["Retry-After"] = "1"  # the queue drains as generations finish
+    return response
 
 
 def _now() -> str:
@@ -68,8 +71,10 @@ def _options(body: dict, request: pb.GenerateRequest) -> None:
     stop = options.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
             raise InvalidRequest("option stop must be a string or a list of up to 4 strings")
+        if not all(stops):
+            raise InvalidRequest("option stop: empty stop strings are not allowed")
         s.stop.extend(stops)
     if body.get("format") not in (None, ""):
         raise InvalidRequest("format (structured output) is not supported")
@@ -83,7 +88,17 @@ def _model(body) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model is required")
-    return model
+    # Ollama names a model's default tag `latest`: "demo:latest" is "demo".
+    # No other tag is served, so any other stays as sent (and is not found).
+    return model.removesuffix(":latest") or model
+
+
+def _stream(body: dict) -> bool:
+    """Streamed unless "stream": false, as Ollama; "no" is a mistake, not a no."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean")
+    return stream is not False
 
 
 def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
@@ -99,7 +114,7 @@ def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
             raise InvalidRequest(f"messages[{i}]: images are not supported")
         request.messages.append(pb.ChatMessage(role=m["role"], content=m["content"]))
     _options(body, request)
-    return model, request, body.get("stream", True) is not False
+    return model, request, _stream(body)
 
 
 def parse_generate(body) -> tuple[str, pb.GenerateRequest, bool]:
@@ -109,6 +124,8 @@ def parse_generate(body) -> tuple[str, pb.GenerateRequest, bool]:
         raise InvalidRequest("prompt must be a non-empty string")
     if body.get("images"):
         raise InvalidRequest("images are not supported")
+    if body.get("suffix"):
+        raise InvalidRequest("suffix (fill in the middle) is not supported")
     request = pb.GenerateRequest(request_id=f"ollama-{uuid.uuid4().hex[:24]}")
     system = body.get("system")
     if system is not None and not isinstance(system, str):
@@ -120,18 +137,23 @@ def parse_generate(body) -> tuple[str, pb.GenerateRequest, bool]:
             request.messages.append(pb.ChatMessage(role="system", content=system))
         request.messages.append(pb.ChatMessage(role="user", content=prompt))
     _options(body, request)
-    return model, request, body.get("stream", True) is not False
+    return model, request, _stream(body)
 
 
 def _final_fields(final: pb.GenerationChunk, started: float) -> dict:
     total = int((time.perf_counter() - started) * 1e9)
+    # The runner rates the prompt over the tokens it computed, not those the
+    # prefix cache held, and the decode from the second token on; the
+    # durations are those counts over those rates, and never more than the
+    # time the request took (each is a part of it).
+    computed = max(final.prompt_tokens - final.cached_tokens, 0)
+    prompt_eval = int(computed / final.prompt_tokens_per_s * 1e9) if final.prompt_tokens_per_s else 0
+    prompt_eval = min(prompt_eval, total)
+    decoded = max(final.generation_tokens - 1, 0)
+    evaluated = int(decoded / final.generation_tokens_per_s * 1e9) if final.generation_tokens_per_s else 0
     return {"done": True, "done_reason": DONE_REASON.get(final.finish_reason, "stop"), "total_duration": total,
-            "load_duration": 0, "prompt_eval_count": final.prompt_tokens,
-            "prompt_eval_duration": int(final.prompt_tokens / final.prompt_tokens_per_s * 1e9)
-            if final.prompt_tokens_per_s else 0,
-            "eval_count": final.generation_tokens,
-            "eval_duration": int(final.generation_tokens / final.generation_tokens_per_s * 1e9)
-            if final.generation_tokens_per_s else 0}
+            "load_duration": 0, "prompt_eval_count": final.prompt_tokens, "prompt_eval_duration": prompt_eval,
+            "eval_count": final.generation_tokens, "eval_duration": min(evaluated, total - prompt_eval)}
 
 
 def add_routes(app: web.Application, node, serving) -> None:

@@ -33,13 +33,26 @@ class InvalidRequest(Exception):
         self.status = status
 
 
+# OpenAI's resources, served or not: a client of one exod lacks (/v1/embeddings)
+# still reads the 404 in OpenAI's shape. Other /v1/ paths are exod's own
+# (/v1/instances, /v1/state...) or Anthropic's (/v1/messages).
+OPENAI_RESOURCES = ("chat", "completions", "models", "embeddings", "responses", "audio", "images", "moderations",
+                    "files", "uploads", "batches", "fine_tuning", "assistants", "threads", "vector_stores")
+
+
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/chat/") or path in ("/v1/models", "/v1/completions")
+    if path == "/v1/models/pull":
+        return False  # exod's, under OpenAI's /v1/models
+    parts = path.split("/")
+    return len(parts) > 2 and parts[1] == "v1" and parts[2] in OPENAI_RESOURCES
 
 
 def openai_error(status: int, message: str, param=None, kind="invalid_request_error", code=None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                             status=status)
+    response = web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                                 status=status)
+    if status == 429:
+        response.headers["Retry-After"] = "1"  # the queue drains as generations finish
+    return response
 
 
 def serving_error(e: ServingError) -> web.Response:
@@ -60,6 +73,43 @@ def _number(body: dict, name: str, low, high, kind=float):
     return kind(value)
 
 
+def _flag(body: dict, name: str) -> bool:
+    """A JSON boolean (or absent): "yes" or 1 is a mistake, not a yes."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be a boolean, got {value!r}", name)
+    return value is True
+
+
+def _unsupported(body: dict) -> None:
+    """Refuse what would change the answer's meaning if silently ignored:
+    tools, structured output, token biases and penalties. Zero penalties and
+    an empty logit_bias change nothing (and many clients send them)."""
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if body.get(name) is not None:
+            raise InvalidRequest(f"{name} is not supported (no tool calling)", name)
+    form = body.get("response_format")
+    if form is not None and form != {"type": "text"}:
+        raise InvalidRequest("response_format is not supported (only {\"type\": \"text\"})", "response_format")
+    if body.get("logit_bias"):
+        raise InvalidRequest("logit_bias is not supported", "logit_bias")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0):
+            raise InvalidRequest(f"{name} is not supported (only 0)", name)
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    """Whether the stream ends with a usage chunk, as OpenAI's include_usage asks."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise InvalidRequest("stream_options must be an object with a boolean include_usage", "stream_options")
+    if not stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true", "stream_options")
+    return options.get("include_usage", False)
+
+
 def _sampling(body: dict, request: pb.GenerateRequest) -> None:
     """The sampling fields both endpoints share."""
     s = request.sampling
@@ -74,8 +124,11 @@ def _sampling(body: dict, request: pb.GenerateRequest) -> None:
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
             raise InvalidRequest("stop must be a string or a list of up to 4 strings", "stop")
+        if not all(stops):
+            # An empty stop string would end every answer before it starts.
+            raise InvalidRequest("stop strings must not be empty", "stop")
         s.stop.extend(stops)
     if body.get("n", 1) != 1:
         raise InvalidRequest("only n = 1 is supported", "n")
@@ -92,8 +145,9 @@ def _model(body) -> str:
     return model
 
 
-def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
+def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool, bool]:
     model = _model(body)
+    _unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", "messages")
@@ -112,24 +166,30 @@ def parse_chat(body) -> tuple[str, pb.GenerateRequest, bool]:
         request.messages.append(pb.ChatMessage(role=m["role"], content=content))
     _sampling(body, request)
     s = request.sampling
-    s.logprobs = bool(body.get("logprobs"))
+    s.logprobs = _flag(body, "logprobs")
     if (top := _number(body, "top_logprobs", 0, 20, int)) is not None:
         if not s.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
         s.top_logprobs = top
-    return model, request, bool(body.get("stream"))
+    stream = _flag(body, "stream")
+    return model, request, stream, _stream_options(body, stream)
 
 
-def parse_completion(body) -> tuple[str, pb.GenerateRequest, bool]:
+def parse_completion(body) -> tuple[str, pb.GenerateRequest, bool, bool]:
     model = _model(body)
+    _unsupported(body)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt; [5] is one token id, not a batch
     request = pb.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex[:24]}")
     if isinstance(prompt, str) and prompt:
         request.prompt = prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                     and 0 <= t < 2**32 for t in prompt):
+                                                     for t in prompt):
+        # Ids past the vocabulary get the runner's own message; only what
+        # the request cannot carry (uint32) is refused here.
+        if not all(0 <= t < 2**32 for t in prompt):
+            raise InvalidRequest("prompt token ids must be non-negative integers (below 2^32)", "prompt")
         request.prompt_tokens.extend(prompt)  # token ids, as OpenAI allows
     else:
         raise InvalidRequest("prompt must be a non-empty string (or a list of token ids)", "prompt")
@@ -141,7 +201,10 @@ def parse_completion(body) -> tuple[str, pb.GenerateRequest, bool]:
         request.sampling.top_logprobs = logprobs
     if body.get("echo"):
         raise InvalidRequest("echo is not supported", "echo")
-    return model, request, bool(body.get("stream"))
+    if body.get("suffix"):
+        raise InvalidRequest("suffix is not supported", "suffix")
+    stream = _flag(body, "stream")
+    return model, request, stream, _stream_options(body, stream)
 
 
 def _logprob_entry(token: pb.GeneratedToken) -> dict:
@@ -162,9 +225,18 @@ def _usage(final: pb.GenerationChunk) -> dict:
 def add_routes(app: web.Application, node, serving) -> None:
     from .http_api import BadBody, json_body
 
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "exod"}
+
     async def list_models(request):
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "exod"} for m in models(node.view)]})
+        return web.json_response({"object": "list", "data": [model_object(m) for m in models(node.view)]})
+
+    async def get_model(request):
+        name = request.match_info["model_id"]
+        if name not in models(node.view):
+            return openai_error(404, f"the model {name!r} does not exist (no Ready instance of it)", "model",
+                                code="model_not_found")
+        return web.json_response(model_object(name))
 
     async def generate(request, parse, api):
         try:
@@ -172,17 +244,19 @@ def add_routes(app: web.Application, node, serving) -> None:
         except BadBody as e:
             return openai_error(e.status, str(e))
         try:
-            model, generate_request, stream = parse(body)
+            model, generate_request, stream, include_usage = parse(body)
         except InvalidRequest as e:
             serving.metrics.requests.labels(api, "", "invalid").inc()
             return openai_error(e.status, str(e), e.param)
         try:
             generation = await serving.open(api, model, generate_request, request)
         except ServingError as e:
+            if api == "openai.completions" and e.param == "messages":
+                e.param = "prompt"  # serving names the chat field; a completion has a prompt
             return serving_error(e)
         created = int(time.time())
         if stream:
-            return await _stream(request, generation, created, api == "openai.chat")
+            return await _stream(request, generation, created, api == "openai.chat", include_usage)
         return await _whole(generation, created, api == "openai.chat")
 
     async def chat(request):
@@ -192,6 +266,7 @@ def add_routes(app: web.Application, node, serving) -> None:
         return await generate(request, parse_completion, "openai.completions")
 
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
 
@@ -230,13 +305,13 @@ def _completion_logprobs(tokens: list) -> dict:
             "text_offset": []}
 
 
-async def _stream(request, generation, created: int, chat: bool):
+async def _stream(request, generation, created: int, chat: bool, include_usage: bool):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     request_id, model = generation.request.request_id, generation.model
     with_logprobs = generation.request.sampling.logprobs
 
-    async def send(text=None, finish=None, token=None, usage=None, role=False):
+    async def send(text=None, finish=None, token=None, role=False):
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish,
@@ -248,8 +323,14 @@ async def _stream(request, generation, created: int, chat: bool):
                       "logprobs": _completion_logprobs([token]) if token is not None else None}
             event = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [choice]}
-        if usage is not None:
-            event["usage"] = usage
+        if include_usage:
+            event["usage"] = None  # as OpenAI: null on every chunk but the last
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+
+    async def send_usage(final):
+        # OpenAI's last chunk when include_usage: no choices, the usage.
+        event = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": created, "model": model, "choices": [], "usage": _usage(final)}
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
     try:
@@ -264,7 +345,9 @@ async def _stream(request, generation, created: int, chat: bool):
                                    "param": None, "code": None}}
                 await response.write(f"data: {json.dumps(error)}\n\n".encode())
             elif chunk.finish_reason:
-                await send(None, FINISH[chunk.finish_reason], usage=_usage(chunk))
+                await send(None, FINISH[chunk.finish_reason])
+                if include_usage:
+                    await send_usage(chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except (ClientGone, ConnectionError):

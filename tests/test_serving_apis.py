@@ -371,13 +371,17 @@ def test_a_full_instance_answers_429_in_each_apis_shape(tmp_path):
         with pytest.raises(openai.RateLimitError) as limited:
             client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4)
         assert limited.value.code == "rate_limit_exceeded"
+        assert limited.value.response.headers["Retry-After"] == "1"
         with pytest.raises(anthropic.RateLimitError) as limited:
             anthropic.Anthropic(base_url=base, api_key="unused", max_retries=0).messages.create(
                 model="demo", max_tokens=4, messages=MESSAGES)
         assert limited.value.body["error"]["type"] == "rate_limit_error"
+        assert limited.value.response.headers["Retry-After"] == "1"
         with pytest.raises(ollama.ResponseError) as limited:
             ollama.Client(host=base).chat(model="demo", messages=MESSAGES, stream=False)
         assert limited.value.status_code == 429 and "queue is full" in limited.value.error
+        status, headers, _ = call(d.port, "POST", "/api/generate", {"model": "demo", "prompt": "hi"}, JSON)
+        assert status == 429 and headers["Retry-After"] == "1"
         busy.close()
         until(lambda: all(r.batch_size == 0 for i in d.instances() for r in i.runners), 30)
         assert client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=4).choices
@@ -390,6 +394,21 @@ def test_a_full_instance_answers_429_in_each_apis_shape(tmp_path):
         assert again.usage.input_tokens + again.usage.cache_read_input_tokens == prompt
         # All of the repeated prompt but its last token (whose logits sample the answer).
         assert first.usage.cache_read_input_tokens < again.usage.cache_read_input_tokens == prompt - 1
+        # Streamed, message_start already says what the prefix cache held:
+        # the same as message_delta at the end.
+        events = sse(call(d.port, "POST", "/v1/messages", {
+            "model": "demo", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "a new one"}]}, JSON)[2])
+        start = events[0][1]["message"]["usage"]
+        end = next(e for name, e in events if name == "message_delta")["usage"]
+        assert start["cache_read_input_tokens"] == end["cache_read_input_tokens"] == prompt - 1, (start, end)
+        assert start["input_tokens"] == end["input_tokens"] == 1, (start, end)
+        # Ollama's durations after a prefix-cache hit are parts of the request's time.
+        for _ in range(2):
+            done = ollama.Client(host=base).generate(model="demo", prompt="cached twice " * 20,
+                                                     options={"num_predict": 8}, stream=False)
+            assert 0 < done.prompt_eval_duration <= done.total_duration, done
+            assert done.prompt_eval_duration + done.eval_duration <= done.total_duration, done
     finally:
         d.stop()
 
@@ -423,3 +442,159 @@ def test_bad_bodies_get_a_4xx_in_each_apis_shape_never_a_500(cluster):
             assert got["error"]["message"]
 
     fuzz()
+
+
+# ------------------------------------------------------------------ refusals, shapes and stream details
+
+
+def sse(data: bytes) -> list[tuple[str | None, object]]:
+    """A server-sent event stream's (event name, data as JSON or the raw line)."""
+    events = []
+    for block in data.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in lines:
+            text = lines["data"]
+            events.append((lines.get("event"), text if text == "[DONE]" else json.loads(text)))
+    return events
+
+
+def openai_refusal(port, path, body, param):
+    status, _, got = call(port, "POST", path, body, JSON)
+    assert status == 400 and got["error"]["type"] == "invalid_request_error", got
+    assert got["error"]["param"] == param and param in got["error"]["message"], got
+    return got["error"]["message"]
+
+
+def test_openai_refuses_what_it_would_otherwise_ignore_and_names_the_field(cluster):
+    a, _, _ = cluster
+    chat = {"model": "demo", "messages": MESSAGES, "max_tokens": 2}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for name, value in (("tools", [tool]), ("tool_choice", "auto"), ("functions", [tool["function"]]),
+                        ("function_call", "auto"), ("response_format", {"type": "json_object"}),
+                        ("logit_bias", {"5": 10}), ("presence_penalty", 0.5), ("frequency_penalty", -1)):
+        openai_refusal(a.port, "/v1/chat/completions", {**chat, name: value}, name)
+    # What changes nothing stays accepted: many clients send it.
+    status, _, got = call(a.port, "POST", "/v1/chat/completions", {
+        **chat, "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0,
+        "frequency_penalty": 0}, JSON)
+    assert status == 200 and got["choices"][0]["message"]["role"] == "assistant", got
+    completion = {"model": "demo", "prompt": "hi", "max_tokens": 2}
+    for name, value in (("logit_bias", {"5": 10}), ("presence_penalty", 1), ("suffix", "end")):
+        openai_refusal(a.port, "/v1/completions", {**completion, name: value}, name)
+    # Strict booleans and stop strings, with messages that say what is wrong.
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        assert "boolean" in openai_refusal(a.port, path, {**body, "stream": "yes"}, "stream")
+        assert "empty" in openai_refusal(a.port, path, {**body, "stop": ""}, "stop")
+        assert "boolean include_usage" in openai_refusal(
+            a.port, path, {**body, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options")
+    assert "non-negative" in openai_refusal(a.port, "/v1/completions", {**completion, "prompt": [-1]}, "prompt")
+    # An id past the vocabulary is the runner's to refuse, with its own words.
+    status, _, got = call(a.port, "POST", "/v1/completions", {**completion, "prompt": [999999999]}, JSON)
+    assert status == 400 and "non-empty string" not in got["error"]["message"], got
+    assert "vocab" in got["error"]["message"].lower() or "999999999" in got["error"]["message"], got
+    # One token id is a prompt of one token, not a batch of one.
+    status, _, got = call(a.port, "POST", "/v1/completions", {**completion, "prompt": [5]}, JSON)
+    assert status == 200 and got["usage"]["prompt_tokens"] == 1, got
+    # An over-long prompt names the completion's field.
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="demo", prompt="token " * 700, max_tokens=16)
+    assert too_long.value.param == "prompt" and too_long.value.code == "context_length_exceeded"
+
+
+def test_openai_stream_usage_only_when_asked_as_a_last_chunk(cluster):
+    a, _, _ = cluster
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0)
+    for create, kwargs in ((client.chat.completions.create, {"messages": MESSAGES}),
+                           (client.completions.create, {"prompt": "the meaning of a token is"})):
+        plain = list(create(model="demo", max_tokens=6, temperature=0, stream=True, **kwargs))
+        assert plain and all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason
+        counted = list(create(model="demo", max_tokens=6, temperature=0, stream=True,
+                              stream_options={"include_usage": True}, **kwargs))
+        *chunks, last = counted
+        assert last.choices == [] and last.usage.completion_tokens == 6 and last.usage.prompt_tokens > 0
+        assert last.usage.total_tokens == last.usage.prompt_tokens + 6
+        assert all(c.usage is None and len(c.choices) == 1 for c in chunks) and chunks[-1].choices[0].finish_reason
+    # On the wire: no usage key at all unless asked, null before the last chunk when asked.
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 3, "stream": True}
+    events = sse(call(a.port, "POST", "/v1/chat/completions", body, JSON)[2])
+    assert events[-1][1] == "[DONE]" and all("usage" not in e for _, e in events[:-1])
+    events = sse(call(a.port, "POST", "/v1/chat/completions",
+                      {**body, "stream_options": {"include_usage": True}}, JSON)[2])
+    assert [e["usage"] is None for _, e in events[:-1]] == [True] * (len(events) - 2) + [False]
+    assert events[-2][1]["choices"] == [] and events[-1][1] == "[DONE]"
+
+
+def test_unknown_routes_answer_in_the_shape_of_the_api_they_belong_to(cluster):
+    a, _, _ = cluster
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.code == "model_not_found" and missing.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model="demo", input="hi")
+    assert missing.value.body["message"].startswith("no such endpoint")
+    for method, path, status in (("POST", "/v1/embeddings", 404), ("GET", "/v1/models/demo/x", 404),
+                                 ("DELETE", "/v1/chat/completions", 405)):
+        code, _, got = call(a.port, method, path, {"model": "demo"} if method == "POST" else None, JSON)
+        assert code == status and set(got["error"]) == {"message", "type", "param", "code"}, got
+        assert got["error"]["type"] == "invalid_request_error"
+    for method, path, status, kind in (("GET", "/v1/messages", 405, "invalid_request_error"),
+                                       ("POST", "/v1/messages/count_tokens", 404, "not_found_error")):
+        code, _, got = call(a.port, method, path, {"model": "demo"} if method == "POST" else None, JSON)
+        assert code == status and got == {"type": "error", "error": {"type": kind, "message": got["error"][
+            "message"]}}, got
+    # exod's own paths keep exod's shape.
+    code, _, got = call(a.port, "GET", "/v1/nope")
+    assert code == 404 and got["error"]["code"] == 404
+
+
+def test_anthropic_refuses_tools_and_thinking_and_a_stream_that_is_not_a_boolean(cluster):
+    a, _, _ = cluster
+    body = {"model": "demo", "max_tokens": 2, "messages": MESSAGES}
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    for name, value in (("tools", [tool]), ("tool_choice", {"type": "auto"}),
+                        ("thinking", {"type": "enabled", "budget_tokens": 1024}), ("stream", "yes")):
+        status, _, got = call(a.port, "POST", "/v1/messages", {**body, name: value}, JSON)
+        assert status == 400 and got["error"]["type"] == "invalid_request_error", got
+        assert got["error"]["message"].startswith(f"{name}:"), got
+    status, _, got = call(a.port, "POST", "/v1/messages", {**body, "thinking": {"type": "disabled"}}, JSON)
+    assert status == 200 and got["type"] == "message", got
+
+
+def test_anthropic_stream_usage_at_start_agrees_with_the_end(cluster):
+    a, _, _ = cluster
+    body = {"model": "demo", "max_tokens": 4, "messages": [{"role": "user", "content": "the same again"}],
+            "stream": True}
+    for _ in range(2):  # the second is served from the prefix cache where it lands on the same instance
+        events = sse(call(a.port, "POST", "/v1/messages", body, JSON)[2])
+        names = [name for name, _ in events]
+        assert names[0] == "message_start" and names[-1] == "message_stop", names
+        start = events[0][1]["message"]["usage"]
+        end = next(e for name, e in events if name == "message_delta")["usage"]
+        assert (start["input_tokens"], start["cache_read_input_tokens"]) == \
+            (end["input_tokens"], end["cache_read_input_tokens"]), (start, end)
+
+
+def test_ollama_latest_tag_suffix_stream_and_durations(cluster, expected):
+    a, _, _ = cluster
+    client = ollama.Client(host=f"http://127.0.0.1:{a.port}")
+    options = {"temperature": 0, "num_predict": TOKENS}
+    reply = client.chat(model="demo:latest", messages=MESSAGES, options=options, stream=False)
+    assert reply.message.content == expected["chat"]
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.chat(model="demo:7b", messages=MESSAGES, stream=False)
+    assert missing.value.status_code == 404
+    for field, body in (("suffix", {"suffix": "end"}), ("stream", {"stream": "yes"}),
+                        ("stop", {"options": {"stop": ""}})):
+        status, _, got = call(a.port, "POST", "/api/generate", {"model": "demo", "prompt": "hi", **body}, JSON)
+        assert status == 400 and set(got) == {"error"} and field in got["error"], got
+    status, _, got = call(a.port, "POST", "/api/chat", {"model": "demo", "messages": MESSAGES, "stream": 1}, JSON)
+    assert status == 400 and "stream" in got["error"], got
+    # The durations are parts of the request's time, cold or from the prefix cache.
+    for _ in range(3):
+        done = client.generate(model="demo", prompt="a prompt long enough to be worth caching " * 4,
+                               options=options, stream=False)
+        assert 0 < done.prompt_eval_duration <= done.total_duration, done
+        assert 0 < done.eval_duration and done.prompt_eval_duration + done.eval_duration <= done.total_duration, done
