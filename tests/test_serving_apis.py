@@ -394,8 +394,15 @@ def test_a_full_instance_answers_429_in_each_apis_shape(tmp_path):
         assert again.usage.input_tokens + again.usage.cache_read_input_tokens == prompt
         # All of the repeated prompt but its last token (whose logits sample the answer).
         assert first.usage.cache_read_input_tokens < again.usage.cache_read_input_tokens == prompt - 1
+        # Ollama's durations after a prefix-cache hit are parts of the request's time.
+        for _ in range(2):
+            done = ollama.Client(host=base).generate(model="demo", prompt="cached twice " * 20,
+                                                     options={"num_predict": 8}, stream=False)
+            assert 0 < done.prompt_eval_duration <= done.total_duration, done
+            assert done.prompt_eval_duration + done.eval_duration <= done.total_duration, done
         # Streamed, message_start already says what the prefix cache held:
-        # the same as message_delta at the end.
+        # the same as message_delta at the end (needs the runner to send
+        # cached_tokens with the first chunk of tokens).
         events = sse(call(d.port, "POST", "/v1/messages", {
             "model": "demo", "max_tokens": 8, "stream": True,
             "messages": [{"role": "user", "content": "a new one"}]}, JSON)[2])
@@ -403,12 +410,6 @@ def test_a_full_instance_answers_429_in_each_apis_shape(tmp_path):
         end = next(e for name, e in events if name == "message_delta")["usage"]
         assert start["cache_read_input_tokens"] == end["cache_read_input_tokens"] == prompt - 1, (start, end)
         assert start["input_tokens"] == end["input_tokens"] == 1, (start, end)
-        # Ollama's durations after a prefix-cache hit are parts of the request's time.
-        for _ in range(2):
-            done = ollama.Client(host=base).generate(model="demo", prompt="cached twice " * 20,
-                                                     options={"num_predict": 8}, stream=False)
-            assert 0 < done.prompt_eval_duration <= done.total_duration, done
-            assert done.prompt_eval_duration + done.eval_duration <= done.total_duration, done
     finally:
         d.stop()
 
