@@ -112,10 +112,9 @@ def parse(body) -> tuple[str, pb.GenerateRequest, bool]:
     return model, request, stream is True
 
 
-def _usage(final: pb.GenerationChunk | None, prompt_tokens: int) -> dict:
-    cached = final.cached_tokens if final is not None else 0
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict:
     return {"input_tokens": prompt_tokens - cached, "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0, "output_tokens": final.generation_tokens if final is not None else 0}
+            "cache_creation_input_tokens": 0, "output_tokens": output_tokens}
 
 
 def _stop(final: pb.GenerationChunk) -> tuple[str, str | None]:
@@ -156,7 +155,8 @@ def add_routes(app: web.Application, node, serving) -> None:
         return web.json_response({
             "id": generate.request_id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": "".join(text)}], "stop_reason": reason,
-            "stop_sequence": sequence, "usage": _usage(final, generation.prompt_tokens)})
+            "stop_sequence": sequence,
+            "usage": _usage(generation.prompt_tokens, final.cached_tokens, final.generation_tokens)})
 
     app.router.add_post(PATH, messages)
 
@@ -179,8 +179,7 @@ async def _stream(request, generation):
         await event("message_start", {"type": "message_start", "message": {
             "id": generation.request.request_id, "type": "message", "role": "assistant", "model": generation.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": prompt - cached, "cache_read_input_tokens": cached,
-                      "cache_creation_input_tokens": 0, "output_tokens": 0}}})
+            "usage": _usage(prompt, cached, 0)}})
         await event("content_block_start", {"type": "content_block_start", "index": 0,
                                             "content_block": {"type": "text", "text": ""}})
         await event("ping", {"type": "ping"})
@@ -201,7 +200,8 @@ async def _stream(request, generation):
                 await event("content_block_stop", {"type": "content_block_stop", "index": 0})
                 await event("message_delta", {"type": "message_delta",
                                               "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                              "usage": _usage(chunk, generation.prompt_tokens)})
+                                              "usage": _usage(generation.prompt_tokens, chunk.cached_tokens,
+                                                             chunk.generation_tokens)})
                 await event("message_stop", {"type": "message_stop"})
         await response.write_eof()
     except (ClientGone, ConnectionError):
