@@ -142,18 +142,18 @@ def parse_generate(body) -> tuple[str, pb.GenerateRequest, bool]:
 
 def _final_fields(final: pb.GenerationChunk, started: float) -> dict:
     total = int((time.perf_counter() - started) * 1e9)
-    # The runner rates the prompt over the tokens it computed, not those the
-    # prefix cache held, and the decode from the second token on; the
-    # durations are those counts over those rates, and never more than the
-    # time the request took (each is a part of it).
+    # The runner rates the prompt over the tokens it computed (not those the
+    # prefix cache held) from joining the batch to the first token, and the
+    # decode from the first token on, over the tokens after it: those counts
+    # over those rates give back the runner's measured times, each a part of
+    # the request's (no clamp needed, and none to hide a wrong count).
     computed = max(final.prompt_tokens - final.cached_tokens, 0)
     prompt_eval = int(computed / final.prompt_tokens_per_s * 1e9) if final.prompt_tokens_per_s else 0
-    prompt_eval = min(prompt_eval, total)
     decoded = max(final.generation_tokens - 1, 0)
     evaluated = int(decoded / final.generation_tokens_per_s * 1e9) if final.generation_tokens_per_s else 0
     return {"done": True, "done_reason": DONE_REASON.get(final.finish_reason, "stop"), "total_duration": total,
             "load_duration": 0, "prompt_eval_count": final.prompt_tokens, "prompt_eval_duration": prompt_eval,
-            "eval_count": final.generation_tokens, "eval_duration": min(evaluated, total - prompt_eval)}
+            "eval_count": final.generation_tokens, "eval_duration": evaluated}
 
 
 def add_routes(app: web.Application, node, serving) -> None:
@@ -192,7 +192,8 @@ def add_routes(app: web.Application, node, serving) -> None:
             return ollama_error(e.status, str(e) if e.kind != "not_found" else f"model '{model}' not found")
 
         def piece(text: str) -> dict:
-            base = {"model": model, "created_at": _now(), "done": False}
+            # The model as the client named it ("demo:latest" too), as Ollama echoes it.
+            base = {"model": body["model"], "created_at": _now(), "done": False}
             return {**base, "message": {"role": "assistant", "content": text}} if chat else {**base, "response": text}
 
         if not stream:

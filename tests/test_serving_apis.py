@@ -583,7 +583,7 @@ def test_ollama_latest_tag_suffix_stream_and_durations(cluster, expected):
     client = ollama.Client(host=f"http://127.0.0.1:{a.port}")
     options = {"temperature": 0, "num_predict": TOKENS}
     reply = client.chat(model="demo:latest", messages=MESSAGES, options=options, stream=False)
-    assert reply.message.content == expected["chat"]
+    assert reply.message.content == expected["chat"] and reply.model == "demo:latest"
     with pytest.raises(ollama.ResponseError) as missing:
         client.chat(model="demo:7b", messages=MESSAGES, stream=False)
     assert missing.value.status_code == 404
