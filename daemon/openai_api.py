@@ -1,5 +1,5 @@
 """The OpenAI-compatible API: POST /v1/chat/completions and /v1/completions
-(streamed as server-sent events, or not) and GET /v1/models. Requests go to
+(streamed as server-sent events, or not), GET /v1/models and /v1/models/{id}. Requests go to
 a Ready instance of the model through serving.Serving (routing, admission,
 cancellation, metrics). Errors use OpenAI's shape, including the refusals
 of http_api's guard on these paths, and come before any stream starts: an
