@@ -207,10 +207,17 @@ def parse_completion(body) -> tuple[str, pb.GenerateRequest, bool, bool]:
     return model, request, stream, _stream_options(body, stream)
 
 
+def _token_fields(token) -> dict:
+    """OpenAI's `token` and `bytes` of a GeneratedToken or TokenLogprob: the
+    token's own bytes from the runner (a token may be part of a character,
+    whose bytes the streamed text cannot hold), and its text from them."""
+    raw = token.raw or token.text.encode()
+    return {"token": raw.decode("utf-8", "replace"), "bytes": list(raw)}
+
+
 def _logprob_entry(token: pb.GeneratedToken) -> dict:
-    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode()),
-            "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
-                             for t in token.top_logprobs]}
+    return {**_token_fields(token), "logprob": token.logprob,
+            "top_logprobs": [{**_token_fields(t), "logprob": t.logprob} for t in token.top_logprobs]}
 
 
 def _usage(final: pb.GenerationChunk) -> dict:

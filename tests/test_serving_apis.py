@@ -599,3 +599,18 @@ def test_ollama_latest_tag_suffix_stream_and_durations(cluster, expected):
                                options=options, stream=False)
         assert 0 < done.prompt_eval_duration <= done.total_duration, done
         assert 0 < done.eval_duration and done.prompt_eval_duration + done.eval_duration <= done.total_duration, done
+
+
+def test_openai_logprobs_carry_each_tokens_own_bytes(cluster):
+    """A token can be part of a character: its streamed text is empty or
+    U+FFFD, but its logprob entry holds its own bytes, and the bytes of the
+    entries, joined, are the answer."""
+    a, _, _ = cluster
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "stop test"}],
+                                            max_tokens=30, temperature=0, logprobs=True, top_logprobs=2)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens and all(e.bytes for e in entries)
+    joined = b"".join(bytes(e.bytes) for e in entries)
+    assert joined.decode("utf-8", "replace") == answer.choices[0].message.content
+    assert all(t.bytes for e in entries for t in e.top_logprobs)
