@@ -633,7 +633,7 @@ def cmd_start(args) -> int:
              "discovery": False if args.no_discovery else None, "down_after_s": args.down_after,
              "prestart_runner": False if args.no_prestart else None, "api_allowed_hosts": args.allow_host,
              "cluster_key": args.cluster_key, "cluster_key_file": args.cluster_key_file,
-             "models_dirs": args.models_dir}
+             "models_dirs": args.models_dir, "max_queue": args.max_queue}
     try:
         settings = load(flags, args.config)
     except ConfigError as e:
@@ -802,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prestart", action="store_true",
                    help="start runner processes only when a rank is placed (saves ~80 MB, costs ~1 s per start)")
     p.add_argument("--down-after", type=float, help="seconds without heartbeats before a node is Down (3)")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help="requests that may wait for an instance's batch; more get 429 (default 64, 0-4096)")
     p.add_argument("--cluster-key", help="the cluster's key (`exod key new`; or $EXOD_CLUSTER_KEY); "
                    "default: --cluster-key-file, else one made in the data dir on first start")
     p.add_argument("--cluster-key-file", help="a file holding the cluster's key")

@@ -116,7 +116,8 @@ def test_start_prints_its_ports_serves_json_and_stops_cleanly(daemon):
 def test_start_refuses_bad_flags_in_one_line(tmp_path):
     for args, message in ((["--api-port", "99999"], "api_port must be"),
                           (["--peer", "nohost"], "is not HOST:PORT"),
-                          (["--memory-limit", "lots"], "memory_limit")):
+                          (["--memory-limit", "lots"], "memory_limit"),
+                          (["--max-queue", "5000"], "max_queue must be 0-4096")):
         proc = subprocess.run([sys.executable, "-m", "exod.daemon.cli", "start", "--data-dir", str(tmp_path), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2
