@@ -139,7 +139,7 @@ def _ended_by_instance(chunk: pb.GenerationChunk) -> pb.GenerationChunk:
     ended.CopyFrom(chunk)
     ended.finish_reason = pb.FINISH_ERROR
     ended.error_kind = pb.ERROR_INTERNAL
-    ended.error = f"the instance stopped before the answer was finished ({chunk.error or 'cancelled'})"
+    ended.error = f"it stopped before the answer was finished ({chunk.error or 'cancelled'})"
     return ended
 
 
