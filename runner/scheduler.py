@@ -70,9 +70,10 @@ class Admission:
         if self.vocab and max(tokens) >= self.vocab:
             raise RequestError(f"token id {max(tokens)} is outside the vocabulary of {self.vocab}")
         if len(tokens) >= self.context_length:
-            verb = "exceeds" if len(tokens) > self.context_length else "fills, leaving nothing to generate in,"
-            raise RequestError(f"prompt of {len(tokens)} tokens {verb} the instance's context of "
-                               f"{self.context_length}", pb.ERROR_CONTEXT_LENGTH)
+            where = f"the instance's context of {self.context_length}"
+            raise RequestError(f"prompt of {len(tokens)} tokens exceeds {where}" if len(tokens) > self.context_length
+                               else f"prompt of {len(tokens)} tokens fills {where}, leaving nothing to generate",
+                               pb.ERROR_CONTEXT_LENGTH)
         budget = self.max_tokens(request, len(tokens))
         if len(tokens) + budget > self.context_length:
             raise RequestError(f"prompt of {len(tokens)} tokens plus max_tokens {budget} exceeds "
