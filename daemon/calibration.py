@@ -30,7 +30,7 @@ class CalibrationError(Exception):
 
 
 def _runner(args: list[str], env: dict | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "exod.runner.calibrate", *args],
+    return subprocess.Popen([*(prefix or []), sys.executable, "-P", "-m", "exod.runner.calibrate", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 

@@ -77,7 +77,10 @@ def _spawn(extra_args: list[str], env: Optional[dict], log_path: Optional[Path],
     events_r, events_w = os.pipe()
     commands_r, commands_w = os.pipe()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    args = [*(prefix or []), sys.executable, "-m", "exod.runner", *extra_args,
+    # -P: the daemon's working folder is not put on the runner's import path,
+    # where a file named like a module it imports (queue.py, numpy.py)
+    # would replace that module inside the runner.
+    args = [*(prefix or []), sys.executable, "-P", "-m", "exod.runner", *extra_args,
             "--events-fd", str(events_w), "--commands-fd", str(commands_r)]
     if workdir:
         args += ["--workdir", str(workdir)]

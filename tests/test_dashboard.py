@@ -106,6 +106,9 @@ def browse(url, shots, kill_runner, expected):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []  # the console's errors (a missing favicon was one) and uncaught exceptions
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
         page.wait_for_selector('#nodes tr[data-node="a"] .UP', timeout=15000)
         page.wait_for_selector('#nodes tr[data-node="b"] .UP', timeout=15000)
@@ -133,6 +136,14 @@ def browse(url, shots, kill_runner, expected):
         page.wait_for_selector('#chat-model option[value="demo"]', state="attached", timeout=15000)
         chat(page, expected)
         page.screenshot(path=shots[1], full_page=True)
+        assert errors == []
+        # Long answers wrap inside the chat log, whatever their words: a run
+        # without spaces once stretched the page to three times its width.
+        page.fill("#chat-input", "x" * 600)
+        page.click("#chat-send")
+        page.locator("#chat-log .turn.user", has_text="x" * 600).wait_for(timeout=15000)
+        wide, seen = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert wide <= seen, (wide, seen)
 
         kill_runner()
         page.wait_for_selector("#instances td.INSTANCE_FAILED", timeout=15000)

@@ -209,3 +209,18 @@ def test_shutdown_is_clean_and_in_lockstep(tmp_path):
     for rank, statuses in zip(instance.ranks, instance.statuses):
         assert [s.state for s in statuses[-2:]] == [pb.SHUTTING_DOWN, pb.SHUTDOWN]
         assert rank.process.returncode == 0
+
+
+def test_a_module_in_the_working_folder_never_reaches_a_runner(tmp_path, monkeypatch):
+    """Runners start with python -P: a queue.py where the daemon was started
+    (it imports queue) would otherwise replace the standard library's."""
+    models = tmp_path / "models"
+    model_dir = synthetic.ensure_named("demo", models)
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    (folder / "queue.py").write_text("raise SystemExit('the working folder was imported')\n")
+    monkeypatch.chdir(folder)
+    with LocalInstance(model_dir, "moe_tensor", 1, context_length=512) as instance:
+        instance.wait_ready(120)
+        chunks = instance.generate(request("cwd", max_tokens=2, ignore_eos=True))
+        assert chunks[-1].finish_reason == pb.FINISH_LENGTH

@@ -29,9 +29,15 @@ function el(tag, props, ...children) {
 
 function nodeRow(n, self) {
   const p = n.record.profile, total = Number(p.memory_total_bytes || 0) || 1;
-  const free = Number(n.memory_available_bytes || p.memory_available_bytes || 0);
+  // The machine's memory as /metrics counts it: used is total less
+  // available. Reserved is what placements hold; the part of it not yet in
+  // use is drawn out of the available memory. "free" is what placements may
+  // still take, as `exod nodes` says: usable less reserved.
+  const available = Number(n.memory_available_bytes || p.memory_available_bytes || 0);
   const reserved = Number(n.memory_reserved_bytes || 0);
-  const used = Math.max(0, total - free - reserved);
+  const used = Math.max(0, total - available);
+  const pending = Math.min(reserved, available);
+  const free = Math.max(0, Number(p.memory_usable_bytes || 0) - reserved);
   const pct = v => (100 * v / total).toFixed(1) + "%";
   return el("tr", {data: {node: p.name || ""}},
     el("td", {}, p.name, p.node_id === self ? [" ", el("span", {className: "muted"}, "(this node)")] : null),
@@ -39,8 +45,8 @@ function nodeRow(n, self) {
     el("td", {},
       el("div", {className: "bar", title: `used ${gb(used)}, reserved ${gb(reserved)}, free ${gb(free)}`},
         el("span", {className: "used", style: {width: pct(used)}}),
-        el("span", {className: "reserved", style: {width: pct(reserved)}}),
-        el("span", {className: "free", style: {width: pct(free)}})),
+        el("span", {className: "reserved", style: {width: pct(pending)}}),
+        el("span", {className: "free", style: {width: pct(Math.max(0, available - pending))}})),
       el("span", {className: "muted"}, `${gb(used)} · ${gb(reserved)} · ${gb(free)}`)),
     el("td", {}, gb(p.memory_usable_bytes)),
     el("td", {}, p.chip));
