@@ -279,6 +279,11 @@ class Node:
             if before is None or before.record.incarnation != after.record.incarnation:
                 log.info("node up", node_id=node_id, name=record.profile.name,
                          usable_gb=round(record.profile.memory_usable_bytes / 1e9, 1))
+            if before is not None and before.record.incarnation != after.record.incarnation:
+                # A restarted node: our channel to its old process may sit in
+                # gRPC's reconnect backoff (calls refused for half a minute
+                # while the node shows Up): start afresh.
+                self._drop_channels({*self._candidates.get(node_id, ()), self._route.get(node_id, "")})
 
     def _same_id(self, other: pb.NodeRecord) -> None:
         """Two live nodes with one id (a copied data dir): the newer one takes a new id."""
@@ -488,6 +493,11 @@ class Node:
             channel = transport.secure_channel(address, self.identity)
             self._channels[address] = channel
         return channel
+
+    def _drop_channels(self, addresses) -> None:
+        stale = [self._channels.pop(a) for a in addresses if a in self._channels]
+        if stale:
+            self._spawn(gather_quietly(*(c.close() for c in stale), timeout=1.0))
 
     def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
         return pb_grpc.PeerServiceStub(self._channel(address))

@@ -29,6 +29,10 @@ CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    # A peer that comes back is retried within 2 s (gRPC's default backoff
+    # grows to 120 s); a restarted one also gets a fresh channel (node.py).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
     # Peers are reached by address; every member's certificate names this.
     ("grpc.ssl_target_name_override", keys.PEER_NAME),
 ]

@@ -4,6 +4,7 @@ one comes back Up with the same id, a copied data dir is noticed, and a
 delay relay in front of a peer shows in its measured RTT."""
 
 import asyncio
+import contextlib
 import shutil
 
 import grpc
@@ -204,5 +205,38 @@ def test_a_failing_background_round_is_logged_and_retried(tmp_path):
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert task.cancelled()
+
+    run(scenario())
+
+
+def test_a_node_restarted_on_its_port_is_reachable_as_soon_as_it_is_up(tmp_path):
+    """Calls to a restarted node work once it shows Up again: the channel to
+    its old process, in gRPC's reconnect backoff, is dropped (a reviewer saw
+    placements refused for about 30 s while the node showed Up)."""
+    from exod.runner.launch import free_ports
+
+    async def scenario():
+        (port,) = free_ports(1)
+        a = await started(settings(tmp_path, "a"))
+        b = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], grpc_port=port))
+        nodes = [a, b]
+        try:
+            await until(lambda: statuses(a).get("b") == pb.UP and statuses(b).get("a") == pb.UP, 10)
+            address = f"127.0.0.1:{port}"
+            await a._stub(address).Ping(pb.PingRequest(), timeout=2)
+            await b.stop()
+            # Down long enough for a's calls to fail and its channel to back off.
+            await until(lambda: statuses(a)["b"] == pb.LEFT, 3)
+            for _ in range(6):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await a._stub(address).Ping(pb.PingRequest(), timeout=0.5)
+                await asyncio.sleep(0.5)
+            b2 = await started(settings(tmp_path, "b", [f"127.0.0.1:{a.grpc_port}"], grpc_port=port))
+            nodes[1] = b2
+            await until(lambda: statuses(a)["b"] == pb.UP, 10)
+            await a._stub(address).Ping(pb.PingRequest(), timeout=2)
+        finally:
+            for n in nodes:
+                await n.stop()
 
     run(scenario())
