@@ -15,6 +15,11 @@ EXIT_BAD_INPUT = 2
 EXIT_NO_FIT = 1
 
 
+class ServiceFailed(Exception):
+    """The daemon answered 5xx: the request was fine, the service failed
+    (an instance that stopped mid-answer, a peer that did not answer)."""
+
+
 class UsageError(Exception):
     pass
 
@@ -384,7 +389,7 @@ def api_call(args, method: str, path: str, body=None):
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise UsageError(f"{e.code}: {message}") from None
+        raise (ServiceFailed if e.code >= 500 else UsageError)(f"{e.code}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UsageError(f"no exod daemon answers at {base} ({reason}); start one with `exod start`") from None
@@ -513,7 +518,7 @@ def cmd_pull(args) -> int:
             message = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = e.reason
-        raise UsageError(f"{e.code}: {message}") from None
+        raise (ServiceFailed if e.code >= 500 else UsageError)(f"{e.code}: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         raise UsageError(f"no exod daemon answers at {base} ({getattr(e, 'reason', e)})") from None
     if not args.json and (sys.stderr.isatty() or os.environ.get("EXOD_PROGRESS")):
@@ -854,6 +859,9 @@ def main(argv=None) -> int:
     except (UsageError, ModelError, PlanError) as e:
         print(f"exod: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ServiceFailed as e:
+        print(f"exod: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -127,3 +127,39 @@ def test_an_instance_removed_mid_answer_is_an_error_not_a_finished_answer(solo):
     assert "before the answer was finished" in str(ended.value)
     assert finishes == []  # no "stop": the text was cut short
     assert sample(metrics(d), "exod_requests", api="openai.chat", outcome="error") == errors_before + 1
+
+
+def test_exod_chat_exits_1_when_the_service_fails_and_2_for_bad_input(solo, tmp_path):
+    """After the removal above no instance is Ready: a 404, the user's to fix
+    (exit 2). A 5xx is the service's failure (exit 1): a stand-in daemon
+    that answers 502 in OpenAI's shape."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    d, _ = solo
+    chat = [sys.executable, "-m", "exod.daemon.cli", "chat", "demo", "hello"]
+    missing = subprocess.run([*chat, "--api", f"http://127.0.0.1:{d.port}"], capture_output=True, text=True,
+                             timeout=30)
+    assert missing.returncode == 2 and "no Ready instance" in missing.stderr
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.dumps({"error": {"message": "the instance failed: it stopped", "type": "server_error"}})
+            self.send_response(502)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        failed = subprocess.run([*chat, "--api", f"http://127.0.0.1:{server.server_port}"], capture_output=True,
+                                text=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert failed.returncode == 1 and failed.stderr.strip() == "exod: error: 502: the instance failed: it stopped"
