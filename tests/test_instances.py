@@ -108,8 +108,11 @@ def test_place_watch_fail_and_delete_over_two_daemons(tmp_path):
             assert failed_in < 5
             await asyncio.sleep(1.0)
             watcher.cancel()
-            # The killed rank's Failed reached both views within a second, like every state before it.
-            assert {("a", iid, victim.rank, pb.FAILED), ("b", iid, victim.rank, pb.FAILED)} <= set(seen)
+            # A rank's Failed reached both views within a second, like every state before it: the
+            # killed rank's, or its peer's, which notices the lost rank within one 20 ms idle tick
+            # and may report first (the instance then stops the other).
+            failed = {(node, rank) for node, i, rank, state in seen if i == iid and state == pb.FAILED}
+            assert any({("a", rank), ("b", rank)} <= failed for rank in (0, 1)), seen
             every_transition_everywhere(ranks)
             reason = instance_in(b, iid).reason
             assert "rank" in reason and "failed" in reason, reason
